@@ -88,6 +88,7 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_gpt2, gpt2_tokenizer):
         (dict(top_k=-3), "--top-k must be >= 0"),
         (dict(num_samples=0), "--num-samples must be >= 1"),
         (dict(max_new_tokens=0), "--max-new-tokens must be >= 1"),
+        (dict(temperature=0, num_samples=2), "greedy decoding gives the same text"),
     ],
 )
 def test_bad_settings_are_rejected(tiny_gpt2, gpt2_tokenizer, settings, message):

@@ -97,6 +97,11 @@ def generate(
     if num_samples < 1:
         raise PeftlabError(f"--num-samples must be >= 1, got {num_samples}")
     arguments = sampling_arguments(temperature, top_k, top_p)
+    if num_samples > 1 and not arguments["do_sample"]:
+        raise PeftlabError(
+            f"--num-samples {num_samples} with --temperature 0: greedy decoding gives the same text every time. "
+            "Fix: sample with --temperature > 0, or ask for one sample."
+        )
     device = next(model.parameters()).device
     batch = _encode(tokenizer, prompt_list, device)
     _check_lengths(model, batch, max_new_tokens)
@@ -150,8 +155,9 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-def print_samples(prompts: list[str], samples: list[list[str]], out: TextIO = sys.stdout) -> None:
-    """Print each prompt followed by its continuation, samples separated by a rule."""
+def print_samples(prompts: list[str], samples: list[list[str]], out: TextIO | None = None) -> None:
+    """Print each prompt followed by its continuation, samples separated by a rule (to stdout by default)."""
+    out = out or sys.stdout
     for prompt_index, (prompt, continuations) in enumerate(zip(prompts, samples), start=1):
         for sample_index, continuation in enumerate(continuations, start=1):
             out.write(f"--- prompt {prompt_index}, sample {sample_index} ---\n{prompt}{continuation}\n")

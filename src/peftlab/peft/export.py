@@ -1,0 +1,225 @@
+"""Exports for the Hugging Face ecosystem: a `peft` adapter, and a merged plain `transformers` model.
+
+`export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained`
+loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` layers) and reproduces our logits:
+
+* A and B keep their shapes: peft's LoRA on a `Conv1D` (`fan_in_fan_out=True`) stores lora_A (r, in) and
+  lora_B (out, r) like ours; only its merge transposes.
+* GPT-2 q/v slices of `c_attn` are exported as one LoRA of rank n·r over the whole `c_attn` (A stacks the slices'
+  A, B is block-structured with zero rows for k) with alpha n·alpha, so alpha/r is unchanged; layers whose
+  rank/alpha differ from the most common pair get `rank_pattern` / `alpha_pattern` entries.
+* A `SequenceClassifier` is exported for the matching `AutoModelForSequenceClassification` (GPT-2 and Llama both
+  call their head `score`): `backbone.` becomes the body's `base_model_prefix`, the head goes to `modules_to_save`.
+  Trained norms go to `modules_to_save`; trained biases are saved under peft's names with `bias="all"`.
+
+`export_merged` folds the adapters in and saves a plain model `from_pretrained` can load (for GPT-2 the linear
+layers are turned back into `Conv1D`, weight (in, out), by `convert_linear_to_conv1d`).
+
+peft itself is not imported: the format is written by hand and checked against peft in the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.models import SequenceClassifier
+from peftlab.peft.checkpoint import atomic_write_file
+from peftlab.peft.inject import architecture, canonical_parameter_names, classifier_head, is_norm
+from peftlab.peft.lora import lora_layers, merge_and_strip
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _hf_name_mapper(model: nn.Module):
+    """Module-name translation from our model to the Hugging Face model peft / transformers will load."""
+    if isinstance(model, SequenceClassifier):
+        body_prefix = model.backbone.base_model_prefix  # "transformer" (GPT-2), "model" (Llama)
+
+        def mapped(name: str) -> str:
+            if name == "backbone" or name.startswith("backbone."):
+                return body_prefix + name.removeprefix("backbone")
+            return name
+
+        return mapped
+    return lambda name: name
+
+
+def _task_type(model: nn.Module) -> str | None:
+    if isinstance(model, SequenceClassifier):
+        return "SEQ_CLS"
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        return "CAUSAL_LM"
+    return None
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str) -> Path:
+    """Write the model's LoRA adapter in Hugging Face peft's format (loadable with `PeftModel.from_pretrained`).
+
+    Args:
+        model: a model with LoRA layers (merged or not).
+        directory: output directory (created); `adapter_config.json` and `adapter_model.safetensors` are replaced
+            atomically.
+        base_model_name_or_path: what peft records as the base (a hub id or a local directory).
+    """
+    layers = list(lora_layers(model))
+    if not layers:
+        raise PeftlabError("the model has no LoRA layers to export in peft format. Fix: use export_merged instead")
+    hf_name = _hf_name_mapper(model)
+    tensors: dict[str, torch.Tensor] = {}
+    settings: dict[str, tuple[int, float]] = {}
+    lora_ids = set()
+    for name, layer in layers:
+        lora_a, lora_b = layer.lora_weights()  # (R, k), (d, R); R = n·r for fused slices
+        exported_rank = lora_a.shape[0]
+        settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
+        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_A.weight"] = lora_a.detach()
+        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_B.weight"] = lora_b.detach()
+        lora_ids.update(id(p) for p in layer.lora_parameters())
+
+    # Trained tensors besides LoRA: the head and norms as modules_to_save, the rest (biases) as plain keys.
+    parameters = canonical_parameter_names(model)
+    trained = {id(p) for p in parameters.values() if p.requires_grad and id(p) not in lora_ids}
+    saved_whole: list[str] = []
+    head = classifier_head(model)
+    whole_modules = [(name, module) for name, module in model.named_modules() if is_norm(module) or module is head]
+    for name, module in whole_modules:
+        module_parameters = list(module.parameters())
+        if module_parameters and any(id(p) in trained for p in module_parameters):
+            saved_whole.append(hf_name(name))
+            for parameter_name, parameter in module.named_parameters():
+                tensors[f"{_PEFT_PREFIX}{hf_name(name)}.{parameter_name}"] = parameter.detach()
+                trained.discard(id(parameter))
+    lora_base = {id(layer.base.bias): name for name, layer in layers if layer.base.bias is not None}
+    trained_biases = False
+    for name, parameter in parameters.items():
+        if id(parameter) not in trained:
+            continue
+        module_name, _, parameter_name = name.rpartition(".")
+        if parameter_name != "bias":
+            raise PeftlabError(
+                f"'{name}' is trained but peft's LoRA format can only carry LoRA layers, whole modules (head, norms) "
+                "and biases. Fix: use export_merged for this model"
+            )
+        trained_biases = True
+        peft_name = f"{hf_name(lora_base[id(parameter)])}.base_layer.bias" if id(parameter) in lora_base else hf_name(name)
+        tensors[_PEFT_PREFIX + peft_name] = parameter.detach()
+
+    (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(layer.dropout_p for _, layer in layers),
+        "target_modules": sorted(settings),
+        "rank_pattern": {re.escape(name): r for name, (r, _) in settings.items() if r != rank},
+        "alpha_pattern": {re.escape(name): a for name, (_, a) in settings.items() if a != alpha},
+        "fan_in_fan_out": architecture(model) == "gpt2",  # HF GPT-2 keeps Conv1D, weight (in, out)
+        "bias": "all" if trained_biases else "none",
+        "modules_to_save": saved_whole or None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    cpu_tensors = {key: tensor.to("cpu").contiguous().clone() for key, tensor in tensors.items()}
+    atomic_write_file(directory / PEFT_WEIGHTS_FILE, lambda path: save_file(cpu_tensors, path, metadata={"format": "pt"}))
+    atomic_write_file(directory / PEFT_CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def convert_linear_to_conv1d(model: nn.Module) -> list[str]:
+    """The inverse of `peftlab.models.convert_conv1d_to_linear` for GPT-2: every `nn.Linear` inside a `GPT2Block`
+    becomes a transformers `Conv1D` again (weight (out, in) -> (in, out)). Returns the converted module names."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.pytorch_utils import Conv1D
+
+    converted = []
+    for block_name, block in list(model.named_modules()):
+        if not isinstance(block, GPT2Block):
+            continue
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            conv = Conv1D(module.out_features, module.in_features).to(module.weight.device, module.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(module.weight.T)  # (out, in) -> (nx=in, nf=out)
+                if module.bias is not None:
+                    conv.bias.copy_(module.bias)
+                else:
+                    conv.bias.zero_()
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(block.get_submodule(parent_name), child_name, conv)
+            converted.append(f"{block_name}.{name}")
+    return converted
+
+
+def merged_hf_model(model: nn.Module) -> nn.Module:
+    """A plain `transformers` model equal to `model` with its adapters merged (a copy; `model` is untouched).
+
+    Language models stay their own class; a `SequenceClassifier` becomes the matching
+    `AutoModelForSequenceClassification` (GPT-2 / Llama: same `score` head on the last non-padding token).
+    """
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+    plain = merge_and_strip(copy.deepcopy(model))
+    if isinstance(plain, SequenceClassifier):
+        config = copy.deepcopy(plain.backbone.config)
+        config.num_labels = plain.num_labels
+        hf_model = AutoModelForSequenceClassification.from_config(config, dtype=plain.score.weight.dtype)
+        if not isinstance(classifier_head(hf_model), nn.Linear) or classifier_head(hf_model).bias is not None:
+            raise PeftlabError(f"{type(hf_model).__name__} has no bias-free linear `score` head like SequenceClassifier")
+        state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in plain.backbone.state_dict().items()}
+        state.update({f"score.{k}": v for k, v in plain.score.state_dict().items()})
+        try:
+            hf_model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise PeftlabError(f"cannot map the classifier onto {type(hf_model).__name__}: {error}") from None
+        plain = hf_model
+    if not isinstance(plain, PreTrainedModel):
+        raise PeftlabError(f"export_merged needs a transformers model or a SequenceClassifier, got {type(model).__name__}")
+    if architecture(plain) == "gpt2":
+        convert_linear_to_conv1d(plain)
+    return plain
+
+
+def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Save `model` with its adapters merged as a plain `transformers` model (`from_pretrained` loads it).
+
+    Args:
+        model: a model with or without LoRA layers; it is not modified.
+        directory: output directory; written next to its final place and renamed into it.
+        tokenizer: saved alongside when given, so the directory is a complete model.
+    """
+    plain = merged_hf_model(model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        plain.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory

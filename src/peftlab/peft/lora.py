@@ -1,0 +1,301 @@
+"""LoRA layers: a frozen linear layer plus a trainable low-rank update (Hu et al., 2021).
+
+For a frozen weight W0 of shape (d, k) the layer computes
+
+    h = W0 x + b + (alpha / r) · B A dropout(x)        A: (r, k) Kaiming-uniform,  B: (d, r) zeros
+
+so a freshly wrapped model computes exactly what the base model computes. Dropout acts on the LoRA branch only.
+
+Merging folds the update into the base weight (W = W0 + (alpha/r) B A) so inference costs what the base model
+costs; un-merging subtracts it again. Both are explicit, idempotent and guarded by the `merged` flag. Like the
+course seeds ask, `model.eval()` merges and `model.train()` un-merges: `eval()` is `train(False)`, so the hook
+is on `train(mode)` (loralib's `eval()` override is never called by `model.eval()`). Outputs agree merged or
+not to fp32 rounding; every merge/unmerge round trip adds at most an ulp-level rounding to W0.
+
+`disable_adapters(model)` turns every LoRA branch off (un-merging first where needed) so the same model serves
+as its own base/reference model, e.g. for DPO or for "before fine-tuning" numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: the frozen base layer, scaling, dropout, merge/unmerge/disable.
+
+    Subclasses define the update through `lora_weights()` returning (A, B) with A: (R, k) and B: (d, R), where
+    the update is `scaling · B A`. That one pair drives the forward pass, merging and the Hugging Face export.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
+        if rank <= 0:
+            raise PeftlabError(f"LoRA rank must be a positive integer, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise PeftlabError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # True when base.weight holds W0 + scaling · B A
+        self.disabled = False  # True inside `disable_adapters`: the layer is exactly the base layer
+        self.merge_on_eval = True  # `train(False)` merges, `train(True)` un-merges
+        self._merged_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._merged_fingerprint: tuple[tuple[int, int], ...] | None = None
+        self.training = base.training  # subclasses call self.train(self.training) once A and B exist
+
+    # --- the update -------------------------------------------------------------------------------------
+
+    def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with A: (R, in_features), B: (out_features, R); the update is scaling · B A."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, shape (out_features, in_features), computed in fp32 and cast to the base dtype."""
+        return self._delta(*self.lora_weights())
+
+    def _delta(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        delta = (lora_b.float() @ lora_a.float()) * self.scaling  # (d, R) @ (R, k) -> (d, k)
+        return delta.to(self.base.weight.dtype)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and self._lora_fingerprint() != self._merged_fingerprint:
+            self._remerge()  # A or B changed while merged (optimizer step, loaded weights): fold in the new values
+        out = self.base(x)  # already includes the update when merged
+        if self.merged or self.disabled:
+            return out
+        lora_a, lora_b = self.lora_weights()
+        dropped = self.dropout(x)  # (..., k)
+        return out + F.linear(F.linear(dropped, lora_a), lora_b) * self.scaling  # (..., k) -> (..., R) -> (..., d)
+
+    # --- merge / unmerge ----------------------------------------------------------------------------------
+    #
+    # merge() keeps a copy of the (A, B) it folded in (r·(d + k) numbers, small), and unmerge() subtracts exactly
+    # that copy. So W0 is restored even if A or B were changed while merged, and a merged layer whose A or B
+    # changed re-merges itself on its next forward (detected through the parameters' version counters).
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own parameters (A and B), not the base layer's."""
+        base_ids = {id(parameter) for parameter in self.base.parameters()}
+        return [parameter for parameter in self.parameters() if id(parameter) not in base_ids]
+
+    def _lora_fingerprint(self) -> tuple[tuple[int, int], ...]:
+        return tuple((parameter.data_ptr(), parameter._version) for parameter in self.lora_parameters())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight. A no-op when already merged."""
+        if self.merged:
+            return
+        if self.disabled:
+            raise PeftlabError("cannot merge a LoRA layer while adapters are disabled (inside disable_adapters)")
+        lora_a, lora_b = (t.detach().clone() for t in self.lora_weights())
+        self.base.weight.add_(self._delta(lora_a, lora_b))
+        self._merged_factors = (lora_a, lora_b)
+        self._merged_fingerprint = self._lora_fingerprint()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update from the base weight again. A no-op when not merged."""
+        if not self.merged:
+            return
+        self.base.weight.sub_(self._delta(*self._merged_factors))
+        self._merged_factors = None
+        self._merged_fingerprint = None
+        self.merged = False
+
+    def _remerge(self) -> None:
+        self.unmerge()
+        self.merge()
+
+    def train(self, mode: bool = True) -> LoRALayer:
+        """`model.train()` un-merges and `model.eval()` (= `train(False)`) merges, when `merge_on_eval` is set."""
+        super().train(mode)
+        if self.merge_on_eval and not self.disabled:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on a whole `nn.Linear`: ``x -> W0 x + b + (alpha / r) · B A dropout(x)``.
+
+    Args:
+        base (nn.Linear): the layer to adapt; its weight and bias are frozen.
+        rank (int): r, the rank of the update; 1 <= r <= min(in_features, out_features).
+        alpha (float): scaling numerator; the update is multiplied by alpha / r.
+        dropout (float): dropout probability on the LoRA branch's input. Default: 0.0 (nn.Identity).
+
+    Parameters `lora_a` (r, in_features) start Kaiming-uniform and `lora_b` (out_features, r) start at zero.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        if rank > min(base.in_features, base.out_features):
+            raise PeftlabError(
+                f"LoRA rank {rank} exceeds min(in, out) = {min(base.in_features, base.out_features)} "
+                f"of a Linear({base.in_features} -> {base.out_features}). Fix: use a smaller --rank"
+            )
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        self.reset_lora_parameters()
+        self.train(self.training)  # a layer created in eval mode starts merged (B = 0: nothing changes)
+
+    def reset_lora_parameters(self) -> None:
+        # a=sqrt(5) gives nn.Linear's default init: U(-1/sqrt(k), 1/sqrt(k)) with k = in_features.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_a, self.lora_b
+
+
+class FusedLoRALinear(LoRALayer):
+    """LoRA on some output slices of a fused projection, e.g. q and v of GPT-2's ``c_attn = [q | k | v]``.
+
+    Each adapted slice s (rows start:end of the output) has its own A_s (r, k) and B_s (end - start, r):
+
+        h[start:end] = W0[start:end] x + b[start:end] + (alpha / r) · B_s A_s dropout(x)
+
+    and slices not listed stay exactly the base layer. One dropout mask is shared by the slices. This equals one
+    LoRA of rank n·r (n slices) whose A stacks the A_s and whose B is block-structured with zeros elsewhere —
+    which is how it is computed and how it is exported to Hugging Face peft (with alpha n·alpha).
+
+    Args:
+        base (nn.Linear): the fused layer; frozen.
+        slices (Mapping[str, tuple[int, int]]): adapted slice name -> (start, end) output rows.
+        rank (int): r, per slice; 1 <= r <= min(in_features, slice size).
+        alpha (float): scaling numerator; each slice's update is multiplied by alpha / r.
+        dropout (float): dropout probability on the LoRA branch's input. Default: 0.0.
+    """
+
+    def __init__(
+        self, base: nn.Linear, slices: Mapping[str, tuple[int, int]], rank: int, alpha: float, dropout: float = 0.0
+    ):
+        super().__init__(base, rank, alpha, dropout)
+        if not slices:
+            raise PeftlabError("FusedLoRALinear needs at least one slice")
+        ordered = sorted(slices.items(), key=lambda item: item[1][0])
+        previous_end = 0
+        for name, (start, end) in ordered:
+            if not previous_end <= start < end <= base.out_features:
+                raise PeftlabError(f"slice '{name}' = rows {start}:{end} overlaps or leaves 0:{base.out_features}")
+            if rank > min(base.in_features, end - start):
+                raise PeftlabError(
+                    f"LoRA rank {rank} exceeds min(in, out) = {min(base.in_features, end - start)} of slice '{name}'. "
+                    "Fix: use a smaller --rank"
+                )
+            previous_end = end
+        self.slices = {name: (int(start), int(end)) for name, (start, end) in ordered}
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(rank, base.in_features, **factory)) for name in self.slices}
+        )
+        self.lora_b = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(end - start, rank, **factory)) for name, (start, end) in self.slices.items()}
+        )
+        self.reset_lora_parameters()
+        self.train(self.training)  # a layer created in eval mode starts merged (B = 0: nothing changes)
+
+    def reset_lora_parameters(self) -> None:
+        for name in self.slices:
+            nn.init.kaiming_uniform_(self.lora_a[name], a=math.sqrt(5))
+            nn.init.zeros_(self.lora_b[name])
+
+    def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        names = list(self.slices)
+        stacked_a = torch.cat([self.lora_a[name] for name in names], dim=0)  # n x (r, k) -> (n·r, k)
+        stacked_b = stacked_a.new_zeros(self.base.out_features, len(names) * self.rank)  # (d, n·r)
+        for index, name in enumerate(names):
+            start, end = self.slices[name]
+            columns = slice(index * self.rank, (index + 1) * self.rank)
+            stacked_b[start:end, columns] = self.lora_b[name]  # B_s fills its rows and its own r columns
+        return stacked_a, stacked_b
+
+    def extra_repr(self) -> str:
+        return f"slices={list(self.slices)}, " + super().extra_repr()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model-wide helpers
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(name, layer) of every LoRA layer in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Merge every LoRA layer (idempotent). Inference then costs exactly what the base model costs."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Un-merge every LoRA layer (idempotent)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its base model: every LoRA branch is off, merged ones are un-merged first.
+
+    On exit each layer is merged again if it follows `model.eval()` (merge_on_eval and not training) or, with
+    merge_on_eval off, if it was merged on entry. Nested use is fine.
+    """
+    entered = []
+    for _, layer in lora_layers(model):
+        if layer.disabled:
+            continue
+        entered.append((layer, layer.merged))
+        layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was_merged in entered:
+            layer.disabled = False
+            if (not layer.training) if layer.merge_on_eval else was_merged:
+                layer.merge()
+
+
+def merge_and_strip(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and replace it by its plain base `nn.Linear` (in place); returns the model.
+
+    The result has the base model's module structure and parameter names, and no adapter parameters.
+    """
+    for name, layer in list(lora_layers(model)):
+        if layer.disabled:
+            raise PeftlabError("cannot strip adapters inside disable_adapters(); leave the block first")
+        layer.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base)
+    return model
