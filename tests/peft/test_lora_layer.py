@@ -21,7 +21,7 @@ from peftlab.peft import (
     unmerge_adapters,
 )
 
-from .conftest import converted, randomize_adapters, tiny_gpt2_hf
+from lora_helpers import converted, randomize_adapters, tiny_gpt2_hf
 
 ATOL = 1e-5
 
