@@ -37,6 +37,21 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print the text token by token as it is generated")
     generate.set_defaults(handler=_run_generate)
 
+    train = commands.add_parser(
+        "train", help="fine-tune a model on a task (W1: --task cola)",
+        description="Fine-tune a model on a task. Options override --config; everything lands in the run "
+        "directory's config.yaml.",
+    )
+    _add_train_options(train)
+    train.set_defaults(handler=_run_train)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a run's checkpoint on a split")
+    evaluate.add_argument("run_dir", help="a run directory written by `peftlab train`")
+    evaluate.add_argument("--split", default="validation", help="data split (default: validation)")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    evaluate.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    evaluate.set_defaults(handler=_run_eval)
+
     models = commands.add_parser("models", help="list known models and whether they are available here")
     models.set_defaults(handler=_run_models)
 
@@ -44,6 +59,84 @@ def _build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="convert again even if the cache is current")
     prepare.set_defaults(handler=_run_prepare)
     return parser
+
+
+# option -> (config section, field, parser); every option defaults to None so only given ones override --config
+TRAIN_OPTIONS = {
+    "task": ("task", "name", str, "task to train on: cola"),
+    "data_dir": ("task", "data_dir", str, "data directory (default: $PEFTLAB_DATA)"),
+    "max_length": ("task", "max_length", int, "tokens per example at most; longer is an error (default: 128)"),
+    "train_limit": ("task", "train_limit", int, "use only the first N training examples (default: all)"),
+    "model": ("model", "name", str, "model name or local directory (default: smollm2-135m)"),
+    "init": ("model", "init", str, "pretrained | random (default: pretrained)"),
+    "method": ("adapter", "method", str, "lora | full | bitfit | head (default: lora)"),
+    "targets": ("adapter", "targets", "list", "comma-separated roles (q,k,v,o,mlp,all-linear), module names or regex (default: q,v)"),
+    "rank": ("adapter", "rank", int, "LoRA rank; 0 = full fine-tuning (default: 8)"),
+    "alpha": ("adapter", "alpha", float, "LoRA alpha; scaling = alpha/rank (default: 16)"),
+    "lora_dropout": ("adapter", "dropout", float, "dropout on the LoRA branch (default: 0)"),
+    "extra_trainable": ("adapter", "extra_trainable", "list", "also train: comma-separated head,biases,norms (default: head)"),
+    "epochs": ("train", "epochs", int, "epochs (default: 3)"),
+    "lr": ("train", "lr", float, "peak learning rate (default: 5e-4)"),
+    "batch_size": ("train", "batch_size", int, "examples per optimizer step (default: 32)"),
+    "grad_accum": ("train", "grad_accum", int, "micro-batches per optimizer step (default: 1)"),
+    "eval_batch_size": ("train", "eval_batch_size", int, "evaluation batch size (default: 64)"),
+    "warmup_ratio": ("train", "warmup_ratio", float, "share of steps for linear warm-up (default: 0.06)"),
+    "schedule": ("train", "schedule", str, "linear | cosine | constant decay after warm-up (default: linear)"),
+    "weight_decay": ("train", "weight_decay", float, "AdamW weight decay on matrices (default: 0.01)"),
+    "max_grad_norm": ("train", "max_grad_norm", float, "gradient clipping norm; 0 = off (default: 1.0)"),
+    "seed": ("train", "seed", int, "random seed (default: 0)"),
+    "eval_every": ("train", "eval_every", int, "also evaluate every N steps (default: per epoch only)"),
+    "select_metric": ("train", "select_metric", str, "validation metric choosing checkpoints/best (default: mcc)"),
+    "device": ("train", "device", str, "auto | cpu | cuda (default: auto)"),
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run configuration (e.g. a run's config.yaml); options override it")
+    parser.add_argument("--output-dir", help="run directory (default: runs/<task>-<model>-<method>)")
+    for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", type=str if kind == "list" else kind, help=text)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints/last")
+    parser.add_argument("--stop-after-epoch", type=int, help="stop after this epoch as if interrupted (resume later)")
+    parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The run configuration: --resume's config.yaml, else --config, else defaults; then the given options."""
+    from peftlab.config import RunConfig, load_config
+
+    if args.resume:
+        config = load_config(f"{args.resume}/config.yaml")
+        config.output_dir = args.resume
+        return config
+    config = load_config(args.config) if args.config else RunConfig()
+    for option, (section, name, kind, _) in TRAIN_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            if kind == "list":
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            setattr(getattr(config, section), name, value)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    elif not args.config:
+        model = config.model.name.rstrip("/").rsplit("/", 1)[-1]
+        config.output_dir = f"runs/{config.task.name}-{model}-{config.adapter.method}"
+    return config
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from peftlab.train import train
+
+    given = [option for option in TRAIN_OPTIONS if getattr(args, option) is not None]
+    if args.resume and given:
+        raise PeftlabError(f"--resume continues the run as configured; drop --{given[0].replace('_', '-')}")
+    train(train_config_from_args(args), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, dry_run=args.dry_run)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from peftlab.train import evaluate_run
+
+    evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size)
 
 
 def _run_generate(args: argparse.Namespace) -> None:

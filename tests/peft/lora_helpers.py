@@ -21,8 +21,9 @@ def tiny_gpt2_hf(seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(seed)
+    # No dropout, so train-mode outputs are deterministic and comparable.
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0)
+                        eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return AutoModelForCausalLM.from_config(config).eval()
 
 

@@ -106,14 +106,14 @@ def test_model_eval_merges_and_train_unmerges():
     x = torch.randint(1, 100, (2, 9))
     layers = [layer for _, layer in lora_layers(model)]
     assert layers and not any(layer.merged for layer in layers)
+    unmerged_logits = model(x).logits
     model.train(False)  # what model.eval() calls
     assert all(layer.merged for layer in layers)
     merged_logits = model(x).logits
+    torch.testing.assert_close(merged_logits, unmerged_logits, atol=ATOL, rtol=0)
     model.train()
     assert not any(layer.merged for layer in layers)
-    model.eval()
-    layers[0].merge_on_eval = False
-    model.train()
+    layers[0].merge_on_eval = False  # opt-out per layer
     model.eval()
     assert not layers[0].merged and layers[1].merged
     torch.testing.assert_close(model(x).logits, merged_logits, atol=ATOL, rtol=0)

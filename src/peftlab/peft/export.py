@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.models import SequenceClassifier
+from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.peft.checkpoint import atomic_write_file
 from peftlab.peft.inject import architecture, canonical_parameter_names, classifier_head, is_norm
 from peftlab.peft.lora import lora_layers, merge_and_strip
@@ -183,6 +183,7 @@ def merged_hf_model(model: nn.Module) -> nn.Module:
         config = copy.deepcopy(plain.backbone.config)
         config.num_labels = plain.num_labels
         hf_model = AutoModelForSequenceClassification.from_config(config, dtype=plain.score.weight.dtype)
+        convert_conv1d_to_linear(hf_model)  # same layout as our backbone; converted back below
         if not isinstance(classifier_head(hf_model), nn.Linear) or classifier_head(hf_model).bias is not None:
             raise PeftlabError(f"{type(hf_model).__name__} has no bias-free linear `score` head like SequenceClassifier")
         state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in plain.backbone.state_dict().items()}

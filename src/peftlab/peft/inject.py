@@ -154,7 +154,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
         whole.update(matched)
 
     specs = []
-    for name in sorted(set(whole) | set(sliced), key=_natural_key):
+    for name in [name for name in linears if name in whole or name in sliced]:  # in the model's order
         slice_names = sliced.get(name, set())
         layout = next((FUSED_SLICES[suffix] for suffix in FUSED_SLICES if _has_suffix(name, suffix)), ())
         if name in whole or set(layout) <= slice_names:
@@ -167,11 +167,6 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
             f"or module names / regexes among: {_candidates(linears)}"
         )
     return specs
-
-
-def _natural_key(name: str) -> list:
-    """Sort h.2 before h.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _slice_rows(name: str, linear: nn.Linear, slice_names: tuple[str, ...]) -> dict[str, tuple[int, int]]:

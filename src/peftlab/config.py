@@ -1,0 +1,137 @@
+"""Run configuration: typed dataclasses that are both the YAML schema of `config.yaml` and the CLI's options.
+
+`RunConfig.from_dict` / `load_config` reject unknown keys and wrong types with the offending key named, so a
+typo in a YAML file is an error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # known model name or local Hugging Face directory
+    init: str = "pretrained"  # pretrained | random
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"  # lora | full | bitfit | head (rank 0 with lora means full fine-tuning)
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # roles (q,k,v,o,mlp,all-linear), names or regex
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the LoRA branch only
+    extra_trainable: list[str] = field(default_factory=lambda: ["head"])  # head, biases, norms
+
+
+@dataclass
+class TaskConfig:
+    name: str = "cola"
+    data_dir: str | None = None  # else $PEFTLAB_DATA
+    max_length: int = 128  # tokens per example; longer ones are an error, never silently cut
+    train_limit: int = 0  # use only the first N training examples (0 = all); for quick experiments
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 32  # examples per optimizer step (split over processes and accumulation steps)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    eval_every: int = 0  # also evaluate every N optimizer steps (0 = once per epoch)
+    select_metric: str = "mcc"  # validation metric that picks checkpoints/best
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        return _build(cls, values, "config")
+
+
+def _build(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise PeftlabError(f"{where}: expected a mapping, found {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {item.name for item in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PeftlabError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    built = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            built[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            built[key] = _check_type(value, hint, f"{where}.{key}")
+    return cls(**built)
+
+
+def _check_type(value, hint, where: str):
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    base = typing.get_origin(hint)
+    if base is list:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise PeftlabError(f"{where}: expected a list of strings, found {value!r}")
+        return value
+    expected = next(item for item in (typing.get_args(hint) or (hint,)) if item is not type(None))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise PeftlabError(f"{where}: expected {expected.__name__}, found {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PeftlabError(f"cannot read config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise PeftlabError(f"{path}: not valid YAML: {error}") from None
+    return _build(RunConfig, values or {}, str(path))
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    write_text_atomic(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write next to the destination and rename into place, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise

@@ -1,0 +1,99 @@
+"""Sequence classification (CoLA, W1): a head on the last real token, cross-entropy, accuracy / MCC / label counts.
+
+Matthews correlation is CoLA's official metric: a model that always answers "acceptable" scores ~69% accuracy
+on the dev set but MCC 0, and the predicted-label counts make that visible.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import matthews_corrcoef
+
+from peftlab.data import LabelledText
+from peftlab.errors import PeftlabError
+from peftlab.tasks import Encoded, StepOutput
+
+
+class ClassificationTask:
+    model_task = "classification"
+    select_metric_default = "mcc"
+
+    def __init__(
+        self,
+        name: str,
+        label_names: Sequence[str],
+        read_split: Callable[[str], list[LabelledText]],
+        tokenizer,
+        max_length: int,
+    ):
+        self.name = name
+        self.label_names = tuple(label_names)
+        self.read_split = read_split
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def encode(self, split: str) -> list[Encoded]:
+        examples = self.read_split(split)
+        token_ids = self.tokenizer([example.text for example in examples], add_special_tokens=False)["input_ids"]
+        encoded = []
+        for example, ids in zip(examples, token_ids):
+            if len(ids) > self.max_length:
+                raise PeftlabError(
+                    f"{example.origin}: {len(ids)} tokens, more than --max-length {self.max_length}. "
+                    "Fix: raise --max-length (nothing is cut silently)."
+                )
+            if not 0 <= example.label < self.num_labels:
+                raise PeftlabError(f"{example.origin}: label {example.label} is not one of 0..{self.num_labels - 1}")
+            encoded.append(Encoded(ids, example.label, example.origin))
+        return encoded
+
+    def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example of the batch (dynamic padding)."""
+        width = max(example.length for example in examples)
+        input_ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            input_ids[row, : example.length] = torch.tensor(example.input_ids)
+            attention_mask[row, : example.length] = 1
+        labels = torch.tensor([example.target for example in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, num_labels)
+        loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return StepOutput(loss_sum, len(batch["labels"]), logits.argmax(-1).tolist())
+
+    def metrics(self, predictions: list, examples: Sequence[Encoded]) -> dict:
+        return classification_metrics(predictions, [example.target for example in examples], self.label_names)
+
+    def format_metrics(self, metrics: dict) -> str:
+        counts = ", ".join(f"{name}: {count}" for name, count in metrics["predicted_counts"].items())
+        return f"Accuracy: {metrics['accuracy']:.4f}, MCC: {metrics['mcc']:.4f}, predicted [{counts}]"
+
+
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int], label_names: Sequence[str]) -> dict:
+    """Accuracy, Matthews correlation and how often each label was predicted."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"need as many predictions as labels (>0), got {len(predictions)} and {len(labels)}")
+    correct = sum(int(p == y) for p, y in zip(predictions, labels))
+    counts = Counter(predictions)
+    return {
+        "accuracy": correct / len(labels),
+        # sklearn defines MCC as 0 when a confusion-matrix margin is empty (e.g. a constant predictor).
+        "mcc": float(matthews_corrcoef(labels, predictions)),
+        "predicted_counts": {name: counts.get(index, 0) for index, name in enumerate(label_names)},
+    }
+
+
+def cola_task(tokenizer, data_dir: str | None, max_length: int) -> ClassificationTask:
+    from peftlab.data.cola import LABEL_NAMES, read_cola
+
+    return ClassificationTask("cola", LABEL_NAMES, lambda split: read_cola(split, data_dir), tokenizer, max_length)

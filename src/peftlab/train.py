@@ -1,0 +1,470 @@
+"""The one training engine every workload uses (on Hugging Face Accelerate).
+
+Per optimizer step the engine takes one *global* batch of `batch_size` examples, gives each process its share
+(examples p, p+P, p+2P, ...), splits that share into `grad_accum` micro-batches, and scales every micro-batch's
+summed loss by P / (targets in the whole global batch). Gradients therefore equal those of the mean loss over
+the global batch whatever the number of processes or accumulation steps, so a 2-process run follows the
+1-process trajectory (tested).
+
+Batches are length-grouped (shuffled, then sorted by length within windows of 50 batches, then the batches are
+shuffled) and padded per batch. The order depends only on (seed, epoch), which is what makes `--resume`
+reproduce an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftlab.config import RunConfig, load_config, save_config, write_text_atomic
+from peftlab.errors import PeftlabError
+from peftlab.tasks import Encoded, Task, get_task
+
+SCHEDULES = ("linear", "cosine", "constant")
+LENGTH_GROUP_WINDOW = 50  # batches per sorting window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching and schedule
+
+
+def epoch_batches(examples: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each global batch of one epoch: shuffled, length-grouped, deterministic in (seed, epoch)."""
+    generator = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(examples)))
+    generator.shuffle(order)
+    window = batch_size * LENGTH_GROUP_WINDOW
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda index: examples[index].length)
+        batches += [chunk[offset : offset + batch_size] for offset in range(0, len(chunk), batch_size)]
+    generator.shuffle(batches)
+    return batches
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up to 1, then linear decay to 0, cosine decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def process_share(batch: list[int], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch."""
+    mine = batch[process_index::num_processes]
+    size = math.ceil(len(mine) / grad_accum) if mine else 0
+    return [mine[offset : offset + size] for offset in range(0, len(mine), size)] if mine else []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state on disk (safetensors + JSON, never pickle)
+
+
+def _flatten(value, prefix: str, tensors: dict[str, torch.Tensor]):
+    """Split a nested state (dicts, lists, tensors, scalars) into a JSON skeleton and a flat tensor dict."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {"__dict__": [[_flatten(key, f"{prefix}/k{i}", tensors), _flatten(item, f"{prefix}/{i}", tensors)]
+                             for i, (key, item) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        return [_flatten(item, f"{prefix}/{i}", tensors) for i, item in enumerate(value)]
+    return value
+
+
+def _unflatten(skeleton, tensors: dict[str, torch.Tensor]):
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {_unflatten(key, tensors): _unflatten(item, tensors) for key, item in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [_unflatten(item, tensors) for item in skeleton]
+    return skeleton
+
+
+def save_state(directory: Path, name: str, state: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "s", tensors)
+    save_file(tensors, directory / f"{name}.safetensors")
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> dict:
+    tensors = load_file(directory / f"{name}.safetensors")
+    return _unflatten(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def replace_directory(target: Path, fill) -> None:
+    """Build a directory beside `target` with fill(path), then swap it in, so a crash never leaves half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(staging)
+        retired = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class History:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_value: float | None = None
+    best_epoch: int | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torch.dtype):
+    from peftlab.models import load_model
+    from peftlab.peft import apply_method
+
+    num_labels = getattr(task, "num_labels", 2)
+    model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, num_labels=num_labels, dtype=dtype)
+    adapter = config.adapter
+    apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout, adapter.extra_trainable)
+    head = getattr(model, "score", None)
+    if head is not None and not any(parameter.requires_grad for parameter in head.parameters()):
+        print("warning: the classifier head is frozen at its random initialisation; add 'head' to --extra-trainable")
+    return model.to(device)
+
+
+def validate(config: RunConfig) -> None:
+    train = config.train
+    checks = [
+        (train.epochs >= 1, f"epochs must be >= 1, got {train.epochs}"),
+        (train.batch_size >= 1, f"batch size must be >= 1, got {train.batch_size}"),
+        (train.grad_accum >= 1, f"grad accumulation must be >= 1, got {train.grad_accum}"),
+        (train.lr > 0, f"learning rate must be > 0, got {train.lr}"),
+        (0 <= train.warmup_ratio < 1, f"warm-up ratio must be in [0, 1), got {train.warmup_ratio}"),
+        (train.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{train.schedule}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PeftlabError(message)
+
+
+def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
+    """Train (or, with `resume`, continue) the run described by `config`; returns the run's summary.
+
+    Args:
+        config: the whole run; written to `<output_dir>/config.yaml`.
+        resume: continue from `<output_dir>/checkpoints/last` (model, optimizer, scheduler, RNG, epoch).
+        stop_after_epoch: stop after this many epochs as if interrupted (to be resumed later).
+        dry_run: build the model, print the parameter report and stop.
+    """
+    from accelerate import Accelerator
+
+    from peftlab.models import load_tokenizer, resolve_device
+    from peftlab.peft import parameter_report
+
+    validate(config)
+    device, dtype = resolve_device(config.train.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    say = accelerator.print
+    tokenizer = load_tokenizer(config.model.name)
+    task = get_task(config.task.name, tokenizer, config.task.data_dir, config.task.max_length)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, task, accelerator.device, torch.float32)
+    report = parameter_report(model)
+    say("\n".join(report.lines()))
+    if dry_run:
+        return {"parameters": vars(report) | {"reduction": report.reduction}}
+
+    train_examples = task.encode("train")
+    if config.task.train_limit:
+        train_examples = train_examples[: config.task.train_limit]
+    val_examples = task.encode("validation")
+    output = Path(config.output_dir)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms: no decay
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.train.lr,
+    )
+    steps_per_epoch = math.ceil(len(train_examples) / config.train.batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+    warmup_steps = round(config.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.train.schedule)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    history = History()
+    if resume:
+        history = _restore(output / "checkpoints" / "last", config, accelerator, model, optimizer, scheduler)
+        say(f"Resumed from {output / 'checkpoints' / 'last'} after epoch {history.epoch} (step {history.step})")
+    elif accelerator.is_main_process:
+        if (output / "checkpoints").exists():
+            raise PeftlabError(f"{output} already holds a run. Fix: --resume {output}, or choose another --output-dir")
+        save_config(config, output / "config.yaml")
+
+    engine = _Engine(config, task, accelerator, model, optimizer, scheduler, history, output)
+    last_epoch = config.train.epochs if stop_after_epoch is None else min(stop_after_epoch, config.train.epochs)
+    for epoch in range(history.epoch, last_epoch):
+        engine.run_epoch(epoch, train_examples, val_examples)
+    summary = engine.summary(report, len(train_examples), len(val_examples))
+    if accelerator.is_main_process:
+        write_text_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+class _Engine:
+    """The loop itself; its state is the run's history plus the objects it was given."""
+
+    def __init__(self, config, task, accelerator, model, optimizer, scheduler, history: History, output: Path):
+        self.config, self.task, self.accelerator = config, task, accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.history, self.output = history, output
+        self.select = config.train.select_metric
+
+    def run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
+        from tqdm.auto import tqdm
+
+        train_config, accelerator = self.config.train, self.accelerator
+        batches = epoch_batches(train_examples, train_config.batch_size, train_config.seed, epoch)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct predictions
+        started = time.perf_counter()
+        self.model.train()
+        progress = tqdm(batches, desc=f"epoch {epoch + 1}/{train_config.epochs}", disable=not accelerator.is_main_process,
+                        leave=False, dynamic_ncols=True, mininterval=2.0)
+        for batch in progress:
+            step_totals = self._step(batch, train_examples)
+            totals += step_totals
+            self.history.step += 1
+            progress.set_postfix(loss=f"{step_totals[0] / step_totals[1]:.4f}")
+            if train_config.eval_every and self.history.step % train_config.eval_every == 0:
+                self._evaluate_and_record(epoch, val_examples, None, None, time.perf_counter() - started, final=False)
+                self.model.train()
+        train_seconds = time.perf_counter() - started
+        self._evaluate_and_record(epoch, val_examples, totals, train_seconds, train_seconds, final=True)
+
+    def _step(self, batch: list[int], examples: list[Encoded]) -> torch.Tensor:
+        accelerator, train_config = self.accelerator, self.config.train
+        micro_batches = process_share(batch, accelerator.process_index, accelerator.num_processes, train_config.grad_accum)
+        local_targets = torch.tensor(0.0, device=accelerator.device)
+        collated = []
+        for micro in micro_batches or [batch[:1]]:  # a process with no examples still joins the all-reduce
+            inputs = {key: value.to(accelerator.device) for key, value in self.task.collate([examples[i] for i in micro]).items()}
+            collated.append(inputs)
+        # Targets of the whole global batch, over all processes: the normaliser of the summed loss.
+        global_targets = self._count_targets(collated, bool(micro_batches))
+        totals = torch.zeros(3, dtype=torch.float64)
+        for index, inputs in enumerate(collated):
+            sync = index == len(collated) - 1
+            with nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
+                output = self.task.forward(self.model, inputs)
+                weight = accelerator.num_processes / global_targets if micro_batches else 0.0
+                accelerator.backward(output.loss_sum * weight)
+            if micro_batches:
+                totals += torch.tensor([output.loss_sum.item(), output.num_targets, _correct(output.predictions, inputs)])
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+        if not math.isfinite(totals[0].item()):
+            raise PeftlabError(
+                f"the training loss became {totals[0].item()} at step {self.history.step + 1}; stopped. The last good "
+                f"checkpoint is {self.output / 'checkpoints' / 'last'} (if an epoch finished). "
+                "Fix: lower --lr or enable clipping (--max-grad-norm)"
+            )
+        if train_config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.model.parameters(), train_config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def _count_targets(self, collated: list[dict], has_examples: bool) -> float:
+        count = sum(_num_targets(inputs) for inputs in collated) if has_examples else 0
+        total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
+        return float(total.item())
+
+    def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, elapsed, final: bool) -> None:
+        evaluation = evaluate(self.model, self.task, val_examples, self.config.train.eval_batch_size, self.accelerator)
+        row = {"epoch": epoch + 1, "step": self.history.step, "final_of_epoch": final, "lr": self.scheduler.get_last_lr()[0]}
+        if train_totals is not None:
+            row |= {"train_loss": train_totals[0].item() / train_totals[1].item(),
+                    "train_accuracy": train_totals[2].item() / train_totals[1].item(),
+                    "train_seconds": train_seconds}
+        row |= {f"val_{key}": value for key, value in evaluation.items()}
+        self.history.rows.append(row)
+        value = evaluation.get(self.select)
+        if value is None:
+            raise PeftlabError(f"--select-metric '{self.select}' is not a validation metric here: {', '.join(evaluation)}")
+        improved = self.history.best_value is None or value > self.history.best_value
+        if improved:
+            self.history.best_value, self.history.best_epoch = value, epoch + 1
+        if final:
+            self.history.epoch = epoch + 1
+            self._print_epoch(row)
+        self._save(improved, final)
+
+    def _print_epoch(self, row: dict) -> None:
+        epochs = self.config.train.epochs
+        say = self.accelerator.print
+        say(f"Train Epoch: [{row['epoch']}/{epochs}], Loss: {row['train_loss']:.4f}, Accuracy: {row['train_accuracy']:.4f}, "
+            f"Time: {row['train_seconds']:.1f}s")
+        metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
+        say(f"Val Epoch: [{row['epoch']}/{epochs}], Loss: {row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
+            f"{row['val_examples_per_second']:.1f} sentences/s")
+
+    def _save(self, improved: bool, final: bool) -> None:
+        from peftlab.peft import save_adapter
+        from peftlab.report import plot_history
+
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(self.model)
+        checkpoints = self.output / "checkpoints"
+        base = self.config.model.name
+        rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+        rng_states = accelerator.gather_for_metrics([rng], use_gather_object=True) if accelerator.num_processes > 1 else [rng]
+        if accelerator.is_main_process:
+            metadata = {"epoch": self.history.epoch, "step": self.history.step, "history": self.history.rows[-1]}
+            if improved:
+                replace_directory(checkpoints / "best", lambda path: save_adapter(model, path, base, metadata))
+            if final:
+                def fill_last(path: Path) -> None:
+                    save_adapter(model, path, base, metadata)
+                    save_state(path, "optimizer", self.optimizer.state_dict())
+                    save_state(path, "training_state", {
+                        "scheduler": self.scheduler.state_dict(), "rng": rng_states,
+                        "history": vars(self.history), "num_processes": accelerator.num_processes,
+                    })
+                replace_directory(checkpoints / "last", fill_last)
+            lines = "".join(json.dumps(row) + "\n" for row in self.history.rows)
+            write_text_atomic(self.output / "metrics.jsonl", lines)
+            plot_history(self.history.rows, self.output / "plots", self.config.task.name)
+        accelerator.wait_for_everyone()
+
+    def summary(self, report, num_train: int, num_val: int) -> dict:
+        final_rows = [row for row in self.history.rows if row.get("final_of_epoch")]
+        best = next((row for row in self.history.rows if row["epoch"] == self.history.best_epoch
+                     and row.get(f"val_{self.select}") == self.history.best_value), None)
+        return {
+            "task": self.config.task.name, "model": self.config.model.name, "method": self.config.adapter.method,
+            "parameters": {"total": report.total, "trainable": report.trainable, "adapter": report.adapter,
+                           "reduction": report.reduction},
+            "train_examples": num_train, "validation_examples": num_val,
+            "select_metric": self.select, "best": best, "last": final_rows[-1] if final_rows else None,
+            "epochs_completed": self.history.epoch,
+            "seconds_per_epoch": [row["train_seconds"] for row in final_rows],
+        }
+
+
+def _num_targets(inputs: dict) -> int:
+    return len(inputs["labels"]) if inputs["labels"].ndim == 1 else int((inputs["labels"] != -100).sum())
+
+
+def _correct(predictions: list, inputs: dict) -> int:
+    labels = inputs["labels"]
+    return sum(int(p == y) for p, y in zip(predictions, labels.tolist())) if labels.ndim == 1 else 0
+
+
+def _restore(directory: Path, config: RunConfig, accelerator, model, optimizer, scheduler) -> History:
+    from peftlab.peft import load_adapter
+
+    if not (directory / "training_state.json").is_file():
+        raise PeftlabError(f"nothing to resume: {directory} has no training state (no epoch finished yet?)")
+    load_adapter(accelerator.unwrap_model(model), directory, config.model.name)
+    optimizer.load_state_dict(load_state(directory, "optimizer"))
+    state = load_state(directory, "training_state")
+    if state["num_processes"] != accelerator.num_processes:
+        raise PeftlabError(
+            f"{directory} was written by {state['num_processes']} process(es); resume with the same number "
+            f"(now {accelerator.num_processes})"
+        )
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][accelerator.process_index]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return History(**state["history"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accelerator=None) -> dict:
+    """Loss and task metrics on `examples`, with the model in eval mode (LoRA merged).
+
+    Examples are sorted by length so batches carry little padding; with several processes each evaluates every
+    P-th example and the results are gathered, so every process returns the same metrics.
+    """
+    process_index = accelerator.process_index if accelerator else 0
+    num_processes = accelerator.num_processes if accelerator else 1
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    plain = accelerator.unwrap_model(model) if accelerator else model
+    plain.eval()
+    order = sorted(range(len(examples)), key=lambda index: examples[index].length)[process_index::num_processes]
+    results, loss_sum, targets = [], 0.0, 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for offset in range(0, len(order), batch_size):
+            indices = order[offset : offset + batch_size]
+            inputs = {key: value.to(device) for key, value in task.collate([examples[i] for i in indices]).items()}
+            with accelerator.autocast() if accelerator else nullcontext():
+                output = task.forward(plain, inputs)
+            loss_sum += output.loss_sum.item()
+            targets += output.num_targets
+            results += list(zip(indices, output.predictions))
+    seconds = time.perf_counter() - started
+    if num_processes > 1:
+        gathered = accelerator.gather_for_metrics([(results, loss_sum, targets, seconds)], use_gather_object=True)
+        results = [item for part in gathered for item in part[0]]
+        loss_sum, targets = sum(part[1] for part in gathered), sum(part[2] for part in gathered)
+        seconds = max(part[3] for part in gathered)
+    predictions = [prediction for _, prediction in sorted(results)]
+    metrics = task.metrics(predictions, examples)
+    return {"loss": loss_sum / targets} | metrics | {"examples_per_second": len(examples) / seconds}
+
+
+def evaluate_run(run_dir: str, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None) -> dict:
+    """Re-evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics."""
+    from peftlab.models import load_tokenizer
+    from peftlab.peft import load_adapter
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise PeftlabError(f"{run} is not a run directory (no config.yaml)")
+    config = load_config(run / "config.yaml")
+    directory = run / "checkpoints" / checkpoint
+    if not directory.is_dir():
+        raise PeftlabError(f"{run} has no checkpoint '{checkpoint}' (expected {directory})")
+    from peftlab.models import resolve_device
+
+    device, _ = resolve_device(config.train.device)
+    tokenizer = load_tokenizer(config.model.name)
+    task = get_task(config.task.name, tokenizer, config.task.data_dir, config.task.max_length)
+    torch.manual_seed(config.train.seed)  # a random-init base must be rebuilt exactly as in training
+    model = build_model(config, task, device, torch.float32)
+    load_adapter(model, directory, config.model.name)
+    metrics = evaluate(model, task, task.encode(split), batch_size or config.train.eval_batch_size)
+    print(f"{run} [{checkpoint}] {split}: Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
+          f"{metrics['examples_per_second']:.1f} examples/s")
+    return metrics
