@@ -1,0 +1,192 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab import PeftlabError
+from peftlab.cli import main
+from peftlab.config import RunConfig
+from peftlab.train import epoch_batches, evaluate_run, lr_multiplier, process_share, train
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "quickly", "big", "small", "a", "house"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.models import gpt2_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    # No dropout inside the base model: runs that split batches differently must see the same computation.
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    gpt2_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def write_cola(directory, train_rows: int = 96, dev_rows: int = 40, seed: int = 0) -> str:
+    """Synthetic CoLA files in the original format; label 1 when the sentence contains 'cat'."""
+    import random
+
+    generator = random.Random(seed)
+    cola = directory / "cola"
+    cola.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("in_domain_train.tsv", train_rows), ("in_domain_dev.tsv", dev_rows)):
+        lines = []
+        for _ in range(rows):
+            sentence = " ".join(generator.choice(WORDS) for _ in range(generator.randint(2, 12)))
+            label = int("cat" in sentence.split())
+            lines.append(f"src\t{label}\t{'' if label else '*'}\t{sentence}.\n")
+        (cola / name).write_text("".join(lines), encoding="utf-8")
+    return str(directory)
+
+
+def tiny_config(model_dir, data_dir, output_dir, **train_overrides) -> RunConfig:
+    config = RunConfig(output_dir=str(output_dir))
+    config.model.name = model_dir
+    config.task.data_dir = data_dir
+    config.adapter.targets = ["all-linear"]
+    config.adapter.rank = 4
+    config.adapter.alpha = 8
+    config.adapter.dropout = 0.1  # exercises the RNG state on resume
+    config.train.epochs = 3
+    config.train.batch_size = 16
+    config.train.lr = 3e-3
+    config.train.device = "cpu"
+    for key, value in train_overrides.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    from peftlab.tasks import Encoded
+
+    examples = [Encoded([0] * (index % 17 + 1), 0, f"x:{index}") for index in range(1000)]
+    batches = epoch_batches(examples, 32, seed=1, epoch=0)
+    assert sorted(index for batch in batches for index in batch) == list(range(1000))
+    assert batches == epoch_batches(examples, 32, seed=1, epoch=0)
+    assert batches != epoch_batches(examples, 32, seed=1, epoch=1)
+    spans = [max(examples[i].length for i in batch) - min(examples[i].length for i in batch) for batch in batches]
+    assert sum(spans) / len(spans) < 3  # grouped: little padding within a batch (random batches span ~16)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_multiplier(0, 100, 10, "linear") == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, 10, "linear") == pytest.approx(1.0)
+    assert lr_multiplier(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(99, 100, 10, "constant") == 1.0
+
+
+def test_process_share_splits_every_example_once():
+    batch = list(range(10))
+    shares = [process_share(batch, rank, 2, 2) for rank in range(2)]
+    assert shares == [[[0, 2, 4], [6, 8]], [[1, 3, 5], [7, 9]]]
+    assert process_share([7], 1, 2, 1) == []
+
+
+def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, capsys):
+    data = write_cola(tmp_path / "data")
+    summary = train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=4))
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/accuracy.png",
+                 "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors"):
+        assert (run / name).is_file(), name
+    assert "Train Epoch: [1/4], Loss:" in out and "Val Epoch: [4/4], Loss:" in out and "MCC:" in out
+    assert "Number of parameters:" in out and "Reduction:" in out
+    rows = read_rows(run)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert sum(rows[-1]["val_predicted_counts"].values()) == 40
+    best = max(rows, key=lambda row: row["val_mcc"])
+    assert summary["best"]["val_mcc"] == best["val_mcc"]
+    # Re-evaluating the best checkpoint reproduces the metrics recorded when it was saved.
+    again = evaluate_run(str(run), "validation", "best")
+    assert again["mcc"] == pytest.approx(best["val_mcc"], abs=1e-9)
+    assert again["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_cola(tmp_path / "data")
+    train(tiny_config(tiny_model_dir, data, tmp_path / "whole"))
+    train(tiny_config(tiny_model_dir, data, tmp_path / "parts"), stop_after_epoch=1)
+    assert [row["epoch"] for row in read_rows(tmp_path / "parts")] == [1]
+    train(tiny_config(tiny_model_dir, data, tmp_path / "parts"), resume=True)
+    whole, parts = read_rows(tmp_path / "whole"), read_rows(tmp_path / "parts")
+    assert len(whole) == len(parts) == 3
+    for row_whole, row_parts in zip(whole, parts):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_mcc", "lr"):
+            assert row_parts[key] == pytest.approx(row_whole[key], abs=1e-6), key
+    tensors_whole = load_file(tmp_path / "whole/checkpoints/last/peftlab_adapter.safetensors")
+    tensors_parts = load_file(tmp_path / "parts/checkpoints/last/peftlab_adapter.safetensors")
+    for name, tensor in tensors_whole.items():
+        torch.testing.assert_close(tensors_parts[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_an_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
+    data = write_cola(tmp_path / "data", train_rows=16, dev_rows=8)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=1)
+    train(config)
+    with pytest.raises(PeftlabError, match="already holds a run"):
+        train(config)
+
+
+def test_nan_loss_stops_with_a_message(tiny_model_dir, tmp_path, monkeypatch):
+    from peftlab.tasks.classification import ClassificationTask
+
+    data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
+    original = ClassificationTask.forward
+
+    def poisoned(self, model, batch):
+        output = original(self, model, batch)
+        output.loss_sum = output.loss_sum * float("nan")
+        return output
+
+    monkeypatch.setattr(ClassificationTask, "forward", poisoned)
+    with pytest.raises(PeftlabError, match="loss became nan at step 1"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=1))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
+    data = write_cola(tmp_path / "data", train_rows=64, dev_rows=16)
+    # No LoRA dropout: 4 micro-batches draw their dropout masks in another order than one batch does.
+    for name, grad_accum in (("one", 1), ("accum", 4)):
+        config = tiny_config(tiny_model_dir, data, tmp_path / name, epochs=2, grad_accum=grad_accum)
+        config.adapter.dropout = 0.0
+        train(config)
+    for one, accum in zip(read_rows(tmp_path / "one"), read_rows(tmp_path / "accum")):
+        assert accum["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+        assert accum["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+
+
+def test_two_processes_follow_the_one_process_trajectory(tiny_model_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` at the same global batch: same losses (fp32 reduction-order noise)."""
+    data = write_cola(tmp_path / "data", train_rows=64, dev_rows=16)
+    common = ["train", "--task", "cola", "--model", tiny_model_dir, "--data-dir", data, "--targets", "all-linear",
+              "--rank", "4", "--alpha", "8", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu"]
+    assert main(common + ["--output-dir", str(tmp_path / "one")]) == 0
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(launcher + common + ["--output-dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for row_one, row_two in zip(one, two):
+        assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], abs=1e-5)
+        assert row_two["val_loss"] == pytest.approx(row_one["val_loss"], abs=1e-5)
+        assert row_two["val_mcc"] == pytest.approx(row_one["val_mcc"], abs=1e-9)
