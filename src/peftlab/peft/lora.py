@@ -29,6 +29,12 @@ from torch import nn
 from peftlab.errors import PeftlabError
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """A and B are kept in fp32 on a half-precision base (bf16 / fp16): tiny updates to small matrices would
+    otherwise round away. On an fp32 base they are fp32 too."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
 class LoRALayer(nn.Module):
     """What every LoRA layer shares: the frozen base layer, scaling, dropout, merge/unmerge/disable.
 
@@ -83,8 +89,9 @@ class LoRALayer(nn.Module):
         if self.merged or self.disabled:
             return out
         lora_a, lora_b = self.lora_weights()
-        dropped = self.dropout(x)  # (..., k)
-        return out + F.linear(F.linear(dropped, lora_a), lora_b) * self.scaling  # (..., k) -> (..., R) -> (..., d)
+        dropped = self.dropout(x).to(lora_a.dtype)  # (..., k); fp32 adapters on a bf16/fp16 base
+        update = F.linear(F.linear(dropped, lora_a), lora_b) * self.scaling  # (..., k) -> (..., R) -> (..., d)
+        return out + update.to(out.dtype)
 
     # --- merge / unmerge ----------------------------------------------------------------------------------
     #
@@ -150,7 +157,8 @@ class LoRALinear(LoRALayer):
         alpha (float): scaling numerator; the update is multiplied by alpha / r.
         dropout (float): dropout probability on the LoRA branch's input. Default: 0.0 (nn.Identity).
 
-    Parameters `lora_a` (r, in_features) start Kaiming-uniform and `lora_b` (out_features, r) start at zero.
+    Parameters `lora_a` (r, in_features) start Kaiming-uniform and `lora_b` (out_features, r) start at zero;
+    they are fp32 when the base is bf16/fp16 (see `adapter_dtype`).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
@@ -160,7 +168,7 @@ class LoRALinear(LoRALayer):
                 f"LoRA rank {rank} exceeds min(in, out) = {min(base.in_features, base.out_features)} "
                 f"of a Linear({base.in_features} -> {base.out_features}). Fix: use a smaller --rank"
             )
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         self.reset_lora_parameters()
@@ -212,7 +220,7 @@ class FusedLoRALinear(LoRALayer):
                 )
             previous_end = end
         self.slices = {name: (int(start), int(end)) for name, (start, end) in ordered}
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_a = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(rank, base.in_features, **factory)) for name in self.slices}
         )
