@@ -6,7 +6,7 @@ For each model both implementations get the same base weights, the same targets 
 layer of each block), rank 8, alpha 16, the same random batch (8 x 128 tokens by default) and AdamW. A training
 step is forward + backward + optimizer step. Measurements are interleaved (ours, peft, peft, ours, ...) so drift
 in machine load hits both; each repeat times several steps after a warm-up step, and the table reports the median
-over repeats with the min-max spread.
+over repeats with the min-max spread. Raw samples go to bench/results/lora.json (lora-quick.json with --quick).
 
 Inference (no_grad forward of the same batch) compares the base model, ours merged (model.eval()), ours
 un-merged and peft's un-merged adapter: merged must cost what the base costs.
@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from peftlab.models import load_model, smollm2_cache_path  # noqa: E402
-from peftlab.peft import apply_method, convert_linear_to_conv1d, merge_and_strip  # noqa: E402
+from peftlab.models import load_model, smollm2_cache_path
+from peftlab.peft import apply_method, convert_linear_to_conv1d, merge_and_strip
 
 RANK, ALPHA = 8, 16
 PEFT_TARGETS = {
@@ -134,6 +132,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {batch_size} x "
           f"{seq_len}, rank {RANK}, alpha {ALPHA}, {repeats} repeats x {iterations} iterations, interleaved\n")
     training_rows, inference_rows = [], []
+    results: dict = {"device": str(device), "threads": torch.get_num_threads(), "batch": [batch_size, seq_len],
+                     "rank": RANK, "alpha": ALPHA, "repeats": repeats, "iterations": iterations, "models": {}}
     for name in [item.strip() for item in args.models.split(",") if item.strip()]:
         torch.manual_seed(0)
         base, ours, peft_model, trainable = build_pair(name, device)
@@ -164,6 +164,7 @@ def main() -> None:
         inference_rows.append(row(name, "inference, peftlab merged", forwards["merged"], reference))
         inference_rows.append(row(name, "inference, peftlab un-merged", forwards["unmerged"], reference))
         inference_rows.append(row(name, "inference, HF peft un-merged", forwards["peft"], reference))
+        results["models"][name] = {"trainable": trainable, "train_step_s": steps, "inference_s": forwards}
         del base, ours, peft_model, unmerged
 
     header = "| model | measurement | median ms | min–max ms | vs reference |\n|---|---|---:|---:|---:|"
@@ -171,6 +172,10 @@ def main() -> None:
     print("\n".join(training_rows))
     print("\nInference forward, no_grad (reference: base model)\n" + header)
     print("\n".join(inference_rows))
+    out = Path(__file__).parent / "results" / ("lora-quick.json" if args.quick else "lora.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nraw samples: {out}")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ def test_errors_say_what_matched_nothing_and_list_candidates():
     apply_adapters(model, ["c_fc"], rank=2, alpha=4)
     with pytest.raises(PeftlabError, match="already have a LoRA adapter"):
         apply_adapters(model, ["c_fc"], rank=2, alpha=4)
+    with pytest.raises(PeftlabError, match="already have a LoRA adapter.*one apply_adapters call"):
+        apply_adapters(model, ["mlp"], rank=2, alpha=4)
 
 
 def test_roles_need_a_known_architecture():

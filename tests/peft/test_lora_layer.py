@@ -201,3 +201,20 @@ def test_merge_and_strip_gives_the_plain_architecture(tokens):
     assert not list(lora_layers(model))
     assert [name for name, _ in model.named_parameters()] == plain_names
     torch.testing.assert_close(model(tokens["input_ids"]).logits, adapted, atol=ATOL, rtol=0)
+
+
+def test_half_precision_base_keeps_fp32_adapters_and_restores_w0_exactly():
+    base = _base().to(torch.bfloat16)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=4, alpha=8).train()
+    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+    _randomize(layer)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_b.grad is not None and layer.lora_b.grad.dtype == torch.float32
+    for _ in range(5):  # e.g. an eval after every epoch
+        layer.eval()
+        layer.train()
+    assert torch.equal(base.weight, w0)  # bitwise: (W0 + d) - d would drift by bf16 ulps

@@ -122,6 +122,12 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
             roles = ("q", "k", "v", "o", "mlp") if item == "all-linear" else (item,)
             for role in roles:
                 for suffix, slice_name in ROLE_MAPS[arch][role]:
+                    already = [name for name in adapted if _has_suffix(name, suffix)]
+                    if already:
+                        raise PeftlabError(
+                            f"target '{item}' maps onto layers that already have a LoRA adapter: "
+                            f"{_candidates(already)}. Fix: give all targets in one apply_adapters call"
+                        )
                     for name in linears:
                         if _has_suffix(name, suffix):
                             if slice_name is None:

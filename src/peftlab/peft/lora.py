@@ -62,6 +62,7 @@ class LoRALayer(nn.Module):
         self.merge_on_eval = True  # `train(False)` merges, `train(True)` un-merges
         self._merged_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._merged_fingerprint: tuple[tuple[int, int], ...] | None = None
+        self._weight_before_merge: torch.Tensor | None = None
         self.training = base.training  # subclasses call self.train(self.training) once A and B exist
 
     # --- the update -------------------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class LoRALayer(nn.Module):
     # merge() keeps a copy of the (A, B) it folded in (r·(d + k) numbers, small), and unmerge() subtracts exactly
     # that copy. So W0 is restored even if A or B were changed while merged, and a merged layer whose A or B
     # changed re-merges itself on its next forward (detected through the parameters' version counters).
+    # A half-precision base keeps its W0 while merged instead (one weight copy per layer, only while merged).
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The adapter's own parameters (A and B), not the base layer's."""
@@ -115,6 +117,9 @@ class LoRALayer(nn.Module):
         if self.disabled:
             raise PeftlabError("cannot merge a LoRA layer while adapters are disabled (inside disable_adapters)")
         lora_a, lora_b = (t.detach().clone() for t in self.lora_weights())
+        if self.base.weight.dtype not in (torch.float32, torch.float64):
+            # bf16/fp16: (W0 + d) - d is off by up to an ulp (~0.4% in bf16); keep W0 to restore it exactly.
+            self._weight_before_merge = self.base.weight.detach().clone()
         self.base.weight.add_(self._delta(lora_a, lora_b))
         self._merged_factors = (lora_a, lora_b)
         self._merged_fingerprint = self._lora_fingerprint()
@@ -125,7 +130,11 @@ class LoRALayer(nn.Module):
         """Subtract the merged update from the base weight again. A no-op when not merged."""
         if not self.merged:
             return
-        self.base.weight.sub_(self._delta(*self._merged_factors))
+        if self._weight_before_merge is not None:
+            self.base.weight.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
+        else:
+            self.base.weight.sub_(self._delta(*self._merged_factors))
         self._merged_factors = None
         self._merged_fingerprint = None
         self.merged = False
