@@ -15,8 +15,13 @@ SERENITY_PROMPT = (
 MODES = {
     "gen": lambda seed: ["generate", "--prompt", SERENITY_PROMPT, "--max-new-tokens", "200", "--temperature", "0.8",
                          "--top-k", "200", "--top-p", "0.95", "--seed", seed],
+    # peftlab's CoLA recipe on the default model (README, "LoRA on CoLA"); the run directory is named by the seed.
+    "LoRA": lambda seed: ["train", "--task", "cola", "--model", "smollm2-135m", "--method", "lora",
+                          "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lora-dropout", "0.1",
+                          "--epochs", "3", "--batch-size", "32", "--lr", "5e-4", "--seed", seed,
+                          "--output-dir", f"runs/LoRA-{seed}"],
 }
-PLANNED = {"LoRA": "CoLA LoRA training (W1)", "distil": "distillation into an RNN (W2)"}
+PLANNED = {"distil": "distillation into an RNN (W2)"}
 
 
 def run(argv: list[str]) -> int:

@@ -1,5 +1,4 @@
 import json
-import math
 import os
 import subprocess
 import sys
@@ -190,3 +189,27 @@ def test_two_processes_follow_the_one_process_trajectory(tiny_model_dir, tmp_pat
         assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], abs=1e-5)
         assert row_two["val_loss"] == pytest.approx(row_one["val_loss"], abs=1e-5)
         assert row_two["val_mcc"] == pytest.approx(row_one["val_mcc"], abs=1e-9)
+
+
+def test_export_run_merged_and_peft_reproduce_our_logits(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.train import export_run, load_run
+
+    data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=1))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged"), "--format", "merged"]) == 0
+    export_run(str(tmp_path / "run"), str(tmp_path / "peft"), "peft")
+    _, _, ours = load_run(str(tmp_path / "run"))
+    ours.eval()
+    input_ids = torch.tensor([[464, 3797, 3332, 319, 262, 2603, 13]])  # no padding, no EOS
+    mask = torch.ones_like(input_ids)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2), tmp_path / "peft"
+    ).eval()
+    with torch.no_grad():
+        expected = ours(input_ids, mask)
+        torch.testing.assert_close(merged(input_ids=input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(peft_model(input_ids=input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)

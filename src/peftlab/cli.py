@@ -52,6 +52,15 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
     evaluate.set_defaults(handler=_run_eval)
 
+    export = commands.add_parser("export", help="export a run's adapter for Hugging Face peft, or a merged model")
+    export.add_argument("run_dir", help="a run directory written by `peftlab train`")
+    export.add_argument("output_dir", help="where to write the export")
+    export.add_argument("--format", choices=("peft", "merged"), default="peft",
+                        help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained; "
+                        "merged: a plain model for from_pretrained (default: peft)")
+    export.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    export.set_defaults(handler=_run_export)
+
     models = commands.add_parser("models", help="list known models and whether they are available here")
     models.set_defaults(handler=_run_models)
 
@@ -137,6 +146,12 @@ def _run_eval(args: argparse.Namespace) -> None:
     from peftlab.train import evaluate_run
 
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from peftlab.train import export_run
+
+    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint)
 
 
 def _run_generate(args: argparse.Namespace) -> None:

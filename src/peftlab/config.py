@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from peftlab.errors import PeftlabError
+from peftlab.fileio import write_text_atomic
 
 
 @dataclass
@@ -121,17 +121,3 @@ def load_config(path: str | os.PathLike) -> RunConfig:
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     write_text_atomic(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write next to the destination and rename into place, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise

@@ -15,8 +15,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.fileio import replace_directory
 
 TASKS = ("causal-lm", "classification")
 INITS = ("pretrained", "random")
@@ -121,7 +120,7 @@ def prepare_smollm2(force: bool = False) -> Path:
     """Convert SmolLM2-135M-Instruct from the package's GGUF into a cached fp32 checkpoint (idempotent).
 
     The conversion de-quantizes Q4_1 to fp32 through transformers' GGUF reader. The directory is written
-    next to its final place and renamed into it, so a crash never leaves a half-written cache.
+    next to its final place and swapped into it, so a crash never leaves a half-written cache.
     """
     target = smollm2_cache_path()
     gguf = smollm2_gguf_path()
@@ -136,21 +135,14 @@ def prepare_smollm2(force: bool = False) -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         source = {"gguf": str(gguf), "gguf_fingerprint": _fingerprint(gguf)}
         (staging / "peftlab_source.json").write_text(json.dumps(source, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+
+    return replace_directory(target, fill)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,6 +268,17 @@ def _load_gpt2_pretrained(spec: ModelSpec, dtype: torch.dtype):
             f"'{spec.hub_id}' ({type(error).__name__}). Fix: put a Hugging Face copy of {spec.hub_id} in {local}, "
             f"or use --init random for the architecture with random weights."
         ) from None
+
+
+def hf_reference(name: str) -> str:
+    """What Hugging Face tools should load as this model's base: a local directory or a hub id."""
+    spec = KNOWN_MODELS.get(name)
+    if spec is None:
+        return name
+    if spec.family == "smollm2":
+        return str(smollm2_cache_path())
+    local = local_models_dir() / name
+    return str(local) if (local / "config.json").is_file() else spec.hub_id
 
 
 def _require_smollm2_cache() -> Path:

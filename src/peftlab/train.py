@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,8 +25,9 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftlab.config import RunConfig, load_config, save_config, write_text_atomic
+from peftlab.config import RunConfig, load_config, save_config
 from peftlab.errors import PeftlabError
+from peftlab.fileio import replace_directory, write_text_atomic
 from peftlab.tasks import Encoded, Task, get_task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -110,22 +108,6 @@ def save_state(directory: Path, name: str, state: dict) -> None:
 def load_state(directory: Path, name: str) -> dict:
     tensors = load_file(directory / f"{name}.safetensors")
     return _unflatten(json.loads((directory / f"{name}.json").read_text()), tensors)
-
-
-def replace_directory(target: Path, fill) -> None:
-    """Build a directory beside `target` with fill(path), then swap it in, so a crash never leaves half of one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        fill(staging)
-        retired = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,7 +250,6 @@ class _Engine:
     def _step(self, batch: list[int], examples: list[Encoded]) -> torch.Tensor:
         accelerator, train_config = self.accelerator, self.config.train
         micro_batches = process_share(batch, accelerator.process_index, accelerator.num_processes, train_config.grad_accum)
-        local_targets = torch.tensor(0.0, device=accelerator.device)
         collated = []
         for micro in micro_batches or [batch[:1]]:  # a process with no examples still joins the all-reduce
             inputs = {key: value.to(accelerator.device) for key, value in self.task.collate([examples[i] for i in micro]).items()}
@@ -444,9 +425,9 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
     return {"loss": loss_sum / targets} | metrics | {"examples_per_second": len(examples) / seconds}
 
 
-def evaluate_run(run_dir: str, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None) -> dict:
-    """Re-evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics."""
-    from peftlab.models import load_tokenizer
+def load_run(run_dir: str, checkpoint: str = "best"):
+    """Rebuild a run's model with its checkpoint (`best` or `last`) loaded; returns (config, task, model)."""
+    from peftlab.models import load_tokenizer, resolve_device
     from peftlab.peft import load_adapter
 
     run = Path(run_dir)
@@ -456,15 +437,35 @@ def evaluate_run(run_dir: str, split: str = "validation", checkpoint: str = "bes
     directory = run / "checkpoints" / checkpoint
     if not directory.is_dir():
         raise PeftlabError(f"{run} has no checkpoint '{checkpoint}' (expected {directory})")
-    from peftlab.models import resolve_device
-
     device, _ = resolve_device(config.train.device)
     tokenizer = load_tokenizer(config.model.name)
     task = get_task(config.task.name, tokenizer, config.task.data_dir, config.task.max_length)
     torch.manual_seed(config.train.seed)  # a random-init base must be rebuilt exactly as in training
     model = build_model(config, task, device, torch.float32)
     load_adapter(model, directory, config.model.name)
+    return config, task, model
+
+
+def evaluate_run(run_dir: str, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None) -> dict:
+    """Re-evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics."""
+    config, task, model = load_run(run_dir, checkpoint)
     metrics = evaluate(model, task, task.encode(split), batch_size or config.train.eval_batch_size)
-    print(f"{run} [{checkpoint}] {split}: Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
+    print(f"{run_dir} [{checkpoint}] {split}: Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
           f"{metrics['examples_per_second']:.1f} examples/s")
     return metrics
+
+
+def export_run(run_dir: str, output_dir: str, export_format: str = "peft", checkpoint: str = "best") -> Path:
+    """Export a run's checkpoint for the Hugging Face ecosystem: a `peft` adapter or a merged plain model."""
+    from peftlab.models import hf_reference
+    from peftlab.peft import export_merged, export_peft
+
+    config, task, model = load_run(run_dir, checkpoint)
+    if export_format == "peft":
+        path = export_peft(model, output_dir, hf_reference(config.model.name))
+    elif export_format == "merged":
+        path = export_merged(model, output_dir, task.tokenizer)
+    else:
+        raise PeftlabError(f"unknown export format '{export_format}': expected peft or merged")
+    print(f"exported {run_dir} [{checkpoint}] as {export_format} to {path}")
+    return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.fileio import atomic_write_file
 from peftlab.peft.inject import AdapterSpec, adapter_specs, adapter_state_dict, apply_adapter_specs, canonical_parameter_names
 from peftlab.peft.lora import lora_layers, merge_and_strip
 
@@ -31,19 +31,6 @@ TENSORS_FILE = "peftlab_adapter.safetensors"
 CONFIG_FILE = "peftlab_adapter.json"
 FORMAT = "peftlab-adapter"
 FORMAT_VERSION = 1
-
-
-def atomic_write_file(path: Path, write) -> None:
-    """Call write(temporary_path) next to `path`, then rename it into place (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def save_adapter(

@@ -24,8 +24,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
-from peftlab.peft.checkpoint import atomic_write_file
+from peftlab.fileio import atomic_write_file, replace_directory
 from peftlab.peft.inject import architecture, canonical_parameter_names, classifier_head, is_norm
 from peftlab.peft.lora import lora_layers, merge_and_strip
 
@@ -209,18 +207,10 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer=None
         tokenizer: saved alongside when given, so the directory is a complete model.
     """
     plain = merged_hf_model(model)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         plain.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
+
+    return replace_directory(Path(directory), fill)
