@@ -18,17 +18,17 @@ def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     x = [row["epoch"] for row in epochs]
     written = []
-    for name, series in (
-        ("loss", [("train loss", "train_loss"), ("validation loss", "val_loss")]),
-        ("accuracy", [("train accuracy", "train_accuracy"), ("validation accuracy", "val_accuracy"),
-                      ("validation MCC", "val_mcc")]),
+    for name, y_label, series in (
+        ("loss", "loss", [("train loss", "train_loss"), ("validation loss", "val_loss")]),
+        ("accuracy", "accuracy / MCC", [("train accuracy", "train_accuracy"),
+                                        ("validation accuracy", "val_accuracy"), ("validation MCC", "val_mcc")]),
     ):
         figure, axes = plt.subplots(figsize=(6, 4), dpi=110)
         for label, key in series:
             if all(key in row for row in epochs):
                 axes.plot(x, [row[key] for row in epochs], marker="o", label=label)
         axes.set_xlabel("epoch")
-        axes.set_ylabel(name)
+        axes.set_ylabel(y_label)
         axes.set_title(f"{title}: {name} per epoch")
         axes.set_xticks(x)
         axes.grid(alpha=0.3)

@@ -236,16 +236,20 @@ class _Engine:
         self.model.train()
         progress = tqdm(batches, desc=f"epoch {epoch + 1}/{train_config.epochs}", disable=not accelerator.is_main_process,
                         leave=False, dynamic_ncols=True, mininterval=2.0)
-        for batch in progress:
+        eval_seconds = 0.0  # mid-epoch evaluations, not counted as training time
+        for index, batch in enumerate(progress):
             step_totals = self._step(batch, train_examples)
             totals += step_totals
             self.history.step += 1
-            progress.set_postfix(loss=f"{step_totals[0] / step_totals[1]:.4f}")
-            if train_config.eval_every and self.history.step % train_config.eval_every == 0:
-                self._evaluate_and_record(epoch, val_examples, None, None, time.perf_counter() - started, final=False)
+            progress.set_postfix(loss=f"{step_totals[0] / step_totals[1]:.4f}", refresh=False)
+            last_of_epoch = index == len(batches) - 1  # the epoch's own evaluation follows
+            if train_config.eval_every and self.history.step % train_config.eval_every == 0 and not last_of_epoch:
+                eval_started = time.perf_counter()
+                self._evaluate_and_record(epoch, val_examples, None, None, final=False)
                 self.model.train()
-        train_seconds = time.perf_counter() - started
-        self._evaluate_and_record(epoch, val_examples, totals, train_seconds, train_seconds, final=True)
+                eval_seconds += time.perf_counter() - eval_started
+        train_seconds = time.perf_counter() - started - eval_seconds
+        self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)
 
     def _step(self, batch: list[int], examples: list[Encoded]) -> torch.Tensor:
         accelerator, train_config = self.accelerator, self.config.train
@@ -284,7 +288,7 @@ class _Engine:
         total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
         return float(total.item())
 
-    def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, elapsed, final: bool) -> None:
+    def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, final: bool) -> None:
         evaluation = evaluate(self.model, self.task, val_examples, self.config.train.eval_batch_size, self.accelerator)
         row = {"epoch": epoch + 1, "step": self.history.step, "final_of_epoch": final, "lr": self.scheduler.get_last_lr()[0]}
         if train_totals is not None:
