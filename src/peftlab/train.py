@@ -137,6 +137,15 @@ def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torc
     return model.to(device)
 
 
+def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Task, torch.nn.Module]:
+    """The run's task and its prepared model; the seed first, so a random-init base is rebuilt exactly."""
+    from peftlab.models import load_tokenizer
+
+    task = get_task(config.task.name, load_tokenizer(config.model.name), config.task.data_dir, config.task.max_length)
+    torch.manual_seed(config.train.seed)
+    return task, build_model(config, task, device, torch.float32)
+
+
 def validate(config: RunConfig) -> None:
     train = config.train
     checks = [
@@ -163,17 +172,14 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     """
     from accelerate import Accelerator
 
-    from peftlab.models import load_tokenizer, resolve_device
+    from peftlab.models import resolve_device
     from peftlab.peft import parameter_report
 
     validate(config)
     device, dtype = resolve_device(config.train.device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     say = accelerator.print
-    tokenizer = load_tokenizer(config.model.name)
-    task = get_task(config.task.name, tokenizer, config.task.data_dir, config.task.max_length)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config, task, accelerator.device, torch.float32)
+    task, model = build_task_and_model(config, accelerator.device)
     report = parameter_report(model)
     say("\n".join(report.lines()))
     if dry_run:
@@ -431,7 +437,7 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
 
 def load_run(run_dir: str, checkpoint: str = "best"):
     """Rebuild a run's model with its checkpoint (`best` or `last`) loaded; returns (config, task, model)."""
-    from peftlab.models import load_tokenizer, resolve_device
+    from peftlab.models import resolve_device
     from peftlab.peft import load_adapter
 
     run = Path(run_dir)
@@ -442,10 +448,7 @@ def load_run(run_dir: str, checkpoint: str = "best"):
     if not directory.is_dir():
         raise PeftlabError(f"{run} has no checkpoint '{checkpoint}' (expected {directory})")
     device, _ = resolve_device(config.train.device)
-    tokenizer = load_tokenizer(config.model.name)
-    task = get_task(config.task.name, tokenizer, config.task.data_dir, config.task.max_length)
-    torch.manual_seed(config.train.seed)  # a random-init base must be rebuilt exactly as in training
-    model = build_model(config, task, device, torch.float32)
+    task, model = build_task_and_model(config, device)
     load_adapter(model, directory, config.model.name)
     return config, task, model
 
