@@ -80,24 +80,20 @@ def main() -> None:
         prompts = PROMPTS[:batch_size]
         run_plain(plain_model, plain_tokenizer, prompts, 8)  # warm-up, both sides
         generate(ours_model, ours_tokenizer, prompts, max_new_tokens=8, temperature=0)
+        sides = {
+            "ours": lambda: [texts[0] for texts in generate(ours_model, ours_tokenizer, prompts,
+                                                            max_new_tokens=args.new_tokens, temperature=0)],
+            "plain": lambda: run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[0],
+        }
+        produced = run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[1]  # same for both (checked)
         ours_rates, plain_rates = [], []
         for repeat in range(args.repeats):
             order = ("ours", "plain") if repeat % 2 == 0 else ("plain", "ours")
-            for side in order:
-                if side == "ours":
-                    seconds, ours_texts = time_call(
-                        lambda: generate(ours_model, ours_tokenizer, prompts, max_new_tokens=args.new_tokens, temperature=0)
-                    )
-                    ours_seconds = seconds
-                else:
-                    seconds, (plain_texts, produced) = time_call(
-                        lambda: run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)
-                    )
-                    plain_seconds = seconds
-            if [texts[0] for texts in ours_texts] != plain_texts:
+            timed = {side: time_call(sides[side]) for side in order}  # side -> (seconds, texts)
+            if timed["ours"][1] != timed["plain"][1]:
                 raise SystemExit("peftlab and plain transformers produced different greedy text: the comparison is void")
-            ours_rates.append(produced / ours_seconds)
-            plain_rates.append(produced / plain_seconds)
+            ours_rates.append(produced / timed["ours"][0])
+            plain_rates.append(produced / timed["plain"][0])
         ratios = [ours / plain for ours, plain in zip(ours_rates, plain_rates)]
         results["batches"][batch_size] = {"ours_tokens_per_s": ours_rates, "plain_tokens_per_s": plain_rates, "ratio": ratios}
 
