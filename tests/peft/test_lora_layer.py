@@ -22,6 +22,7 @@ from peftlab.peft import (
 )
 
 from lora_helpers import converted, randomize_adapters, tiny_gpt2_hf
+from peftlab.peft.lora import Dropout
 
 ATOL = 1e-5
 
@@ -67,7 +68,7 @@ def test_dropout_acts_on_the_lora_branch_only():
     base = _base()
     reference = copy.deepcopy(base)
     layer = LoRALinear(base, rank=4, alpha=8, dropout=0.5).train()
-    assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.5
+    assert layer.dropout_p == 0.5
     x = torch.randn(64, 16)
     assert torch.equal(layer(x), reference(x))  # B = 0: a dropout on the main path would change this
     _randomize(layer)
@@ -75,6 +76,25 @@ def test_dropout_acts_on_the_lora_branch_only():
     assert not torch.allclose(first, second)  # the branch is stochastic in training
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), atol=0, rtol=0)
+
+
+def test_dropout_drops_with_probability_p_and_keeps_the_mean():
+    dropout = Dropout(0.1).train()
+    x = torch.ones(400, 1000)
+    out = dropout(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.003  # 400k Bernoulli(0.1) draws: std 0.0005
+    torch.testing.assert_close(out.unique(), torch.tensor([0.0, 1 / 0.9]))
+    assert abs(out.mean().item() - 1.0) < 0.005  # inverted dropout keeps the expectation
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_dropout_gradient_is_the_mask():
+    dropout = Dropout(0.3).train()
+    x = torch.randn(50, 20, requires_grad=True)
+    out = dropout(x)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() / 0.7)
 
 
 def test_merge_is_explicit_idempotent_and_exact():

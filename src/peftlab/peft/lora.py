@@ -35,6 +35,28 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, like `nn.Dropout`, that draws its mask from one uniform float per element.
+
+    `nn.Dropout` on CPU goes through `bernoulli_`, about twice as slow as `rand_like` + compare; with a mask per
+    LoRA layer and step that was 5-10% of a LoRA training step. An element is dropped when u < p for
+    u ~ U[0, 1) on a 2^-24 grid, so the drop probability is p to within 6e-8.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
 class LoRALayer(nn.Module):
     """What every LoRA layer shares: the frozen base layer, scaling, dropout, merge/unmerge/disable.
 
@@ -56,7 +78,7 @@ class LoRALayer(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True when base.weight holds W0 + scaling · B A
         self.disabled = False  # True inside `disable_adapters`: the layer is exactly the base layer
         self.merge_on_eval = True  # `train(False)` merges, `train(True)` un-merges
@@ -81,7 +103,7 @@ class LoRALayer(nn.Module):
 
     @property
     def dropout_p(self) -> float:
-        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return self.dropout.p if isinstance(self.dropout, Dropout) else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and self._lora_fingerprint() != self._merged_fingerprint:
