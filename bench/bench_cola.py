@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_cola.py [--train-limit 1024] [--epochs 1] [--repeats 2]
 
 Both sides train SmolLM2-135M with the same recipe (LoRA r=8, alpha=16, dropout 0.1 on q_proj/v_proj,
-batch 32, lr 5e-4, warm-up 6%, weight decay 0.01, eval batch 64) on the first `--train-limit` sentences of
+batch 32, lr 5e-4, warm-up 6%, weight decay 0.01, eval batch 64) on `--train-limit` evenly spaced sentences of
 CoLA's in_domain_train (0 = all 8,551), then evaluate on the 527 in-domain dev sentences. Each side runs in its
 own process (so peak RSS is its own), sides alternate (ours, peer, peer, ours, ...). Reported: seconds per
 training epoch (scaled to the full 8,551-sentence epoch when a subset was used, and marked so), evaluation
@@ -58,6 +58,7 @@ def run_peer(train_limit: int, epochs: int, seed: int) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
+    from peftlab.data import evenly_spaced
     from peftlab.data.cola import read_cola
     from peftlab.models import smollm2_cache_path
 
@@ -72,7 +73,7 @@ def run_peer(train_limit: int, epochs: int, seed: int) -> dict:
 
     def dataset(split: str, limit: int = 0):
         examples = read_cola(split, data_dir())
-        examples = examples[:limit] if limit else examples
+        examples = evenly_spaced(examples, limit)
         encoded = tokenizer([example.text for example in examples], truncation=True, max_length=128)
         return [{"input_ids": ids, "attention_mask": mask, "labels": example.label}
                 for ids, mask, example in zip(encoded["input_ids"], encoded["attention_mask"], examples)]
@@ -146,7 +147,7 @@ def main() -> None:
 
     examples = results["ours"][0]["train_examples"]
     scale = FULL_EPOCH / examples
-    scaled = " (measured on the first %d sentences, scaled x%.2f to 8,551)" % (examples, scale) if examples != FULL_EPOCH else ""
+    scaled = " (measured on %d sentences, scaled x%.2f to 8,551)" % (examples, scale) if examples != FULL_EPOCH else ""
     rows = {}
     for side, runs in results.items():
         epoch_seconds = [seconds * scale for run in runs for seconds in run["train_seconds"]]

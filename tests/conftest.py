@@ -49,3 +49,19 @@ def smollm2():
     from peftlab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.models import gpt2_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    # No dropout inside the base model: runs that split batches differently must see the same computation.
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    gpt2_tokenizer().save_pretrained(directory)
+    return str(directory)

@@ -15,22 +15,6 @@ from peftlab.train import epoch_batches, evaluate_run, lr_multiplier, process_sh
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "quickly", "big", "small", "a", "house"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from peftlab.models import gpt2_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    # No dropout inside the base model: runs that split batches differently must see the same computation.
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    gpt2_tokenizer().save_pretrained(directory)
-    return str(directory)
-
-
 def write_cola(directory, train_rows: int = 96, dev_rows: int = 40, seed: int = 0) -> str:
     """Synthetic CoLA files in the original format; label 1 when the sentence contains 'cat'."""
     import random

@@ -45,11 +45,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
 
-    evaluate = commands.add_parser("eval", help="re-evaluate a run's checkpoint on a split")
-    evaluate.add_argument("run_dir", help="a run directory written by `peftlab train`")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split",
+        description="Evaluate a run's checkpoint on a split. Without RUN_DIR: the un-tuned model given by --model, "
+        "--task, --template ... (zero-shot; instruct tasks).")
+    evaluate.add_argument("run_dir", nargs="?", help="a run directory written by `peftlab train`")
     evaluate.add_argument("--split", default="validation", help="data split (default: validation)")
     evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     evaluate.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    evaluate.add_argument("--predict", choices=("generate", "score", "both"),
+                          help="instruct tasks: how to predict (default: the run's); both also reports the agreement")
+    evaluate.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
+    for option in EVAL_BASE_OPTIONS:
+        section, name, kind, text = TRAIN_OPTIONS[option]
+        evaluate.add_argument(f"--{option.replace('_', '-')}", type=str if kind == "list" else kind,
+                              help=f"without RUN_DIR: {text}")
     evaluate.set_defaults(handler=_run_eval)
 
     export = commands.add_parser("export", help="export a run's adapter for Hugging Face peft, or a merged model")
@@ -60,6 +70,24 @@ def _build_parser() -> argparse.ArgumentParser:
                         "merged: a plain model for from_pretrained (default: peft)")
     export.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     export.set_defaults(handler=_run_export)
+
+    sweep = commands.add_parser(
+        "sweep", help="train a grid of runs, then one comparison table and one validation-loss plot",
+        description="Train every point of a grid (finished runs are skipped, interrupted ones resumed), then write "
+        "<folder>/report.md and <folder>/val_loss.png. See `peftlab.sweep` for the grid file format.")
+    sweep.add_argument("grid", nargs="?", help="grid file (YAML: output_dir, base, grid)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                       help="an axis of the grid, e.g. adapter.rank=16,128 (repeatable)")
+    sweep.add_argument("--output-dir", help="folder of the sweep's runs (default: the grid file's output_dir)")
+    sweep.set_defaults(handler=_run_sweep)
+
+    report = commands.add_parser("report", help="comparison table and overlaid validation-loss plot of runs")
+    report.add_argument("run_dirs", nargs="+", help="run directories written by `peftlab train`")
+    report.add_argument("--output-dir", default=".", help="where report.md and val_loss.png go (default: .)")
+    report.set_defaults(handler=_run_report)
+
+    templates = commands.add_parser("templates", help="list tasks, objectives, prompt templates and verbalizers")
+    templates.set_defaults(handler=_run_templates)
 
     models = commands.add_parser("models", help="list known models and whether they are available here")
     models.set_defaults(handler=_run_models)
@@ -72,10 +100,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # option -> (config section, field, parser); every option defaults to None so only given ones override --config
 TRAIN_OPTIONS = {
-    "task": ("task", "name", str, "task to train on: cola"),
+    "task": ("task", "name", str, "task to train on: cola, rotten_tomatoes (default: cola)"),
+    "objective": ("task", "objective", str, "classification (a head on the last token) | instruct (generated labels); "
+                  "default: the task's own (see `peftlab templates`)"),
+    "template": ("task", "template", str, "instruct prompt: a name from `peftlab templates` or a format string "
+                 "with {text} (\\n = newline); default: the task's first"),
+    "verbalizers": ("task", "verbalizers", "list", "instruct: comma-separated answer text per label, in label order "
+                    "(default: the label names)"),
+    "loss_on": ("task", "loss_on", str, "instruct: learn the answer tokens only, or all tokens: answer | all "
+                "(default: answer)"),
+    "predict": ("task", "predict", str, "instruct: generate (greedy, parse the text) | score (likelihood of each "
+                "verbalizer) | both (default: generate)"),
+    "eval_limit": ("task", "eval_limit", int, "evaluate on N evenly spaced validation examples (default: all)"),
     "data_dir": ("task", "data_dir", str, "data directory (default: $PEFTLAB_DATA)"),
     "max_length": ("task", "max_length", int, "tokens per example at most; longer is an error (default: 128)"),
-    "train_limit": ("task", "train_limit", int, "use only the first N training examples (default: all)"),
+    "train_limit": ("task", "train_limit", int, "use only N evenly spaced training examples (default: all)"),
     "model": ("model", "name", str, "model name or local directory (default: smollm2-135m)"),
     "init": ("model", "init", str, "pretrained | random (default: pretrained)"),
     "method": ("adapter", "method", str, "lora | full | bitfit | head (default: lora)"),
@@ -83,7 +122,7 @@ TRAIN_OPTIONS = {
     "rank": ("adapter", "rank", int, "LoRA rank; 0 = full fine-tuning (default: 8)"),
     "alpha": ("adapter", "alpha", float, "LoRA alpha; scaling = alpha/rank (default: 16)"),
     "lora_dropout": ("adapter", "dropout", float, "dropout on the LoRA branch (default: 0)"),
-    "extra_trainable": ("adapter", "extra_trainable", "list", "also train: comma-separated head,biases,norms (default: head)"),
+    "extra_trainable": ("adapter", "extra_trainable", "list", "also train: comma-separated head,biases,norms (default: the head of a classifier)"),
     "epochs": ("train", "epochs", int, "epochs (default: 3)"),
     "lr": ("train", "lr", float, "peak learning rate (default: 5e-4)"),
     "batch_size": ("train", "batch_size", int, "examples per optimizer step (default: 32)"),
@@ -95,9 +134,12 @@ TRAIN_OPTIONS = {
     "max_grad_norm": ("train", "max_grad_norm", float, "gradient clipping norm; 0 = off (default: 1.0)"),
     "seed": ("train", "seed", int, "random seed (default: 0)"),
     "eval_every": ("train", "eval_every", int, "also evaluate every N steps (default: per epoch only)"),
-    "select_metric": ("train", "select_metric", str, "validation metric choosing checkpoints/best (default: mcc)"),
+    "select_metric": ("train", "select_metric", str, "validation metric choosing checkpoints/best; loss = lowest (default: the task's: mcc, accuracy or f1)"),
     "device": ("train", "device", str, "auto | cpu | cuda (default: auto)"),
 }
+
+
+EVAL_BASE_OPTIONS = ("task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +152,17 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
 
 
+def _apply_options(config, args: argparse.Namespace, options) -> None:
+    """Set every given option of `options` (names in TRAIN_OPTIONS) on the run configuration."""
+    for option in options:
+        section, name, kind, _ = TRAIN_OPTIONS[option]
+        value = getattr(args, option)
+        if value is not None:
+            if kind == "list":
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            setattr(getattr(config, section), name, value)
+
+
 def train_config_from_args(args: argparse.Namespace):
     """The run configuration: --resume's config.yaml, else --config, else defaults; then the given options."""
     from peftlab.config import RunConfig, load_config
@@ -119,12 +172,7 @@ def train_config_from_args(args: argparse.Namespace):
         config.output_dir = args.resume
         return config
     config = load_config(args.config) if args.config else RunConfig()
-    for option, (section, name, kind, _) in TRAIN_OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            if kind == "list":
-                value = [item.strip() for item in value.split(",") if item.strip()]
-            setattr(getattr(config, section), name, value)
+    _apply_options(config, args, TRAIN_OPTIONS)
     if args.output_dir:
         config.output_dir = args.output_dir
     elif not args.config:
@@ -143,9 +191,17 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
+    from peftlab.config import RunConfig
     from peftlab.train import evaluate_run
 
-    evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size)
+    given = [option for option in EVAL_BASE_OPTIONS if getattr(args, option) is not None]
+    if args.run_dir and given:
+        raise PeftlabError(f"--{given[0].replace('_', '-')} describes a model without RUN_DIR; a run uses its own config.yaml")
+    config = None
+    if not args.run_dir:
+        config = RunConfig()
+        _apply_options(config, args, EVAL_BASE_OPTIONS)
+    evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config)
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -179,6 +235,38 @@ def _run_generate(args: argparse.Namespace) -> None:
             generate(model, tokenizer, [prompt], stream=sys.stdout, **settings)
         return
     print_samples(prompts, generate(model, tokenizer, prompts, **settings))
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    from peftlab.sweep import run_sweep
+
+    if not args.grid and not args.set:
+        raise PeftlabError("nothing to sweep: give a grid file and/or --set KEY=V1,V2")
+    run_sweep(args.grid, args.set, args.output_dir)
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftlab.report import write_report
+
+    table, plot = write_report(args.run_dirs, args.output_dir)
+    print(Path(table).read_text() + f"\ntable: {table}\nplot: {plot}")
+
+
+def _run_templates(args: argparse.Namespace) -> None:
+    from peftlab.tasks import OBJECTIVES
+    from peftlab.tasks.instruct import DEFAULT_VERBALIZERS, TEMPLATES
+
+    for task, objectives in OBJECTIVES.items():
+        print(f"{task}: objectives {', '.join(objectives)} (default: {objectives[0]})")
+        for index, (name, text) in enumerate(TEMPLATES.get(task, {}).items()):
+            print(f"  template {name}{' (default)' if index == 0 else ''}: {text!r}")
+        if task in TEMPLATES:
+            verbalizers = DEFAULT_VERBALIZERS.get(task)
+            print(f"  verbalizers: {', '.join(verbalizers) if verbalizers else 'the label names'}")
+    print("Your own template: --template 'TEXT {text} TEXT' (\\n = newline); the answer follows after one space "
+          "unless the template ends in whitespace.")
 
 
 def _run_models(args: argparse.Namespace) -> None:

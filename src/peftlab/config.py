@@ -31,7 +31,7 @@ class AdapterConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0  # on the LoRA branch only
-    extra_trainable: list[str] = field(default_factory=lambda: ["head"])  # head, biases, norms
+    extra_trainable: list[str] = field(default_factory=list)  # head, biases, norms; [] = the head of a classifier
 
 
 @dataclass
@@ -40,6 +40,12 @@ class TaskConfig:
     data_dir: str | None = None  # else $PEFTLAB_DATA
     max_length: int = 128  # tokens per example; longer ones are an error, never silently cut
     train_limit: int = 0  # use only the first N training examples (0 = all); for quick experiments
+    objective: str = ""  # classification | instruct; "" = the task's own (see `peftlab templates`)
+    template: str = ""  # instruct prompt: a template name or a format string with {text}; "" = the task's default
+    verbalizers: list[str] = field(default_factory=list)  # instruct: the answer text per label; [] = label names
+    loss_on: str = "answer"  # instruct: learn the answer tokens only, or all tokens
+    predict: str = "generate"  # instruct: generate | score | both (both: also the agreement)
+    eval_limit: int = 0  # evaluate on the first N validation examples only (0 = all); for quick experiments
 
 
 @dataclass
@@ -55,7 +61,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
     eval_every: int = 0  # also evaluate every N optimizer steps (0 = once per epoch)
-    select_metric: str = "mcc"  # validation metric that picks checkpoints/best
+    select_metric: str = ""  # validation metric that picks checkpoints/best ("" = the task's; loss = lowest)
     device: str = "auto"  # auto | cpu | cuda
 
 

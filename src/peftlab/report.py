@@ -39,3 +39,86 @@ def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparing runs (`peftlab report`, `peftlab sweep`)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A finished or interrupted run's config, history and summary (if written yet), for comparison."""
+    import json
+
+    import yaml
+
+    from peftlab.errors import PeftlabError
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
+        raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and metrics.jsonl)")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary_path = run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {"name": run.name, "path": str(run), "config": yaml.safe_load((run / "config.yaml").read_text()),
+            "rows": rows, "summary": summary}
+
+
+def _number(value, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One markdown table: a row per run with its method, size, best validation numbers, test score and time."""
+    lines = ["| run | method | rank | alpha | targets | trainable params | best val loss | best val (metric) | "
+             "test (split, metric) | train time |", "|---" * 10 + "|"]
+    for run in runs:
+        config, summary, rows = run["config"], run["summary"], run["rows"]
+        adapter = config["adapter"]
+        lora = adapter["method"] == "lora" and adapter["rank"] > 0
+        method = "full" if adapter["method"] == "lora" and not lora else adapter["method"]
+        metric = summary.get("select_metric") or config["train"].get("select_metric") or "accuracy"
+        val_losses = [row["val_loss"] for row in rows if "val_loss" in row]
+        val_scores = [row[f"val_{metric}"] for row in rows if f"val_{metric}" in row]
+        best_val = (min if metric == "loss" else max)(val_scores) if val_scores else None
+        test = summary.get("test") or {}
+        test_text = f"{_number(test.get(metric))} ({test['split']}, {metric})" if test else "—"
+        trainable = summary.get("parameters", {}).get("trainable")
+        seconds = sum(row.get("train_seconds", 0.0) for row in rows if row.get("final_of_epoch"))
+        lines.append(
+            f"| {run['name']} | {method} | "
+            f"{adapter['rank'] if lora else '—'} | {adapter['alpha'] if lora else '—'} | "
+            f"{','.join(adapter['targets']) if lora else '—'} | {f'{trainable:,}' if trainable else '—'} | "
+            f"{_number(min(val_losses) if val_losses else None)} | {_number(best_val)} ({metric}) | {test_text} | "
+            f"{seconds / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_validation_loss(runs: list[dict], path: Path) -> Path:
+    """Every run's validation loss over optimizer steps, overlaid in one PNG."""
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for run in runs:
+        points = [(row["step"], row["val_loss"]) for row in run["rows"] if "val_loss" in row]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=run["name"])
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("validation loss")
+    axes.set_title("validation loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, Path]:
+    """report.md (the table) and val_loss.png (the overlaid curves) for `run_dirs`, written into `output_dir`."""
+    from peftlab.fileio import write_text_atomic
+
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    output = Path(output_dir)
+    table = output / "report.md"
+    write_text_atomic(table, runs_table(runs))
+    return table, plot_validation_loss(runs, output / "val_loss.png")

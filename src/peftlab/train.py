@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftlab.config import RunConfig, load_config, save_config
+from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import replace_directory, write_text_atomic
 from peftlab.tasks import Encoded, Task, get_task
@@ -130,7 +131,8 @@ def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torc
     num_labels = getattr(task, "num_labels", 2)
     model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, num_labels=num_labels, dtype=dtype)
     adapter = config.adapter
-    apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout, adapter.extra_trainable)
+    apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
+                 adapter.extra_trainable or None)
     head = getattr(model, "score", None)
     if head is not None and not any(parameter.requires_grad for parameter in head.parameters()):
         print("warning: the classifier head is frozen at its random initialisation; add 'head' to --extra-trainable")
@@ -141,7 +143,7 @@ def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Task,
     """The run's task and its prepared model; the seed first, so a random-init base is rebuilt exactly."""
     from peftlab.models import load_tokenizer
 
-    task = get_task(config.task.name, load_tokenizer(config.model.name), config.task.data_dir, config.task.max_length)
+    task = get_task(config.task, load_tokenizer(config.model.name))
     torch.manual_seed(config.train.seed)
     return task, build_model(config, task, device, torch.float32)
 
@@ -186,9 +188,8 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         return {"parameters": vars(report) | {"reduction": report.reduction}}
 
     train_examples = task.encode("train")
-    if config.task.train_limit:
-        train_examples = train_examples[: config.task.train_limit]
-    val_examples = task.encode("validation")
+    train_examples = evenly_spaced(train_examples, config.task.train_limit)
+    val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
     output = Path(config.output_dir)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms: no decay
@@ -217,6 +218,9 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     for epoch in range(history.epoch, last_epoch):
         engine.run_epoch(epoch, train_examples, val_examples)
     summary = engine.summary(report, len(train_examples), len(val_examples))
+    test_split = getattr(task, "test_split", None)
+    if test_split and history.epoch == config.train.epochs:
+        summary["test"] = engine.test_best(test_split)
     if accelerator.is_main_process:
         write_text_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -230,7 +234,7 @@ class _Engine:
         self.config, self.task, self.accelerator = config, task, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.history, self.output = history, output
-        self.select = config.train.select_metric
+        self.select = config.train.select_metric or task.select_metric_default
 
     def run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
         from tqdm.auto import tqdm
@@ -274,7 +278,7 @@ class _Engine:
                 weight = accelerator.num_processes / global_targets if micro_batches else 0.0
                 accelerator.backward(output.loss_sum * weight)
             if micro_batches:
-                totals += torch.tensor([output.loss_sum.item(), output.num_targets, _correct(output.predictions, inputs)])
+                totals += torch.tensor([output.loss_sum.item(), output.num_targets, output.num_correct])
         totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
         if not math.isfinite(totals[0].item()):
             raise PeftlabError(
@@ -306,7 +310,8 @@ class _Engine:
         value = evaluation.get(self.select)
         if value is None:
             raise PeftlabError(f"--select-metric '{self.select}' is not a validation metric here: {', '.join(evaluation)}")
-        improved = self.history.best_value is None or value > self.history.best_value
+        best = self.history.best_value
+        improved = best is None or (value < best if self.select == "loss" else value > best)
         if improved:
             self.history.best_value, self.history.best_epoch = value, epoch + 1
         if final:
@@ -352,6 +357,16 @@ class _Engine:
             plot_history(self.history.rows, self.output / "plots", self.config.task.name)
         accelerator.wait_for_everyone()
 
+    def test_best(self, split: str) -> dict:
+        """Metrics of checkpoints/best on the held-out split, printed; the model keeps the best weights."""
+        from peftlab.peft import load_adapter
+
+        load_adapter(self.accelerator.unwrap_model(self.model), self.output / "checkpoints" / "best", self.config.model.name)
+        metrics = evaluate(self.model, self.task, self.task.encode(split), self.config.train.eval_batch_size, self.accelerator)
+        self.accelerator.print(f"Test ({split}, best checkpoint of epoch {self.history.best_epoch}): Loss: {metrics['loss']:.4f}, "
+                               f"{self.task.format_metrics(metrics)}")
+        return {"split": split, "epoch": self.history.best_epoch} | metrics
+
     def summary(self, report, num_train: int, num_val: int) -> dict:
         final_rows = [row for row in self.history.rows if row.get("final_of_epoch")]
         best = next((row for row in self.history.rows if row["epoch"] == self.history.best_epoch
@@ -369,11 +384,6 @@ class _Engine:
 
 def _num_targets(inputs: dict) -> int:
     return len(inputs["labels"]) if inputs["labels"].ndim == 1 else int((inputs["labels"] != -100).sum())
-
-
-def _correct(predictions: list, inputs: dict) -> int:
-    labels = inputs["labels"]
-    return sum(int(p == y) for p, y in zip(predictions, labels.tolist())) if labels.ndim == 1 else 0
 
 
 def _restore(directory: Path, config: RunConfig, accelerator, model, optimizer, scheduler) -> History:
@@ -418,12 +428,14 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
     with torch.inference_mode():
         for offset in range(0, len(order), batch_size):
             indices = order[offset : offset + batch_size]
-            inputs = {key: value.to(device) for key, value in task.collate([examples[i] for i in indices]).items()}
+            batch = [examples[i] for i in indices]
+            inputs = {key: value.to(device) for key, value in task.collate(batch).items()}
             with accelerator.autocast() if accelerator else nullcontext():
                 output = task.forward(plain, inputs)
+                predictions = output.predictions if output.predictions is not None else task.predict(plain, batch)
             loss_sum += output.loss_sum.item()
             targets += output.num_targets
-            results += list(zip(indices, output.predictions))
+            results += list(zip(indices, predictions))
     seconds = time.perf_counter() - started
     if num_processes > 1:
         gathered = accelerator.gather_for_metrics([(results, loss_sum, targets, seconds)], use_gather_object=True)
@@ -453,11 +465,33 @@ def load_run(run_dir: str, checkpoint: str = "best"):
     return config, task, model
 
 
-def evaluate_run(run_dir: str, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None) -> dict:
-    """Re-evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics."""
-    config, task, model = load_run(run_dir, checkpoint)
-    metrics = evaluate(model, task, task.encode(split), batch_size or config.train.eval_batch_size)
-    print(f"{run_dir} [{checkpoint}] {split}: Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
+def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
+                 predict: str | None = None, limit: int = 0, config: RunConfig | None = None) -> dict:
+    """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics.
+
+    Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; instruct tasks only).
+    `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples.
+    """
+    if run_dir:
+        config, task, model = load_run(run_dir, checkpoint)
+        label = f"{run_dir} [{checkpoint}]"
+    else:
+        from peftlab.models import load_model, load_tokenizer, resolve_device
+
+        task = get_task(config.task, load_tokenizer(config.model.name))
+        if task.model_task != "causal-lm":
+            raise PeftlabError(f"a {task.name} classifier without fine-tuning has a random head: give a RUN_DIR")
+        device, dtype = resolve_device(config.train.device)
+        model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, dtype=dtype)
+        model.to(device)
+        label = f"{config.model.name} (no fine-tuning)"
+    if predict:
+        if not hasattr(task, "predict_mode"):
+            raise PeftlabError(f"--predict applies to instruct tasks; {task.name} here is a classifier")
+        task.predict_mode = predict
+    examples = evenly_spaced(task.encode(split), limit)
+    metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size)
+    print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
           f"{metrics['examples_per_second']:.1f} examples/s")
     return metrics
 

@@ -18,6 +18,17 @@ class LabelledText:
     origin: str
 
 
+def evenly_spaced(items: list, count: int) -> list:
+    """`count` items spread evenly over `items` (all of them when count is 0 or too large), in order.
+
+    Used for --train-limit / --eval-limit: files sorted by label (Rotten Tomatoes) or by source (CoLA) would
+    give a one-sided subset if cut at the front.
+    """
+    if count <= 0 or count >= len(items):
+        return list(items)
+    return [items[index * len(items) // count] for index in range(count)]
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, dataset: str) -> Path:
     """The folder holding `dataset`'s files: <data-dir>/<dataset> (or <data-dir> itself if the files are there)."""
     root = data_dir or os.environ.get("PEFTLAB_DATA")

@@ -27,11 +27,13 @@ class Encoded:
 class StepOutput:
     loss_sum: torch.Tensor  # summed over the batch's targets (examples or answer tokens)
     num_targets: int  # what loss_sum is a sum over: the engine normalises by the step's total
-    predictions: list  # one per example
+    predictions: list | None  # one per example; None when the task predicts separately (`predict`)
+    num_correct: int  # targets predicted right (examples, or answer tokens under teacher forcing)
 
 
 class Task(Protocol):
     name: str
+    test_split: str | None  # evaluated with checkpoints/best when training ends (None: validation is the test)
     model_task: str  # what `load_model(task=...)` must build: "classification" or "causal-lm"
     select_metric_default: str
 
@@ -46,12 +48,37 @@ class Task(Protocol):
     def format_metrics(self, metrics: dict) -> str: ...
 
 
-def get_task(name: str, tokenizer, data_dir: str | None, max_length: int) -> Task:
-    """The task called `name`, reading its data from `data_dir` (or $PEFTLAB_DATA)."""
+TASKS = {"cola": "classification", "rotten_tomatoes": "instruct"}  # task -> its default objective
+TEST_SPLITS = {"rotten_tomatoes": "test"}  # held-out split scored with the best checkpoint after training
+OBJECTIVES = {"cola": ("classification", "instruct"), "rotten_tomatoes": ("instruct", "classification")}
+
+
+def get_task(config, tokenizer) -> Task:
+    """The task a run's `TaskConfig` describes (dataset + objective), reading from its data_dir or $PEFTLAB_DATA."""
     from peftlab.errors import PeftlabError
 
+    name = config.name
+    if name not in TASKS:
+        raise PeftlabError(f"unknown task '{name}': expected one of {', '.join(TASKS)}")
+    objective = config.objective or TASKS[name]
+    if objective not in OBJECTIVES[name]:
+        raise PeftlabError(f"task {name} has no objective '{objective}': expected one of {', '.join(OBJECTIVES[name])}")
     if name == "cola":
-        from peftlab.tasks.classification import cola_task
+        from peftlab.data.cola import LABEL_NAMES, read_cola as read
+    else:
+        from peftlab.data.rotten_tomatoes import LABEL_NAMES, read_rotten_tomatoes as read
 
-        return cola_task(tokenizer, data_dir, max_length)
-    raise PeftlabError(f"unknown task '{name}': expected one of cola")
+    def read_split(split: str):
+        return read(split, config.data_dir)
+
+    if objective == "classification":
+        from peftlab.tasks.classification import ClassificationTask
+
+        task = ClassificationTask(name, LABEL_NAMES, read_split, tokenizer, config.max_length)
+    else:
+        from peftlab.tasks.instruct import InstructTask
+
+        task = InstructTask(name, LABEL_NAMES, read_split, tokenizer, config.max_length, config.loss_on,
+                            config.template, config.verbalizers, config.predict)
+    task.test_split = TEST_SPLITS.get(name)
+    return task

@@ -69,7 +69,8 @@ class ClassificationTask:
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, num_labels)
         loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        return StepOutput(loss_sum, len(batch["labels"]), logits.argmax(-1).tolist())
+        predictions = logits.argmax(-1)
+        return StepOutput(loss_sum, len(batch["labels"]), predictions.tolist(), int((predictions == batch["labels"]).sum()))
 
     def metrics(self, predictions: list, examples: Sequence[Encoded]) -> dict:
         return classification_metrics(predictions, [example.target for example in examples], self.label_names)
@@ -91,9 +92,3 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], la
         "mcc": float(matthews_corrcoef(labels, predictions)),
         "predicted_counts": {name: counts.get(index, 0) for index, name in enumerate(label_names)},
     }
-
-
-def cola_task(tokenizer, data_dir: str | None, max_length: int) -> ClassificationTask:
-    from peftlab.data.cola import LABEL_NAMES, read_cola
-
-    return ClassificationTask("cola", LABEL_NAMES, lambda split: read_cola(split, data_dir), tokenizer, max_length)

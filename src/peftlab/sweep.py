@@ -1,0 +1,147 @@
+"""`peftlab sweep`: a grid of training runs, then one comparison table and one overlaid validation-loss plot.
+
+A grid file (YAML):
+
+    output_dir: runs/sweep-rt            # run <name> goes to <output_dir>/<name>
+    base:                                # a run configuration, as in a run's config.yaml (output_dir excluded)
+      task: {name: rotten_tomatoes}
+      train: {epochs: 1}
+    grid:                                # the cross product of the axes
+      setting:                           # an axis of mappings sets several keys together ...
+        - {adapter.rank: 16, adapter.alpha: 64}
+        - {adapter.method: full, train.lr: 5.0e-5}
+      train.seed: [0, 1]                 # ... an axis named by a key takes plain values
+
+`--set KEY=V1,V2` adds an axis from the command line. Finished runs (summary.json present, all epochs done)
+are skipped, interrupted ones resumed, so a sweep can be re-run after a crash or extended with new values.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from peftlab.config import RunConfig, load_config
+from peftlab.errors import PeftlabError
+
+
+def _set_dotted(values: dict, key: str, value, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise PeftlabError(f"{where}: '{key}' must be SECTION.KEY, e.g. adapter.rank or train.lr")
+    values.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _label(value) -> str:
+    if isinstance(value, dict):
+        return "-".join(f"{key.rsplit('.', 1)[-1]}{_label(item)}" for key, item in value.items())
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value))
+
+
+def expand_grid(grid: dict) -> list[tuple[str, dict]]:
+    """(run name, {dotted key: value}) for every point of the grid's cross product."""
+    if not isinstance(grid, dict) or not grid:
+        raise PeftlabError("grid: expected a mapping of axes (e.g. adapter.rank: [8, 16])")
+    axes = []
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise PeftlabError(f"grid.{axis}: expected a non-empty list of values")
+        points = []
+        for value in values:
+            if isinstance(value, dict):
+                points.append((_label(value), dict(value)))
+            else:
+                points.append((f"{axis.rsplit('.', 1)[-1]}{_label(value)}", {axis: value}))
+        axes.append(points)
+    runs = []
+    for combination in itertools.product(*axes):
+        name = "_".join(label for label, _ in combination)
+        settings = {key: value for _, setting in combination for key, value in setting.items()}
+        runs.append((name, settings))
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names):
+        raise PeftlabError(f"grid: two points get the same run name ({names}); make the values distinct")
+    return runs
+
+
+def run_configs(base: RunConfig, output_dir: str, grid: dict) -> list[RunConfig]:
+    configs = []
+    for name, settings in expand_grid(grid):
+        values = copy.deepcopy(base.to_dict())
+        for key, value in settings.items():
+            _set_dotted(values, key, value, f"grid point {name}")
+        values["output_dir"] = str(Path(output_dir) / name)
+        configs.append(RunConfig.from_dict(values))
+    return configs
+
+
+def parse_set_option(option: str) -> tuple[str, list]:
+    """'adapter.rank=16,128' -> ('adapter.rank', [16, 128]); values are read as YAML scalars."""
+    key, separator, values = option.partition("=")
+    if not separator or not key or not values:
+        raise PeftlabError(f"--set {option!r}: expected KEY=V1,V2,... (e.g. adapter.rank=16,128)")
+    return key.strip(), [yaml.safe_load(value) for value in values.split(",")]
+
+
+def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tuple[str, list[RunConfig]]:
+    """The sweep's output folder and its run configurations, from a grid file and/or --set options."""
+    spec = {}
+    if path:
+        try:
+            spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise PeftlabError(f"cannot read grid file {path}: {error.strerror}") from None
+        unknown = set(spec) - {"output_dir", "base", "grid"}
+        if unknown:
+            raise PeftlabError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected output_dir, base, grid")
+    base_values = spec.get("base") or {}
+    if "output_dir" in base_values:
+        raise PeftlabError(f"{path}: base.output_dir is set per run; put the sweep's folder in output_dir")
+    base = RunConfig.from_dict(base_values)
+    grid = dict(spec.get("grid") or {})
+    for option in sets:
+        key, values = parse_set_option(option)
+        grid[key] = values
+    folder = output_dir or spec.get("output_dir")
+    if not folder:
+        raise PeftlabError("the sweep needs a folder for its runs: output_dir in the grid file, or --output-dir")
+    return folder, run_configs(base, folder, grid)
+
+
+def _state(config: RunConfig) -> str:
+    run = Path(config.output_dir)
+    summary = run / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("epochs_completed") == config.train.epochs:
+        return "done"
+    if (run / "checkpoints" / "last" / "training_state.json").is_file():
+        return "resume"
+    if (run / "checkpoints").exists():
+        raise PeftlabError(f"{run} holds a run that never finished an epoch; delete it to start that point again")
+    return "new"
+
+
+def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
+    """Train every grid point not done yet, then write <folder>/report.md and <folder>/val_loss.png."""
+    from peftlab.report import write_report
+    from peftlab.train import train
+
+    folder, configs = load_sweep(path, list(sets), output_dir)
+    print(f"sweep: {len(configs)} run(s) in {folder}")
+    for index, config in enumerate(configs, start=1):
+        state = _state(config)
+        if state == "resume":
+            recorded = load_config(Path(config.output_dir) / "config.yaml")
+            if recorded.to_dict() != config.to_dict():
+                raise PeftlabError(f"{config.output_dir} was started with another configuration; delete it or rename the point")
+        print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}", flush=True)
+        if state != "done":
+            train(config, resume=state == "resume")
+    run_dirs = [config.output_dir for config in configs]
+    table, plot = write_report(run_dirs, folder)
+    print(Path(table).read_text() + f"\ntable: {table}\nplot: {plot}")
+    return run_dirs

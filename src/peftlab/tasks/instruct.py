@@ -1,0 +1,158 @@
+"""Instruction tuning with generated labels (W3): `template(text) + verbalized label + EOS`, causal-LM loss.
+
+Prediction (`predict`):
+- generate: greedy generation of a few tokens (KV cache); the text is mapped to a label when, lower-cased and
+  stripped of leading spaces/punctuation, it starts with exactly one verbalizer as a whole word (the longest
+  wins when one verbalizer is a prefix of another). Anything else is *unparsable*: a wrong prediction, counted
+  and reported, never dropped.
+- score: the log-likelihood of each verbalizer after the prompt (one forward pass), highest wins; exact.
+- both: both, with their agreement. The reported `accuracy` is the generated one whenever generation ran.
+
+The answer follows the template directly when the template ends in whitespace, else after one space.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import Counter
+from typing import Callable, Sequence
+
+from peftlab.data import LabelledText
+from peftlab.errors import PeftlabError
+from peftlab.tasks import Encoded
+from peftlab.tasks.classification import classification_metrics
+from peftlab.tasks.completion import Completion, CompletionTask, greedy_generate, score_choices
+
+PREDICT_MODES = ("generate", "score", "both")
+UNPARSABLE = -1
+_CHAT = "<|im_start|>user\n{question}\n{{text}}<|im_end|>\n<|im_start|>assistant\n"
+
+# task -> template name -> format string with {text}; the first is the task's default.
+TEMPLATES: dict[str, dict[str, str]] = {
+    "rotten_tomatoes": {
+        "review": "Review: {text}\nSentiment:",
+        "question": "Is the sentiment of this movie review positive or negative?\nReview: {text}\nAnswer:",
+        "chat": _CHAT.format(question="Is this movie review positive or negative? Answer with one word."),
+    },
+    "cola": {
+        "sentence": "Sentence: {text}\nIs this sentence grammatically acceptable?\nAnswer:",
+        "chat": _CHAT.format(question="Is this English sentence grammatically acceptable? Answer yes or no."),
+    },
+}
+DEFAULT_VERBALIZERS = {"cola": ("no", "yes")}  # otherwise the label names
+
+
+def resolve_template(task: str, template: str) -> str:
+    """A template name of `task`, or a user's format string whose only field is {text} (\\n means newline)."""
+    named = TEMPLATES.get(task, {})
+    if not template:
+        if not named:
+            raise PeftlabError(f"task '{task}' has no default template: pass --template 'TEXT {{text}} TEXT'")
+        return next(iter(named.values()))
+    if template in named:
+        return named[template]
+    text = template.replace("\\n", "\n").replace("\\t", "\t")
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError as error:
+        raise PeftlabError(f"template {template!r} is not a valid format string: {error}") from None
+    if fields != {"text"}:
+        names = ", ".join(named) or "none"
+        raise PeftlabError(
+            f"template {template!r} is neither a template name of {task} ({names}) nor a format string whose only "
+            "field is {text} (write literal braces as {{ }})"
+        )
+    return text
+
+
+def parse_label(text: str, verbalizers: Sequence[str]) -> int:
+    """The label whose verbalizer the generated text starts with (as a whole word), else UNPARSABLE."""
+    cleaned = text.lower().lstrip(string.whitespace + string.punctuation)
+    best, best_length = UNPARSABLE, 0
+    for label, verbalizer in enumerate(verbalizers):
+        word = verbalizer.lower().strip()
+        if cleaned.startswith(word) and len(word) > best_length:
+            rest = cleaned[len(word) :]
+            if not rest or not (rest[0].isalnum() or rest[0] == "_"):
+                best, best_length = label, len(word)
+    return best
+
+
+class InstructTask(CompletionTask):
+    select_metric_default = "accuracy"
+
+    def __init__(
+        self,
+        name: str,
+        label_names: Sequence[str],
+        read_split: Callable[[str], list[LabelledText]],
+        tokenizer,
+        max_length: int,
+        loss_on: str = "answer",
+        template: str = "",
+        verbalizers: Sequence[str] = (),
+        predict: str = "generate",
+    ):
+        super().__init__(name, tokenizer, max_length, loss_on)
+        if predict not in PREDICT_MODES:
+            raise PeftlabError(f"--predict must be one of {', '.join(PREDICT_MODES)}, got '{predict}'")
+        self.label_names = tuple(label_names)
+        self.read_split = read_split
+        self.template = resolve_template(name, template)
+        self.verbalizers = tuple(verbalizers) or DEFAULT_VERBALIZERS.get(name, self.label_names)
+        if len(self.verbalizers) != len(self.label_names):
+            raise PeftlabError(
+                f"{len(self.verbalizers)} verbalizers ({', '.join(self.verbalizers)}) for {len(self.label_names)} "
+                f"labels ({', '.join(self.label_names)}): give one per label, in that order"
+            )
+        if len({v.lower().strip() for v in self.verbalizers}) != len(self.verbalizers) or not all(v.strip() for v in self.verbalizers):
+            raise PeftlabError(f"verbalizers must be distinct and non-empty, got {list(self.verbalizers)}")
+        self.predict_mode = predict
+        separator = "" if self.template[-1:].isspace() else " "
+        self.answers = [separator + verbalizer for verbalizer in self.verbalizers]
+        self.answer_tokens = [self.tokens(answer) for answer in self.answers]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def completions(self, split: str) -> list[Completion]:
+        return [Completion(self.template.format(text=example.text), self.answers[example.label], example.label, example.origin)
+                for example in self.read_split(split)]
+
+    def predict(self, model, examples: Sequence[Encoded]) -> list[dict]:
+        """Per example {"generate": label or -1, "text": generated text} and/or {"score": label}."""
+        prompts = self.prompts(examples)
+        results = [{} for _ in examples]
+        if self.predict_mode in ("generate", "both"):
+            longest = max(len(tokens) for tokens in self.answer_tokens)
+            eos = self.tokenizer.eos_token_id
+            generated = greedy_generate(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id)
+            for result, tokens in zip(results, generated):
+                text = self.tokenizer.decode([t for t in tokens if t != eos])
+                result.update(generate=parse_label(text, self.verbalizers), text=text)
+        if self.predict_mode in ("score", "both"):
+            scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id)
+            for result, label in zip(results, scores.argmax(-1).tolist()):
+                result["score"] = label
+        return results
+
+    def metrics(self, predictions: list[dict], examples: Sequence[Encoded]) -> dict:
+        labels = [example.target.reference for example in examples]
+        primary = "generate" if "generate" in predictions[0] else "score"
+        chosen = [prediction[primary] for prediction in predictions]
+        metrics = classification_metrics(chosen, labels, self.label_names)
+        metrics["unparsable"] = Counter(chosen)[UNPARSABLE]
+        if primary == "generate" and "score" in predictions[0]:
+            scored = [prediction["score"] for prediction in predictions]
+            metrics["score_accuracy"] = sum(int(p == y) for p, y in zip(scored, labels)) / len(labels)
+            metrics["agreement"] = sum(int(p["generate"] == p["score"]) for p in predictions) / len(predictions)
+        return metrics
+
+    def format_metrics(self, metrics: dict) -> str:
+        counts = ", ".join(f"{name}: {count}" for name, count in metrics["predicted_counts"].items())
+        text = (f"Accuracy: {metrics['accuracy']:.4f}, MCC: {metrics['mcc']:.4f}, predicted [{counts}], "
+                f"unparsable: {metrics['unparsable']}")
+        if "agreement" in metrics:
+            text += f", score accuracy: {metrics['score_accuracy']:.4f}, agreement: {metrics['agreement']:.4f}"
+        return text

@@ -1,0 +1,300 @@
+"""Instruction tuning (W3): Rotten Tomatoes reader and split, templates, label masking, the causal-LM loss,
+greedy generation, verbalizer scoring, label parsing, training/evaluation end to end, sweeps and reports."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftlab import PeftlabError
+from peftlab.cli import main
+from peftlab.config import RunConfig
+from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
+from peftlab.tasks import get_task
+from peftlab.tasks.completion import IGNORE, greedy_generate, left_pad, score_choices
+from peftlab.tasks.instruct import UNPARSABLE, parse_label, resolve_template
+from peftlab.train import evaluate_run, train
+
+WORDS = ["the", "film", "is", "a", "movie", "plot", "story", "with"]
+
+
+def write_rotten_tomatoes(directory, lines_per_class: int = 5331, seed: int = 0) -> str:
+    """Synthetic polarity files in the original single-byte format; positives say 'great', negatives 'awful'."""
+    generator = random.Random(seed)
+    folder = directory / "rotten_tomatoes"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, word in (("rt-polarity.pos", "great"), ("rt-polarity.neg", "awful")):
+        lines = [" ".join(generator.choice(WORDS) for _ in range(generator.randint(1, 5))) + f" {word} ."
+                 for _ in range(lines_per_class)]
+        (folder / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return str(directory)
+
+
+def instruct_config(model_dir, data_dir, output_dir, **task_overrides) -> RunConfig:
+    config = RunConfig(output_dir=str(output_dir))
+    config.model.name = model_dir
+    config.task.name, config.task.data_dir = "rotten_tomatoes", data_dir
+    config.task.train_limit, config.task.eval_limit = 256, 64
+    config.adapter.targets, config.adapter.rank, config.adapter.alpha = ["all-linear"], 4, 8
+    config.train.epochs, config.train.batch_size, config.train.lr, config.train.device = 2, 16, 3e-3, "cpu"
+    for key, value in task_overrides.items():
+        setattr(config.task, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def rt_data(tmp_path_factory):
+    return write_rotten_tomatoes(tmp_path_factory.mktemp("data"))
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def test_split_is_balanced_disjoint_deterministic_and_complete(rt_data):
+    splits = {name: read_rotten_tomatoes(name, rt_data) for name in ("train", "validation", "test")}
+    assert {name: len(examples) for name, examples in splits.items()} == {"train": 8530, "validation": 1066, "test": 1066}
+    for examples in splits.values():
+        assert sum(example.label for example in examples) == len(examples) // 2
+    origins = [example.origin for examples in splits.values() for example in examples]
+    assert len(set(origins)) == 10662  # every line once, in exactly one split
+    assert read_rotten_tomatoes("test", rt_data) == splits["test"]
+    positive = next(example for example in splits["train"] if example.label == 1)
+    assert positive.text.endswith("great .") and positive.origin.split(":")[0].endswith("rt-polarity.pos")
+
+
+def test_cp1252_punctuation_is_decoded_and_bad_files_are_errors(tmp_path):
+    data = write_rotten_tomatoes(tmp_path, lines_per_class=5331)
+    path = tmp_path / "rotten_tomatoes" / "rt-polarity.pos"
+    lines = path.read_bytes().splitlines()
+    lines[0] = b"an ending \x85 that \x96 works"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    texts = [example.text for split in ("train", "validation", "test") for example in read_rotten_tomatoes(split, data)]
+    assert "an ending \u2026 that \u2013 works" in texts
+    lines[5] = b"   "
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(PeftlabError, match=r"rt-polarity.pos:6: empty line"):
+        read_rotten_tomatoes("train", data)
+    path.write_bytes(b"\n".join(lines[6:106]) + b"\n")
+    with pytest.raises(PeftlabError, match="needs 5331 per class"):
+        read_rotten_tomatoes("train", data)
+    with pytest.raises(PeftlabError, match="unknown Rotten Tomatoes split 'dev'"):
+        read_rotten_tomatoes("dev", data)
+
+
+# --- templates and parsing --------------------------------------------------------------------------------
+
+
+def test_templates_by_name_or_format_string():
+    assert resolve_template("rotten_tomatoes", "") == "Review: {text}\nSentiment:"
+    assert resolve_template("rotten_tomatoes", "question").startswith("Is the sentiment")
+    assert resolve_template("rotten_tomatoes", "Text: {text}\\nMood:") == "Text: {text}\nMood:"
+    with pytest.raises(PeftlabError, match="neither a template name"):
+        resolve_template("rotten_tomatoes", "no placeholder")
+    with pytest.raises(PeftlabError, match="neither a template name"):
+        resolve_template("rotten_tomatoes", "{text} and {other}")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" positive", 1), ("Negative.", 0), ("\n  POSITIVE review", 1), ("positively", UNPARSABLE),
+    ("neg", UNPARSABLE), ("", UNPARSABLE), ("it is positive", UNPARSABLE), ('"negative"', 0),
+])
+def test_generated_text_maps_to_a_label_or_unparsable(text, expected):
+    assert parse_label(text, ("negative", "positive")) == expected
+
+
+def test_the_longest_matching_verbalizer_wins():
+    assert parse_label("not sure", ("not", "not sure")) == 1
+    assert parse_label("not really", ("not", "not sure")) == 0
+
+
+def test_verbalizers_must_match_the_labels(gpt2_tokenizer, rt_data):
+    config = RunConfig().task
+    config.name, config.data_dir, config.verbalizers = "rotten_tomatoes", rt_data, ["bad"]
+    with pytest.raises(PeftlabError, match="1 verbalizers"):
+        get_task(config, gpt2_tokenizer)
+    config.verbalizers = ["good", "Good"]
+    with pytest.raises(PeftlabError, match="distinct"):
+        get_task(config, gpt2_tokenizer)
+
+
+# --- encoding, masking, loss -------------------------------------------------------------------------------
+
+
+def rt_task(tokenizer, data, **overrides):
+    config = RunConfig().task
+    config.name, config.data_dir = "rotten_tomatoes", data
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return get_task(config, tokenizer)
+
+
+def test_examples_are_prompt_answer_eos_and_only_the_answer_is_learned(gpt2_tokenizer, rt_data):
+    task = rt_task(gpt2_tokenizer, rt_data)
+    examples = task.encode("validation")[:5]
+    first = examples[0]
+    text = gpt2_tokenizer.decode(first.input_ids)
+    assert text.startswith("Review: ") and text.endswith("\nSentiment: positive<|endoftext|>")
+    assert gpt2_tokenizer.decode(first.input_ids[: first.target.prompt_length]).endswith("Sentiment:")
+    batch = task.collate(examples)
+    width = batch["input_ids"].shape[1]
+    for row, example in enumerate(examples):
+        pad = width - example.length
+        assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * example.length  # left padding
+        assert batch["position_ids"][row, pad:].tolist() == list(range(example.length))
+        learned = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
+        assert learned == example.input_ids[example.target.prompt_length :]  # " positive" + EOS
+        assert gpt2_tokenizer.decode(learned) in (" positive<|endoftext|>", " negative<|endoftext|>")
+    everything = rt_task(gpt2_tokenizer, rt_data, loss_on="all").collate(examples)
+    for row, example in enumerate(examples):
+        assert everything["labels"][row][everything["labels"][row] != IGNORE].tolist() == example.input_ids[1:]
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_loss_and_gradients_equal_per_example_full_logits(family, loss_on, gpt2_tokenizer, rt_data,
+                                                                make_tiny_gpt2, make_tiny_llama):
+    """Left padding + position ids + logits only on the labelled columns == each example alone, all logits."""
+    from peftlab.models import convert_conv1d_to_linear
+    from peftlab.peft import apply_adapters
+
+    model = make_tiny_gpt2() if family == "gpt2" else make_tiny_llama()
+    convert_conv1d_to_linear(model)
+    apply_adapters(model, ["all-linear"], rank=4, alpha=8)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(std=0.1)  # B != 0: the adapters change the output
+    model.train()  # un-merged LoRA, so gradients reach A and B; the base model's own dropout off:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    task = rt_task(gpt2_tokenizer, rt_data, loss_on=loss_on)
+    examples = task.encode("validation")[::97][:6]
+    output = task.forward(model, task.collate(examples))
+    output.loss_sum.backward()
+    batched_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    expected_loss, expected_targets = 0.0, 0
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1]
+        first = example.target.prompt_length if loss_on == "answer" else 1
+        targets = ids[0, 1:].clone()
+        targets[: first - 1] = IGNORE
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        loss.backward()
+        expected_loss += loss.item()
+        expected_targets += int((targets != IGNORE).sum())
+    assert output.num_targets == expected_targets
+    assert output.loss_sum.item() == pytest.approx(expected_loss, rel=1e-5)
+    for batched, single in zip(batched_grads, [p.grad for p in model.parameters() if p.requires_grad]):
+        assert torch.isfinite(batched).all()
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+# --- prediction --------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_with_cache_equals_a_naive_argmax_loop(make_tiny_llama):
+    model = make_tiny_llama()
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    stop = {17}
+    generated = greedy_generate(model, prompts, max_new_tokens=6, stop_ids=stop, pad_id=0)
+    for prompt, tokens in zip(prompts, generated):
+        sequence, expected = list(prompt), []
+        for _ in range(6):
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax())
+            expected.append(token)
+            sequence.append(token)
+            if token in stop:
+                break
+        assert tokens == expected
+
+
+def test_scoring_equals_hand_computed_log_likelihoods(make_tiny_llama):
+    model = make_tiny_llama()
+    prompts = [[5, 6, 7], [8, 9]]
+
+    def by_hand(prompt, choice):
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([prompt + choice])).logits[0].log_softmax(-1)
+        return sum(float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(choice))
+
+    for choices in ([[20], [30]], [[20, 21], [30], [40, 41, 42]]):
+        scores = score_choices(model, prompts, choices, pad_id=0)
+        expected = torch.tensor([[by_hand(p, c) for c in choices] for p in prompts])
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_metrics_count_unparsable_as_wrong_and_report_agreement(gpt2_tokenizer, rt_data):
+    task = rt_task(gpt2_tokenizer, rt_data)
+    examples = task.encode("validation")[530:536]  # 3 positive then 3 negative
+    labels = [example.target.reference for example in examples]
+    assert labels == [1, 1, 1, 0, 0, 0]
+    predictions = [{"generate": 1, "score": 1}, {"generate": UNPARSABLE, "score": 1}, {"generate": 0, "score": 0},
+                   {"generate": 0, "score": 0}, {"generate": 0, "score": 0}, {"generate": UNPARSABLE, "score": 0}]
+    metrics = task.metrics(predictions, examples)
+    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    assert metrics["unparsable"] == 2
+    assert metrics["predicted_counts"] == {"negative": 3, "positive": 1}
+    assert metrics["score_accuracy"] == pytest.approx(5 / 6)
+    assert metrics["agreement"] == pytest.approx(4 / 6)
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpoint(tiny_model_dir, rt_data, tmp_path):
+    config = instruct_config(tiny_model_dir, rt_data, tmp_path / "run", predict="both")
+    config.adapter.method = "full"  # the tiny random model needs its LM head trained to learn the words
+    config.train.lr, config.train.epochs = 1e-2, 3
+    summary = train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert summary["test"]["split"] == "test" and summary["test"]["epoch"] == summary["best"]["epoch"]
+    assert {"accuracy", "score_accuracy", "agreement", "unparsable"} <= set(summary["test"])
+    assert summary["test"]["score_accuracy"] > 0.6  # chance is 0.5: "great" vs "awful" is being learnt
+    again = evaluate_run(str(tmp_path / "run"), split="test", predict="score")
+    assert again["accuracy"] == pytest.approx(summary["test"]["score_accuracy"])
+
+
+def test_zero_shot_eval_from_the_command_line(tiny_model_dir, rt_data, capsys):
+    code = main(["eval", "--task", "rotten_tomatoes", "--model", tiny_model_dir, "--data-dir", rt_data,
+                 "--limit", "16", "--predict", "both", "--template", "Text: {text}\\nMood:"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "(no fine-tuning) validation (16 examples)" in out and "unparsable:" in out and "agreement:" in out
+
+
+def test_sweep_trains_the_grid_skips_finished_runs_and_writes_table_and_plot(tiny_model_dir, rt_data, tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"output_dir: {tmp_path / 'sweep'}\n"
+        f"base:\n  model: {{name: {tiny_model_dir}}}\n"
+        f"  task: {{name: rotten_tomatoes, data_dir: {rt_data}, train_limit: 32, eval_limit: 16, predict: score}}\n"
+        "  adapter: {targets: [all-linear]}\n"
+        "  train: {epochs: 1, batch_size: 16, device: cpu}\n"
+        "grid:\n  setting:\n    - {adapter.rank: 2, adapter.alpha: 8}\n    - {adapter.method: full, train.lr: 1.0e-4}\n"
+    )
+    assert main(["sweep", str(grid)]) == 0
+    table = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| rank2-alpha8 | lora | 2 | 8.0 |" in table and "| methodfull-lr0.0001 | full | — |" in table
+    assert "(test, accuracy)" in table
+    assert (tmp_path / "sweep" / "val_loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["sweep", str(grid)]) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 2
+    assert main(["report", str(tmp_path / "sweep" / "rank2-alpha8"), "--output-dir", str(tmp_path / "report")]) == 0
+    assert "rank2-alpha8" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_sweep_errors_name_the_problem(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("output_dir: x\ngrid:\n  adapter.rnak: [1, 2]\n")
+    assert main(["sweep", str(grid)]) == 2
+    grid.write_text("output_dir: x\ngrid:\n  rank: [1, 2]\n")
+    assert main(["sweep", str(grid)]) == 2
+    assert main(["sweep"]) == 2
