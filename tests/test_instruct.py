@@ -13,7 +13,7 @@ from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.tasks import get_task
-from peftlab.tasks.completion import IGNORE, greedy_generate, left_pad, score_choices
+from peftlab.tasks.completion import IGNORE, greedy_generate, score_choices
 from peftlab.tasks.instruct import UNPARSABLE, parse_label, resolve_template
 from peftlab.train import evaluate_run, train
 

@@ -100,8 +100,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # option -> (config section, field, parser); every option defaults to None so only given ones override --config
 TRAIN_OPTIONS = {
-    "task": ("task", "name", str, "task to train on: cola, rotten_tomatoes (default: cola)"),
-    "objective": ("task", "objective", str, "classification (a head on the last token) | instruct (generated labels); "
+    "task": ("task", "name", str, "task to train on: cola, rotten_tomatoes, squad (default: cola)"),
+    "objective": ("task", "objective", str, "classification (a head on the last token) | instruct (generated labels) | qa (squad); "
                   "default: the task's own (see `peftlab templates`)"),
     "template": ("task", "template", str, "instruct prompt: a name from `peftlab templates` or a format string "
                  "with {text} (\\n = newline); default: the task's first"),
@@ -113,7 +113,7 @@ TRAIN_OPTIONS = {
                 "verbalizer) | both (default: generate)"),
     "eval_limit": ("task", "eval_limit", int, "evaluate on N evenly spaced validation examples (default: all)"),
     "data_dir": ("task", "data_dir", str, "data directory (default: $PEFTLAB_DATA)"),
-    "max_length": ("task", "max_length", int, "tokens per example at most; longer is an error (default: 128)"),
+    "max_length": ("task", "max_length", int, "tokens per example at most; longer is an error, except squad contexts, which are cut (default: 128, squad 384)"),
     "train_limit": ("task", "train_limit", int, "use only N evenly spaced training examples (default: all)"),
     "model": ("model", "name", str, "model name or local directory (default: smollm2-135m)"),
     "init": ("model", "init", str, "pretrained | random (default: pretrained)"),

@@ -38,7 +38,7 @@ class AdapterConfig:
 class TaskConfig:
     name: str = "cola"
     data_dir: str | None = None  # else $PEFTLAB_DATA
-    max_length: int = 128  # tokens per example; longer ones are an error, never silently cut
+    max_length: int = 0  # tokens per example (0 = the task's: 128, squad 384); longer is an error, except squad
     train_limit: int = 0  # use only the first N training examples (0 = all); for quick experiments
     objective: str = ""  # classification | instruct; "" = the task's own (see `peftlab templates`)
     template: str = ""  # instruct prompt: a template name or a format string with {text}; "" = the task's default

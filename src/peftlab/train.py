@@ -376,6 +376,7 @@ class _Engine:
             "parameters": {"total": report.total, "trainable": report.trainable, "adapter": report.adapter,
                            "reduction": report.reduction},
             "train_examples": num_train, "validation_examples": num_val,
+            "skipped_examples": dict(getattr(self.task, "skipped", {})),
             "select_metric": self.select, "best": best, "last": final_rows[-1] if final_rows else None,
             "epochs_completed": self.history.epoch,
             "seconds_per_epoch": [row["train_seconds"] for row in final_rows],

@@ -48,9 +48,10 @@ class Task(Protocol):
     def format_metrics(self, metrics: dict) -> str: ...
 
 
-TASKS = {"cola": "classification", "rotten_tomatoes": "instruct"}  # task -> its default objective
+TASKS = {"cola": "classification", "rotten_tomatoes": "instruct", "squad": "qa"}  # task -> its default objective
+MAX_LENGTHS = {"cola": 128, "rotten_tomatoes": 128, "squad": 384}  # --max-length 0 means this
 TEST_SPLITS = {"rotten_tomatoes": "test"}  # held-out split scored with the best checkpoint after training
-OBJECTIVES = {"cola": ("classification", "instruct"), "rotten_tomatoes": ("instruct", "classification")}
+OBJECTIVES = {"cola": ("classification", "instruct"), "rotten_tomatoes": ("instruct", "classification"), "squad": ("qa",)}
 
 
 def get_task(config, tokenizer) -> Task:
@@ -63,6 +64,11 @@ def get_task(config, tokenizer) -> Task:
     objective = config.objective or TASKS[name]
     if objective not in OBJECTIVES[name]:
         raise PeftlabError(f"task {name} has no objective '{objective}': expected one of {', '.join(OBJECTIVES[name])}")
+    max_length = config.max_length or MAX_LENGTHS[name]
+    if name == "squad":
+        from peftlab.tasks.qa import squad_task
+
+        return squad_task(tokenizer, config, max_length)
     if name == "cola":
         from peftlab.data.cola import LABEL_NAMES, read_cola as read
     else:
@@ -74,11 +80,11 @@ def get_task(config, tokenizer) -> Task:
     if objective == "classification":
         from peftlab.tasks.classification import ClassificationTask
 
-        task = ClassificationTask(name, LABEL_NAMES, read_split, tokenizer, config.max_length)
+        task = ClassificationTask(name, LABEL_NAMES, read_split, tokenizer, max_length)
     else:
         from peftlab.tasks.instruct import InstructTask
 
-        task = InstructTask(name, LABEL_NAMES, read_split, tokenizer, config.max_length, config.loss_on,
+        task = InstructTask(name, LABEL_NAMES, read_split, tokenizer, max_length, config.loss_on,
                             config.template, config.verbalizers, config.predict)
     task.test_split = TEST_SPLITS.get(name)
     return task

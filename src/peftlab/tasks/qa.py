@@ -1,0 +1,144 @@
+"""Generative question answering on SQuAD v1.1 (W4): `Context: …\\nQuestion: …\\nAnswer: <answer><EOS>`.
+
+The causal-LM objective, label masking and generation are the shared ones of `tasks/completion.py`.
+What is QA-specific:
+- training examples longer than --max-length keep a window of the context *around the answer* (centred on
+  it) so the answer still fits; an example whose answer cannot fit is skipped and counted;
+- evaluation examples never use the gold answer to choose the window: a context that is too long keeps its
+  beginning, and the questions whose answer was cut off that way are counted (and mostly answered wrong);
+- prediction: greedy generation until EOS or a newline; metrics: Exact Match and F1 with the official SQuAD
+  v1.1 normalisation, the maximum over the reference answers, in percent.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from peftlab.data.squad import read_squad
+from peftlab.errors import PeftlabError
+from peftlab.tasks import Encoded
+from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, greedy_generate
+
+PROMPT_PREFIX = "Context:"
+PROMPT_SUFFIX = "\nQuestion: {question}\nAnswer:"
+
+
+def normalize_answer(text: str) -> str:
+    """The official SQuAD v1.1 normalisation: lower-case, drop punctuation and articles, collapse whitespace."""
+    text = "".join(character for character in text.lower() if character not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    return max(float(normalize_answer(prediction) == normalize_answer(reference)) for reference in references)
+
+
+def f1_score(prediction: str, references: Sequence[str]) -> float:
+    """Token-overlap F1 after normalisation, best over the references (official v1.1 definition)."""
+    best = 0.0
+    predicted = normalize_answer(prediction).split()
+    for reference in references:
+        gold = normalize_answer(reference).split()
+        common = sum((Counter(predicted) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+@dataclass(frozen=True)
+class QAReference:
+    answers: tuple[str, ...]
+    id: str
+    answer_cut: bool = False  # evaluation: the kept context window lost the (first) gold answer
+
+
+class QATask(CompletionTask):
+    select_metric_default = "f1"
+    test_split = None  # the validation articles are the held-out ones
+
+    def __init__(self, tokenizer, data_dir, max_length: int, loss_on: str = "answer", max_new_tokens: int = 32):
+        super().__init__("squad", tokenizer, max_length, loss_on)
+        self.data_dir, self.max_new_tokens = data_dir, max_new_tokens
+        self._stop_ids: set[int] | None = None
+        self.answer_cut: dict[str, int] = {}
+
+    def completions(self, split: str) -> list[Completion]:
+        return [Completion("", " " + example.answers[0], (split, example), example.origin)
+                for example in read_squad(split, self.data_dir)]
+
+    def encode(self, split: str) -> list[Encoded]:
+        encoded = super().encode(split)
+        self.answer_cut[split] = sum(int(example.target.reference.answer_cut) for example in encoded)
+        return encoded
+
+    def encode_one(self, completion: Completion) -> Encoded | None:
+        split, example = completion.reference
+        prefix, suffix = self.tokens(PROMPT_PREFIX), self.tokens(PROMPT_SUFFIX.format(question=example.question))
+        answer = self.tokens(completion.completion) + [self.tokenizer.eos_token_id]
+        encoding = self.tokenizer(" " + example.context, add_special_tokens=False, return_offsets_mapping=True)
+        context, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        budget = self.max_length - len(prefix) - len(suffix) - len(answer)
+        start, end = _answer_span(offsets, 1 + example.answer_starts[0], 1 + example.answer_starts[0] + len(example.answers[0]))
+        cut = False
+        if len(context) > budget:
+            if split == "train":
+                if end - start > budget:
+                    return None  # the answer alone does not fit: skipped, counted in `skipped`
+                first = min(max(0, start - (budget - (end - start)) // 2), len(context) - budget)
+            else:
+                first = 0  # evaluation never looks at the answer to place the window
+                cut = end > budget
+            context = context[first : first + budget] if budget > 0 else []
+        if not context and split == "train":
+            return None
+        prompt = prefix + context + suffix
+        reference = QAReference(example.answers, example.id, cut)
+        return Encoded(prompt + answer, CompletionTarget(len(prompt), reference), completion.origin)
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """EOS and every token whose text contains a newline: an answer is one line."""
+        if self._stop_ids is None:
+            vocabulary = self.tokenizer.get_vocab()
+            self._stop_ids = {self.tokenizer.eos_token_id} | {
+                index for token, index in vocabulary.items() if "\n" in self.tokenizer.convert_tokens_to_string([token])
+            }
+        return self._stop_ids
+
+    def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
+        generated = greedy_generate(model, self.prompts(examples), self.max_new_tokens, self.stop_ids,
+                                    self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
+
+    def metrics(self, predictions: list[str], examples: Sequence[Encoded]) -> dict:
+        references = [example.target.reference.answers for example in examples]
+        return {
+            "exact_match": 100 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(examples),
+            "f1": 100 * sum(f1_score(p, r) for p, r in zip(predictions, references)) / len(examples),
+            "empty_answers": sum(int(not prediction) for prediction in predictions),
+            "answer_cut": sum(int(example.target.reference.answer_cut) for example in examples),
+        }
+
+    def format_metrics(self, metrics: dict) -> str:
+        return (f"EM: {metrics['exact_match']:.2f}, F1: {metrics['f1']:.2f}, empty answers: {metrics['empty_answers']}, "
+                f"answer cut from a long context: {metrics['answer_cut']}")
+
+
+def _answer_span(offsets, start_char: int, end_char: int) -> tuple[int, int]:
+    """[first, last + 1) token indices overlapping the characters [start_char, end_char)."""
+    tokens = [index for index, (start, end) in enumerate(offsets) if end > start_char and start < end_char]
+    if not tokens:
+        raise PeftlabError(f"no token covers the answer characters {start_char}:{end_char}")
+    return tokens[0], tokens[-1] + 1
+
+
+def squad_task(tokenizer, config, max_length: int) -> QATask:
+    if config.template or config.verbalizers:
+        raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/--verbalizers")
+    return QATask(tokenizer, config.data_dir, max_length, config.loss_on)

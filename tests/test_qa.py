@@ -1,0 +1,163 @@
+"""Generative QA (W4): SQuAD reader and its checks, official EM/F1, the prompt and answer-only labels,
+context windows around the answer (training) and without the answer (evaluation), end to end."""
+
+import json
+
+import pytest
+
+from peftlab import PeftlabError
+from peftlab.config import RunConfig
+from peftlab.data.squad import read_squad
+from peftlab.tasks import get_task
+from peftlab.tasks.completion import IGNORE
+from peftlab.tasks.qa import exact_match, f1_score, normalize_answer
+from peftlab.train import train
+
+FILLER = "Nothing of note happened on that day in the quiet town by the river."
+
+
+def squad_document(paragraphs):
+    """SQuAD v1.1 JSON with one article; paragraphs: [(context, [(id, question, answer_text), ...])]."""
+    data = []
+    for context, questions in paragraphs:
+        qas = [{"id": qid, "question": question, "answers": [{"text": answer, "answer_start": context.index(answer)}]}
+               for qid, question, answer in questions]
+        data.append({"context": context, "qas": qas})
+    return {"data": [{"title": "Test_article", "paragraphs": data}], "version": "1.1"}
+
+
+def write_squad(directory, train_paragraphs, validation_paragraphs) -> str:
+    folder = directory / "squad"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dev-split-train.json").write_text(json.dumps(squad_document(train_paragraphs)))
+    (folder / "dev-split-validation.json").write_text(json.dumps(squad_document(validation_paragraphs)))
+    return str(directory)
+
+
+def colour_paragraphs(count: int, offset: int = 0):
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    names = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivo", "Jo"]
+    return [(f"{names[(i + offset) % 10]} painted the door {colours[(i * 3 + offset) % 8]}.",
+             [(f"q{offset}-{i}", f"What colour did {names[(i + offset) % 10]} paint the door?", colours[(i * 3 + offset) % 8])])
+            for i in range(count)]
+
+
+def squad_config(data, **task):
+    config = RunConfig()
+    config.task.name, config.task.data_dir = "squad", data
+    for key, value in task.items():
+        setattr(config.task, key, value)
+    return config
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_official_normalisation():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("an apple, a pear and THE plum") == "apple pear and plum"
+    assert normalize_answer("  theatre  ") == "theatre"  # 'the' only as a whole word
+
+
+def test_exact_match_and_f1_by_hand():
+    assert exact_match("the Denver Broncos", ["Denver Broncos", "Broncos"]) == 1.0
+    assert exact_match("Denver", ["Denver Broncos"]) == 0.0
+    # prediction "denver broncos team" vs gold "denver broncos": common 2, P = 2/3, R = 1, F1 = 0.8
+    assert f1_score("Denver Broncos team", ["Denver Broncos"]) == pytest.approx(0.8)
+    # best over references: "broncos" vs "broncos" = 1.0
+    assert f1_score("Broncos", ["Denver Broncos", "Broncos"]) == pytest.approx(1.0)
+    assert f1_score("", ["Denver Broncos"]) == 0.0
+    assert f1_score("the", ["a"]) == 0.0  # both normalise to nothing: no common token (v1.1 definition)
+    # repeated tokens count once per occurrence: pred "a b b" vs gold "b b c" -> common 2, P = R = 2/3
+    assert f1_score("x y y", ["y y z"]) == pytest.approx(2 / 3)
+
+
+# --- reader --------------------------------------------------------------------------------------------------
+
+
+def test_reader_checks_every_answer(tmp_path):
+    data = write_squad(tmp_path, colour_paragraphs(3), colour_paragraphs(2, offset=5))
+    examples = read_squad("train", data)
+    assert len(examples) == 3 and examples[0].answers == ("red",) and examples[0].title == "Test_article"
+    path = tmp_path / "squad" / "dev-split-train.json"
+    document = json.loads(path.read_text())
+    document["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"] += 2
+    path.write_text(json.dumps(document))
+    with pytest.raises(PeftlabError, match=r"(?s)1 bad answer.*article 'Test_article', question q0-1: context\[23:29\] is 'llow.'"):
+        read_squad("train", data)
+    del document["data"][0]["paragraphs"][1]["context"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(PeftlabError, match="lacks a field"):
+        read_squad("train", data)
+    path.write_text("{not json")
+    with pytest.raises(PeftlabError, match="not valid JSON"):
+        read_squad("train", data)
+
+
+def test_the_official_file_names_are_accepted(tmp_path):
+    folder = tmp_path / "squad"
+    folder.mkdir()
+    (folder / "dev-v1.1.json").write_text(json.dumps(squad_document(colour_paragraphs(2))))
+    assert len(read_squad("validation", str(tmp_path))) == 2
+    with pytest.raises(PeftlabError, match="dev-split-train.json or train-v1.1.json"):
+        read_squad("train", str(tmp_path))
+
+
+# --- encoding ------------------------------------------------------------------------------------------------
+
+
+def test_prompt_format_and_answer_only_labels(gpt2_tokenizer, tmp_path):
+    data = write_squad(tmp_path, colour_paragraphs(4), colour_paragraphs(2, offset=5))
+    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    examples = task.encode("train")
+    text = gpt2_tokenizer.decode(examples[1].input_ids)
+    assert text == "Context: Ben painted the door yellow.\nQuestion: What colour did Ben paint the door?\nAnswer: yellow<|endoftext|>"
+    batch = task.collate(examples)
+    for row, example in enumerate(examples):
+        learned = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
+        assert gpt2_tokenizer.decode(learned) == " " + read_squad("train", data)[row].answers[0] + "<|endoftext|>"
+
+
+def test_long_training_contexts_keep_a_window_around_the_answer(gpt2_tokenizer, tmp_path):
+    long_context = " ".join([FILLER] * 20) + " The treasure is buried under the old oak. " + " ".join([FILLER] * 20)
+    question = [("t1", "Where is the treasure buried?", "under the old oak")]
+    data = write_squad(tmp_path, [(long_context, question)], [(long_context, question)])
+    task = get_task(squad_config(data, max_length=64).task, gpt2_tokenizer)
+    (example,) = task.encode("train")
+    assert example.length <= 64
+    text = gpt2_tokenizer.decode(example.input_ids)
+    prompt_context = text.split("\nQuestion:")[0]
+    assert "under the old oak" in prompt_context and text.endswith("Answer: under the old oak<|endoftext|>")
+    (evaluated,) = task.encode("validation")  # evaluation keeps the beginning: the answer is cut off
+    assert evaluated.length <= 64 and evaluated.target.reference.answer_cut
+    assert "under the old oak" not in gpt2_tokenizer.decode(evaluated.input_ids).split("\nQuestion:")[0]
+    assert task.answer_cut["validation"] == 1
+    tiny = get_task(squad_config(data, max_length=19).task, gpt2_tokenizer)  # no room for the 4 answer tokens
+    with pytest.raises(PeftlabError, match="all 1 skipped"):
+        tiny.encode("train")
+
+
+def test_answers_stop_at_eos_or_a_newline(gpt2_tokenizer, tmp_path):
+    data = write_squad(tmp_path, colour_paragraphs(2), colour_paragraphs(2))
+    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    newline_tokens = [gpt2_tokenizer.encode(text)[0] for text in ("\n", "\n\n")]
+    assert gpt2_tokenizer.eos_token_id in task.stop_ids and set(newline_tokens) <= task.stop_ids
+    assert gpt2_tokenizer.encode(" red")[0] not in task.stop_ids
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_path):
+    data = write_squad(tmp_path / "data", colour_paragraphs(40), colour_paragraphs(8, offset=3))
+    config = squad_config(data)
+    config.output_dir = str(tmp_path / "run")
+    config.model.name = tiny_model_dir
+    config.adapter.method = "full"
+    config.train.epochs, config.train.batch_size, config.train.lr, config.train.device = 3, 8, 1e-2, "cpu"
+    summary = train(config)
+    assert summary["select_metric"] == "f1" and summary["skipped_examples"] == {"train": 0, "validation": 0}
+    best = summary["best"]
+    assert 0 <= best["val_exact_match"] <= best["val_f1"] <= 100
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
