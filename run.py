@@ -1,10 +1,13 @@
 """Seed-compatible entry point of the course scripts: `python run.py gen|LoRA|distil <seed>`.
 
 Each mode runs one workload with sensible defaults on the default model (smollm2-135m, offline) through the
-same functions as the `peftlab` command. Extra arguments are passed on, e.g. `python run.py gen 23006 --stream`.
+same functions as the `peftlab` command. Extra arguments are passed on, e.g. `python run.py gen 23006 --stream`
+or `python run.py distil 23006 --teacher runs/X --augment 4`.
 """
 
+import argparse
 import sys
+from pathlib import Path
 
 from peftlab.cli import main
 
@@ -21,19 +24,35 @@ MODES = {
                           "--epochs", "3", "--batch-size", "32", "--lr", "5e-4", "--seed", seed,
                           "--output-dir", f"runs/LoRA-{seed}"],
 }
-PLANNED = {"distil": "distillation into an RNN (W2)"}
+
+
+def distil(seed: str, extra: list[str]) -> int:
+    """Distil a CoLA teacher into an LSTM student: the teacher of `--teacher RUN_DIR`, else runs/LoRA-<seed>,
+    trained first (the LoRA recipe) unless it is there already. Other extra options go to `peftlab distill`."""
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    options.add_argument("--teacher")
+    known, extra = options.parse_known_args(extra)
+    teacher = known.teacher
+    if teacher is None:
+        teacher = f"runs/LoRA-{seed}"
+        if not (Path(teacher) / "summary.json").is_file():
+            code = main(MODES["LoRA"](seed))
+            if code:
+                return code
+    return main(["distill", "--teacher", teacher, "--student", "lstm", "--epochs", "10", "--seed", seed,
+                 "--output-dir", f"runs/distil-{seed}"] + extra)
 
 
 def run(argv: list[str]) -> int:
+    modes = [*MODES, "distil"]
     if len(argv) < 2 or not argv[1].lstrip("-").isdigit():
-        print(f"usage: python run.py {{{'|'.join([*MODES, *PLANNED])}}} SEED [extra peftlab options]", file=sys.stderr)
+        print(f"usage: python run.py {{{'|'.join(modes)}}} SEED [extra peftlab options]", file=sys.stderr)
         return 2
     mode, seed, extra = argv[0], argv[1], argv[2:]
-    if mode in PLANNED:
-        print(f"run.py {mode}: {PLANNED[mode]} is not implemented yet in this version of peftlab", file=sys.stderr)
-        return 2
+    if mode == "distil":
+        return distil(seed, extra)
     if mode not in MODES:
-        print(f"run.py: unknown mode '{mode}': expected one of {', '.join([*MODES, *PLANNED])}", file=sys.stderr)
+        print(f"run.py: unknown mode '{mode}': expected one of {', '.join(modes)}", file=sys.stderr)
         return 2
     return main(MODES[mode](seed) + extra)
 

@@ -45,6 +45,25 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
 
+    distill = commands.add_parser(
+        "distill", help="distil a fine-tuned classifier run into a small RNN student (W2)",
+        description="Train a DistilRNN student (embedding -> RNN/GRU/LSTM -> linear) on the teacher run's task with "
+        "loss alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE; --alpha 0 is the student without distillation. "
+        "The run directory is an ordinary run: `peftlab eval` it, resume it with `peftlab train --resume RUN_DIR`.")
+    distill.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher: a classification run of `peftlab train`")
+    distill.add_argument("--output-dir", help="run directory (default: runs/distill-<teacher>; with --compare: a folder of runs)")
+    for option, (_, _, kind, text) in DISTILL_OPTIONS.items():
+        name = f"--{option.replace('_', '-')}"
+        if kind is bool:
+            distill.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            distill.add_argument(name, type=kind, choices=DISTILL_CHOICES.get(option), help=text)
+    distill.add_argument("--compare", action="store_true",
+                         help="train KD and no-KD students for --seeds seeds, evaluate them and the teacher, write one table")
+    distill.add_argument("--seeds", type=int, default=3, help="with --compare: seeds per student, from --seed on (default: 3)")
+    distill.add_argument("--dry-run", action="store_true", help="build the student, print its parameter count, stop")
+    distill.set_defaults(handler=_run_distill)
+
     evaluate = commands.add_parser(
         "eval", help="evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split",
         description="Evaluate a run's checkpoint on a split. Without RUN_DIR: the un-tuned model given by --model, "
@@ -139,6 +158,29 @@ TRAIN_OPTIONS = {
 }
 
 
+# `peftlab distill`: the student and the loss, then the training options that make sense for a student
+DISTILL_OPTIONS = {
+    "teacher_checkpoint": ("distill", "teacher_checkpoint", str, "the teacher's checkpoint: best | last (default: best)"),
+    "student": ("distill", "student", str, "rnn | gru | lstm (default: lstm)"),
+    "layers": ("distill", "layers", int, "stacked RNN layers (default: 1)"),
+    "hidden_size": ("distill", "hidden_size", int, "RNN state size per direction (default: 256)"),
+    "embedding_size": ("distill", "embedding_size", int, "token embedding size (default: 128)"),
+    "bidirectional": ("distill", "bidirectional", bool, "read both directions (default: yes)"),
+    "dropout": ("distill", "dropout", float, "dropout on embeddings, between layers, before the classifier (default: 0.2)"),
+    "alpha": ("distill", "alpha", float, "weight of the distillation term; 0 = no distillation (default: 0.5)"),
+    "temperature": ("distill", "temperature", float, "softmax temperature T of the distillation term (default: 2)"),
+    "augment": ("distill", "augment", int, "Tang et al. 2019 transfer set: N augmented copies per training sentence "
+                "(word masking, n-gram sampling; seeded), labelled by the teacher (default: 0)"),
+    "mask_probability": ("distill", "mask_probability", float, "augmentation: chance of masking a word (default: 0.1)"),
+    "ngram_probability": ("distill", "ngram_probability", float, "augmentation: chance of keeping an n-gram only (default: 0.25)"),
+    "epochs": ("train", "epochs", int, "epochs (default: 10)"),
+    "lr": ("train", "lr", float, "peak learning rate (default: 2e-3)"),
+} | {option: TRAIN_OPTIONS[option] for option in (
+    "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "seed", "eval_every",
+    "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
+DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm")}
+
+
 EVAL_BASE_OPTIONS = ("task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")
 
 
@@ -152,10 +194,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
 
 
-def _apply_options(config, args: argparse.Namespace, options) -> None:
-    """Set every given option of `options` (names in TRAIN_OPTIONS) on the run configuration."""
+def _apply_options(config, args: argparse.Namespace, options, table: dict = TRAIN_OPTIONS) -> None:
+    """Set every given option of `options` (names in `table`) on the run configuration."""
     for option in options:
-        section, name, kind, _ = TRAIN_OPTIONS[option]
+        section, name, kind, _ = table[option]
         value = getattr(args, option)
         if value is not None:
             if kind == "list":
@@ -202,6 +244,23 @@ def _run_eval(args: argparse.Namespace) -> None:
         config = RunConfig()
         _apply_options(config, args, EVAL_BASE_OPTIONS)
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config)
+
+
+def _run_distill(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftlab.distill import compare_students, distill, distill_config
+
+    config = distill_config(args.teacher, args.teacher_checkpoint or "best")
+    _apply_options(config, args, DISTILL_OPTIONS, DISTILL_OPTIONS)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    elif args.compare:
+        config.output_dir = f"runs/distill-compare-{Path(args.teacher).name}"
+    if args.compare:
+        compare_students(config, args.seeds)
+    else:
+        distill(config, dry_run=args.dry_run)
 
 
 def _run_export(args: argparse.Namespace) -> None:

@@ -66,12 +66,32 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation into a small student (W2); `peftlab distill` fills it from a teacher run."""
+
+    teacher: str = ""  # the teacher's run directory (a classification run); "" = not a distillation run
+    teacher_checkpoint: str = "best"  # best | last
+    student: str = "lstm"  # rnn | gru | lstm
+    layers: int = 1
+    hidden_size: int = 256  # per direction
+    embedding_size: int = 128
+    bidirectional: bool = True
+    dropout: float = 0.2
+    alpha: float = 0.5  # weight of the distillation term; 0 = the student learns from the labels only (no KD)
+    temperature: float = 2.0
+    augment: int = 0  # Tang et al. 2019 transfer set: augmented copies per training sentence, labelled by the teacher
+    mask_probability: float = 0.1  # augmentation: chance of masking each word
+    ngram_probability: float = 0.25  # augmentation: chance of keeping only a random n-gram (n = 1..5) of a copy
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -122,3 +122,27 @@ def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, Pat
     table = output / "report.md"
     write_text_atomic(table, runs_table(runs))
     return table, plot_validation_loss(runs, output / "val_loss.png")
+
+
+def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:
+    """Validation accuracy and MCC per model (mean over its runs, error bar = std), as grouped bars in one PNG."""
+    import statistics
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    width = 0.38
+    for offset, label, key in ((-width / 2, "accuracy", "accuracy"), (width / 2, "MCC", "mcc")):
+        values = [[run[key] for run in runs] for runs in results.values()]
+        means = [statistics.fmean(items) for items in values]
+        errors = [statistics.stdev(items) if len(items) > 1 else 0.0 for items in values]
+        axes.bar([index + offset for index in range(len(values))], means, width, yerr=errors, capsize=4, label=label)
+    axes.set_xticks(range(len(results)))
+    axes.set_xticklabels([name.replace(" (", "\n(") for name in results], fontsize=7)
+    axes.set_ylabel("validation score")
+    axes.set_title("teacher vs students (mean ± std over seeds)")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -128,6 +128,10 @@ def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torc
     from peftlab.models import load_model
     from peftlab.peft import apply_method
 
+    if config.distill.teacher:  # a distillation run trains a small student, not the teacher's transformer
+        from peftlab.students import build_student
+
+        return build_student(config.distill, task.vocabulary, task.num_labels).to(device)
     num_labels = getattr(task, "num_labels", 2)
     model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, num_labels=num_labels, dtype=dtype)
     adapter = config.adapter
@@ -144,6 +148,10 @@ def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Task,
     from peftlab.models import load_tokenizer
 
     task = get_task(config.task, load_tokenizer(config.model.name))
+    if config.distill.teacher:
+        from peftlab.distill import DistillationTask
+
+        task = DistillationTask(task, config)
     torch.manual_seed(config.train.seed)
     return task, build_model(config, task, device, torch.float32)
 
@@ -457,6 +465,7 @@ def load_run(run_dir: str, checkpoint: str = "best"):
     if not (run / "config.yaml").is_file():
         raise PeftlabError(f"{run} is not a run directory (no config.yaml)")
     config = load_config(run / "config.yaml")
+    config.output_dir = str(run)  # where the run is now, whatever path it was trained under
     directory = run / "checkpoints" / checkpoint
     if not directory.is_dir():
         raise PeftlabError(f"{run} has no checkpoint '{checkpoint}' (expected {directory})")
@@ -503,6 +512,9 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
     from peftlab.peft import export_merged, export_peft
 
     config, task, model = load_run(run_dir, checkpoint)
+    if config.distill.teacher:
+        raise PeftlabError(f"{run_dir} is a distilled student (DistilRNN), not a Hugging Face model: nothing to export; "
+                           "its checkpoints are safetensors + JSON already")
     if export_format == "peft":
         path = export_peft(model, output_dir, hf_reference(config.model.name))
     elif export_format == "merged":

@@ -1,0 +1,506 @@
+"""Knowledge distillation of a fine-tuned classifier (the teacher run) into a small RNN student (W2).
+
+A distillation run is an ordinary run of the one training engine whose config has a `distill` section:
+* the task is `DistillationTask`, wrapping the teacher's classification task: the same sentences and tokenizer,
+  with token ids renumbered into the student's own small vocabulary, and each training example carrying its
+  teacher logits;
+* the model is `peftlab.students.DistilRNN` (built by `train.build_model`);
+* the training loss is alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student, y),
+  averaged over examples (batchmean), in fp32.
+So checkpoints, resume, plots, metrics.jsonl, summary.json, `peftlab eval` and `load_run` work unchanged.
+
+Validation and test splits are scored against the gold labels (cross-entropy): a student is evaluated without
+its teacher, and val_loss compares KD and no-KD students. train_loss is the objective above.
+
+Teacher logits are computed once per (teacher checkpoint, data, split, inputs) and cached in the student's run
+directory: teacher_logits/<split>.safetensors, with the fingerprint they were computed for in <split>.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import shutil
+import statistics
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from peftlab.config import DistillConfig, RunConfig, load_config
+from peftlab.data import evenly_spaced
+from peftlab.errors import PeftlabError
+from peftlab.fileio import atomic_write_file, write_text_atomic
+from peftlab.students import RNN_KINDS
+from peftlab.tasks import Encoded, StepOutput
+from peftlab.tasks.classification import classification_metrics
+
+VOCABULARY_FILE = "student_vocabulary.json"
+CACHE_DIR = "teacher_logits"
+MAX_NGRAM = 5  # Tang et al. 2019 sample n-grams of n = 1..5 words
+CHECKPOINTS = ("best", "last")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student, labels), batchmean, fp32.
+
+    The KL divergence goes from the teacher's distribution to the student's (the teacher is the target).
+    T² keeps the soft term's gradients on the scale of the hard term's whatever T (Hinton et al. 2015).
+    """
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    # kl_div(input, target) = sum target · (log target − input): KL(teacher ‖ student), summed, / B.
+    soft = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The student's vocabulary
+
+
+@dataclass(frozen=True)
+class StudentVocabulary:
+    """The teacher-tokenizer ids that occur in the training sentences, renumbered from 2; every other id is
+    unknown. Keeps the student's embedding at a few thousand rows instead of the tokenizer's ~50k."""
+
+    teacher_ids: tuple[int, ...]  # student id = 2 + position
+    padding_id: ClassVar[int] = 0
+    unknown_id: ClassVar[int] = 1
+    FORMAT: ClassVar[str] = "peftlab-student-vocabulary"
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Encoded]) -> "StudentVocabulary":
+        return cls(tuple(sorted({token for example in examples for token in example.input_ids})))
+
+    @property
+    def size(self) -> int:
+        return len(self.teacher_ids) + 2
+
+    @cached_property
+    def _student_ids(self) -> dict[int, int]:
+        return {teacher_id: position + 2 for position, teacher_id in enumerate(self.teacher_ids)}
+
+    def encode(self, teacher_ids: Sequence[int]) -> list[int]:
+        return [self._student_ids.get(token, self.unknown_id) for token in teacher_ids]
+
+    def save(self, path: Path) -> None:
+        values = {"format": self.FORMAT, "padding_id": self.padding_id, "unknown_id": self.unknown_id,
+                  "teacher_ids": list(self.teacher_ids)}
+        write_text_atomic(path, json.dumps(values) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "StudentVocabulary":
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise PeftlabError(f"cannot read the student vocabulary {path}: {error}") from None
+        if not isinstance(values, dict) or values.get("format") != cls.FORMAT:
+            raise PeftlabError(f"{path}: not a student vocabulary (expected format '{cls.FORMAT}')")
+        return cls(tuple(values["teacher_ids"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation (Tang et al. 2019 transfer set, without the POS-guided replacement that needs a tagger)
+
+
+def augment_sentence(word_pieces: Sequence[Sequence[int]], generator: random.Random, mask_probability: float,
+                     ngram_probability: float, mask_id: int) -> list[int]:
+    """One augmented copy of a sentence given as the token ids of each of its words.
+
+    Each word becomes the single `mask_id` token with probability `mask_probability`; then, with probability
+    `ngram_probability`, only a random n-gram of n = 1..5 words is kept.
+    """
+    words = [[mask_id] if generator.random() < mask_probability else list(piece) for piece in word_pieces]
+    if generator.random() < ngram_probability:
+        n = generator.randint(1, min(MAX_NGRAM, len(words)))
+        start = generator.randrange(len(words) - n + 1)
+        words = words[start : start + n]
+    return [token for word in words for token in word]
+
+
+def augmented_copies(sentences: Sequence[Encoded], texts: Sequence[str], tokenizer, settings: DistillConfig,
+                     seed: int) -> list[Encoded]:
+    """`settings.augment` copies of every sentence (target: the source sentence's label), seeded by `seed`.
+
+    Words are tokenized one by one (with their leading space), so a masked word is exactly one token. The
+    teacher has no mask token: its unknown token (else end-of-text) stands in, which the student maps to its
+    own unknown id.
+    """
+    words = [text.split() for text in texts]
+    flat = [word if index == 0 else " " + word for sentence in words for index, word in enumerate(sentence)]
+    pieces = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+    word_pieces = [[next(pieces) for _ in sentence] for sentence in words]
+    mask_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+    generator = random.Random(seed)
+    copies = []
+    for number in range(1, settings.augment + 1):
+        for sentence, pieces_of_sentence in zip(sentences, word_pieces):
+            ids = augment_sentence(pieces_of_sentence, generator, settings.mask_probability,
+                                   settings.ngram_probability, mask_id)
+            copies.append(Encoded(ids, sentence.target, f"{sentence.origin} augmented {number}"))
+    return copies
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher logits, computed once and cached
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_fingerprint(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded]) -> dict:
+    """What the teacher's logits depend on: its checkpoint's tensors, the data files (from the examples' origins,
+    file:line), the split, and the exact inputs (augmented copies and --train-limit included)."""
+    checkpoint_files = sorted((Path(teacher) / "checkpoints" / checkpoint).glob("*.safetensors"))
+    data_files = sorted({Path(example.origin.rpartition(":")[0]) for example in examples})
+    inputs = json.dumps([example.input_ids for example in examples]).encode()
+    return {
+        "teacher_checkpoint": {path.name: file_sha256(path) for path in checkpoint_files},
+        "data_files": {path.name: file_sha256(path) for path in data_files},
+        "split": split,
+        "inputs_sha256": hashlib.sha256(inputs).hexdigest(),
+    }
+
+
+def compute_teacher_logits(teacher: Path, checkpoint: str, examples: Sequence[Encoded]) -> torch.Tensor:
+    """The teacher run's logits for teacher-tokenized examples: (N, num_labels), fp32, in the examples' order."""
+    from tqdm.auto import tqdm
+
+    from peftlab.train import load_run
+
+    config, task, model = load_run(str(teacher), checkpoint)
+    model.eval()
+    device = next(model.parameters()).device
+    batch_size = config.train.eval_batch_size
+    order = sorted(range(len(examples)), key=lambda index: examples[index].length)  # batches with little padding
+    logits = torch.empty(len(examples), task.num_labels)
+    with torch.inference_mode():
+        for offset in tqdm(range(0, len(order), batch_size), desc=f"teacher logits ({len(examples)} sentences)",
+                           leave=False, dynamic_ncols=True, mininterval=2.0):
+            indices = order[offset : offset + batch_size]
+            batch = task.collate([examples[index] for index in indices])
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            logits[indices] = output.float().cpu()  # (b, C)
+    return logits
+
+
+def teacher_logits(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded], cache_dir: Path) -> torch.Tensor:
+    """The teacher's logits for `examples` (N, num_labels): read from `cache_dir` when they were computed for the
+    same fingerprint (`cache_fingerprint`), else computed and cached (safetensors + the fingerprint as JSON)."""
+    read_teacher_config(str(teacher), checkpoint)  # a clear error for a missing or unfit teacher
+    fingerprint = cache_fingerprint(teacher, checkpoint, split, examples)
+    tensors_path, fingerprint_path = cache_dir / f"{split}.safetensors", cache_dir / f"{split}.json"
+    cached = _read_cache(tensors_path, fingerprint_path, fingerprint, len(examples))
+    if cached is not None:
+        return cached
+    logits = compute_teacher_logits(teacher, checkpoint, examples)
+    fingerprint_path.unlink(missing_ok=True)  # written last: a crash in between leaves no valid-looking cache
+    atomic_write_file(tensors_path, lambda path: save_file({"teacher_logits": logits.contiguous()}, path))
+    write_text_atomic(fingerprint_path, json.dumps(fingerprint, indent=2) + "\n")
+    return logits
+
+
+def _read_cache(tensors_path: Path, fingerprint_path: Path, fingerprint: dict, rows: int) -> torch.Tensor | None:
+    try:
+        if json.loads(fingerprint_path.read_text()) != fingerprint:
+            return None
+        logits = load_file(tensors_path)["teacher_logits"]
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return None
+    return logits if logits.shape[0] == rows else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task
+
+
+@dataclass(frozen=True)
+class DistillTarget:
+    label: int  # the gold label; for an augmented copy, the teacher's prediction
+    teacher_logits: tuple[float, ...] | None  # None where the loss needs no teacher (evaluation, no-KD training)
+
+
+def needs_teacher(settings: DistillConfig) -> bool:
+    """Whether training needs teacher logits: soft targets (alpha > 0) or teacher-labelled augmented copies."""
+    return settings.alpha > 0 or settings.augment > 0
+
+
+class DistillationTask:
+    """The teacher's classification task seen by a student: same sentences and labels, student token ids,
+    and for training the teacher's logits and the distillation loss."""
+
+    model_task = "classification"
+
+    def __init__(self, base, config: RunConfig):
+        check_settings(config)
+        if base.model_task != "classification" or not hasattr(base, "label_names"):
+            raise PeftlabError(f"distillation needs a classification task; {base.name} here is {base.model_task}")
+        self.base, self.config = base, config
+        self.name, self.test_split = base.name, base.test_split
+        self.select_metric_default = base.select_metric_default
+        self.run_dir = Path(config.output_dir)
+        path = self.run_dir / VOCABULARY_FILE
+        self.vocabulary = StudentVocabulary.load(path) if path.is_file() else StudentVocabulary.from_examples(self._sentences())
+        print(f"Student vocabulary: {self.vocabulary.size - 2:,} of the teacher tokenizer's {len(base.tokenizer):,} "
+              "tokens (those in the training sentences) + padding + unknown")
+
+    @property
+    def num_labels(self) -> int:
+        return self.base.num_labels
+
+    def _sentences(self) -> list[Encoded]:
+        """The training sentences the student learns from (--train-limit applied here, before augmentation)."""
+        return evenly_spaced(self.base.encode("train"), self.config.task.train_limit)
+
+    def encode(self, split: str) -> list[Encoded]:
+        if split != "train":
+            return [self._student_example(example, example.target, None) for example in self.base.encode(split)]
+        sentences = self._sentences()
+        if not (self.run_dir / VOCABULARY_FILE).is_file():
+            self.vocabulary.save(self.run_dir / VOCABULARY_FILE)
+        settings = self.config.distill
+        examples = sentences + self._augmented_copies(sentences)
+        if not needs_teacher(settings):
+            return [self._student_example(example, example.target, None) for example in examples]
+        teacher_model = read_teacher_config(settings.teacher, settings.teacher_checkpoint).model.name
+        if teacher_model != self.config.model.name:
+            raise PeftlabError(f"the student's model.name '{self.config.model.name}' must be its teacher's, "
+                               f"'{teacher_model}': the student reads the teacher tokenizer's ids")
+        logits = teacher_logits(Path(settings.teacher), settings.teacher_checkpoint, "train", examples,
+                                self.run_dir / CACHE_DIR)
+        # Augmented copies have no gold label: the teacher's prediction is theirs.
+        labels = [example.target for example in sentences] + logits[len(sentences):].argmax(-1).tolist()
+        return [self._student_example(example, label, tuple(row))
+                for example, label, row in zip(examples, labels, logits.tolist())]
+
+    def _augmented_copies(self, sentences: list[Encoded]) -> list[Encoded]:
+        if not self.config.distill.augment:
+            return []
+        texts = {example.origin: example.text for example in self.base.read_split("train")}
+        return augmented_copies(sentences, [texts[example.origin] for example in sentences], self.base.tokenizer,
+                                self.config.distill, self.config.train.seed)
+
+    def _student_example(self, example: Encoded, label: int, logits: tuple[float, ...] | None) -> Encoded:
+        return Encoded(self.vocabulary.encode(example.input_ids), DistillTarget(label, logits), example.origin)
+
+    def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-pad with the student's padding id; teacher logits when the examples carry them."""
+        width = max(example.length for example in examples)
+        input_ids = torch.full((len(examples), width), self.vocabulary.padding_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            input_ids[row, : example.length] = torch.tensor(example.input_ids)
+            attention_mask[row, : example.length] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": torch.tensor([example.target.label for example in examples], dtype=torch.long)}
+        if examples[0].target.teacher_logits is not None:
+            batch["teacher_logits"] = torch.tensor([example.target.teacher_logits for example in examples])
+        return batch
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, C)
+        labels = batch["labels"]
+        if "teacher_logits" in batch:
+            settings = self.config.distill
+            mean = distillation_loss(logits, batch["teacher_logits"], labels, settings.alpha, settings.temperature)
+            loss_sum = mean * len(labels)  # the engine divides by the examples of the whole step
+        else:
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        predictions = logits.argmax(-1)
+        return StepOutput(loss_sum, len(labels), predictions.tolist(), int((predictions == labels).sum()))
+
+    def metrics(self, predictions: list, examples: Sequence[Encoded]) -> dict:
+        return classification_metrics(predictions, [example.target.label for example in examples], self.base.label_names)
+
+    def format_metrics(self, metrics: dict) -> str:
+        return self.base.format_metrics(metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def read_teacher_config(teacher: str, checkpoint: str = "best") -> RunConfig:
+    """The teacher run's config, after checking that it is a finished classification run with that checkpoint."""
+    run = Path(teacher)
+    if not (run / "config.yaml").is_file():
+        raise PeftlabError(
+            f"teacher run {run} not found (expected a run directory with config.yaml). Fix: train a teacher first, "
+            "e.g. `peftlab train --task cola` or `python run.py LoRA SEED`, and pass its directory to --teacher"
+        )
+    config = load_config(run / "config.yaml")
+    if config.distill.teacher:
+        raise PeftlabError(f"teacher {run} is itself a distilled student; give the fine-tuned transformer's run")
+    from peftlab.tasks import TASKS
+
+    objective = config.task.objective or TASKS.get(config.task.name, "")
+    if objective != "classification":
+        raise PeftlabError(
+            f"teacher {run} is a {config.task.name} run with objective '{objective}'; distillation needs a classification "
+            "run (a classifier head, e.g. `peftlab train --task cola`)"
+        )
+    if not any((run / "checkpoints" / checkpoint).glob("*.safetensors")):
+        raise PeftlabError(f"teacher {run} has no checkpoint '{checkpoint}' (expected {run / 'checkpoints' / checkpoint}); "
+                           "did its training finish an epoch?")
+    return config
+
+
+def check_settings(config: RunConfig) -> None:
+    """Clear errors for distillation settings that cannot work."""
+    settings = config.distill
+    checks = [
+        (settings.student in RNN_KINDS, f"student must be one of {', '.join(RNN_KINDS)}, got '{settings.student}'"),
+        (settings.layers >= 1, f"student layers must be >= 1, got {settings.layers}"),
+        (settings.hidden_size >= 1, f"student hidden size must be >= 1, got {settings.hidden_size}"),
+        (settings.embedding_size >= 1, f"student embedding size must be >= 1, got {settings.embedding_size}"),
+        (0 <= settings.dropout < 1, f"student dropout must be in [0, 1), got {settings.dropout}"),
+        (0 <= settings.alpha <= 1, f"distillation alpha must be in [0, 1], got {settings.alpha}"),
+        (settings.temperature > 0, f"temperature must be > 0, got {settings.temperature}"),
+        (settings.augment >= 0, f"--augment must be >= 0 copies, got {settings.augment}"),
+        (0 <= settings.mask_probability <= 1, f"mask probability must be in [0, 1], got {settings.mask_probability}"),
+        (0 <= settings.ngram_probability <= 1, f"n-gram probability must be in [0, 1], got {settings.ngram_probability}"),
+        (settings.teacher_checkpoint in CHECKPOINTS,
+         f"teacher checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{settings.teacher_checkpoint}'"),
+        (config.adapter.method == "full",
+         f"a distilled student trains all its weights: adapter.method must be 'full', got '{config.adapter.method}'"),
+        (not (settings.augment and config.task.train_limit),
+         "--train-limit would cut the augmented copies out of the training set; use it with --augment 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PeftlabError(message)
+
+
+def distill_config(teacher: str, checkpoint: str = "best") -> RunConfig:
+    """A student run's configuration with the defaults of `peftlab distill`: the teacher's model (for its
+    tokenizer) and task (same data), a DistilRNN trained for 10 epochs at lr 2e-3; change any field after."""
+    teacher_config = read_teacher_config(teacher, checkpoint)
+    config = RunConfig(output_dir=f"runs/distill-{Path(teacher).name}")
+    config.model = copy.deepcopy(teacher_config.model)
+    config.task = copy.deepcopy(teacher_config.task)
+    config.adapter.method = "full"
+    config.train.epochs, config.train.lr = 10, 2e-3
+    config.train.device = teacher_config.train.device
+    config.distill = DistillConfig(teacher=teacher, teacher_checkpoint=checkpoint)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and comparing
+
+
+def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
+    """Train the student a run configuration describes (see `distill_config`); returns the run's summary."""
+    from peftlab.train import train
+
+    if not config.distill.teacher:
+        raise PeftlabError("no teacher: set distill.teacher to the teacher's run directory (peftlab distill --teacher RUN_DIR)")
+    return train(config, resume=resume, stop_after_epoch=stop_after_epoch, dry_run=dry_run)
+
+
+def compare_students(config: RunConfig, seeds: int = 3) -> Path:
+    """Teacher vs KD student vs no-KD student, over `seeds` seeds (the config's seed, +1, ...).
+
+    Trains the students not trained yet into <output_dir>/kd-seed<S> and <output_dir>/no-kd-seed<S> (the no-KD
+    student: alpha 0, no augmentation), evaluates the teacher and every student's best checkpoint on the validation
+    split, prints one table and writes it to <output_dir>/comparison.md (plot: comparison.png). Returns the table's path.
+    """
+    from peftlab.report import plot_comparison
+
+    if seeds < 1:
+        raise PeftlabError(f"--seeds must be >= 1, got {seeds}")
+    folder = Path(config.output_dir)
+    settings, batch_size = config.distill, config.train.eval_batch_size
+    teacher = evaluate_checkpoint(settings.teacher, settings.teacher_checkpoint, batch_size)
+    kd_name = f"KD student ({settings.student}, alpha {settings.alpha:g}, T {settings.temperature:g}, augment {settings.augment})"
+    no_kd_name = f"no-KD student ({settings.student}, alpha 0)"
+    results = {f"teacher {Path(settings.teacher).name} ({config.model.name})": [teacher], kd_name: [], no_kd_name: []}
+    first_kd_run = Path(_seed_config(config, config.train.seed, "kd").output_dir)
+    for seed in range(config.train.seed, config.train.seed + seeds):
+        for name, kind in ((kd_name, "kd"), (no_kd_name, "no-kd")):
+            run_config = _seed_config(config, seed, kind)
+            if kind == "kd":
+                _share_teacher_logits(first_kd_run, Path(run_config.output_dir))
+            print(f"{run_config.output_dir}:", flush=True)
+            _train_unless_done(run_config)
+            results[name].append(evaluate_checkpoint(run_config.output_dir, "best", batch_size))
+    table = comparison_table(results)
+    path, plot = folder / "comparison.md", folder / "comparison.png"
+    write_text_atomic(path, table)
+    plot_comparison(results, plot)
+    print(f"\n{table}\ntable: {path}\nplot: {plot}")
+    return path
+
+
+def _seed_config(config: RunConfig, seed: int, kind: str) -> RunConfig:
+    run_config = copy.deepcopy(config)
+    run_config.train.seed = seed
+    run_config.output_dir = str(Path(config.output_dir) / f"{kind}-seed{seed}")
+    if kind == "no-kd":
+        run_config.distill.alpha, run_config.distill.augment = 0.0, 0
+    return run_config
+
+
+def _share_teacher_logits(source_run: Path, target_run: Path) -> None:
+    """Seed a run's logit cache with another run's; its fingerprint decides whether the copy is used."""
+    source, target = source_run / CACHE_DIR, target_run / CACHE_DIR
+    if source_run != target_run and source.is_dir() and not target.exists():
+        shutil.copytree(source, target)
+
+
+def _train_unless_done(config: RunConfig) -> None:
+    from peftlab.sweep import _state as run_state
+    from peftlab.train import train
+
+    state = run_state(config)
+    if state != "new" and load_config(Path(config.output_dir) / "config.yaml").to_dict() != config.to_dict():
+        raise PeftlabError(f"{config.output_dir} was trained with another configuration; choose another --output-dir")
+    if state != "done":
+        train(config, resume=state == "resume")
+
+
+def evaluate_checkpoint(run_dir: str, checkpoint: str, batch_size: int) -> dict:
+    """Validation metrics, inference speed (examples_per_second) and parameter count of a run's checkpoint."""
+    from peftlab.models import count_parameters
+    from peftlab.train import evaluate, load_run
+
+    _, task, model = load_run(run_dir, checkpoint)
+    metrics = evaluate(model, task, task.encode("validation"), batch_size)
+    return metrics | {"parameters": count_parameters(model)}
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def comparison_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: a row per model (the first is the reference for the speed-up) with mean ± std over its runs."""
+    lines = ["| model | runs | parameters | accuracy | MCC | sentences/s | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    reference = None
+    for name, runs in results.items():
+        speed = statistics.fmean(run["examples_per_second"] for run in runs)
+        reference = reference or speed
+        lines.append(f"| {name} | {len(runs)} | {runs[0]['parameters']:,} | {_mean_std([run['accuracy'] for run in runs])} | "
+                     f"{_mean_std([run['mcc'] for run in runs])} | {speed:,.1f} | {speed / reference:.1f}× |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,319 @@
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from test_train import read_rows, tiny_config, write_cola
+
+from peftlab import PeftlabError
+from peftlab import distill as distill_module
+from peftlab.cli import main
+from peftlab.config import RunConfig, save_config
+from peftlab.distill import (
+    CACHE_DIR,
+    VOCABULARY_FILE,
+    StudentVocabulary,
+    augment_sentence,
+    compare_students,
+    distill,
+    distill_config,
+    distillation_loss,
+    teacher_logits,
+)
+from peftlab.models import count_parameters
+from peftlab.students import DistilRNN, build_student
+from peftlab.tasks import Encoded
+from peftlab.train import evaluate_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_model_dir, tmp_path_factory):
+    """A tiny GPT-2 LoRA classifier trained for one epoch on synthetic CoLA: (run directory, data directory)."""
+    root = tmp_path_factory.mktemp("teacher")
+    data = write_cola(root / "data", train_rows=48, dev_rows=24)
+    train(tiny_config(tiny_model_dir, data, root / "teacher", epochs=1))
+    return str(root / "teacher"), data
+
+
+def student_config(teacher: str, output_dir, **settings) -> RunConfig:
+    config = distill_config(teacher)
+    config.output_dir = str(output_dir)
+    config.train.epochs, config.train.batch_size, config.train.device = 2, 16, "cpu"
+    config.distill.embedding_size, config.distill.hidden_size = 8, 8
+    for key, value in settings.items():
+        setattr(config.distill, key, value)
+    return config
+
+
+def count_teacher_calls(monkeypatch) -> list[int]:
+    """Wrap the teacher's forward passes; returns the list of example counts, one per computation."""
+    calls = []
+    original = distill_module.compute_teacher_logits
+
+    def counted(teacher, checkpoint, examples):
+        calls.append(len(examples))
+        return original(teacher, checkpoint, examples)
+
+    monkeypatch.setattr(distill_module, "compute_teacher_logits", counted)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss
+
+
+STUDENT = torch.tensor([[0.0, 0.0], [2 * math.log(3), 0.0]])  # T = 2: softmax(s/T) = [1/2, 1/2], [3/4, 1/4]
+TEACHER = torch.tensor([[2 * math.log(3), 0.0], [0.0, 0.0]])  # T = 2: softmax(t/T) = [3/4, 1/4], [1/2, 1/2]
+LABELS = torch.tensor([0, 1])
+KL_TEACHER_STUDENT = ((0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
+                      + (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))) / 2  # batchmean
+# CE at T = 1: row 1 softmax [1/2, 1/2], label 0; row 2 softmax [9/10, 1/10], label 1.
+CROSS_ENTROPY = (-math.log(0.5) - math.log(0.1)) / 2
+
+
+def test_distillation_loss_matches_the_hand_computed_value():
+    loss = distillation_loss(STUDENT, TEACHER, LABELS, alpha=0.5, temperature=2.0)
+    assert loss.item() == pytest.approx(0.5 * 4 * KL_TEACHER_STUDENT + 0.5 * CROSS_ENTROPY, rel=1e-6)
+    assert loss.dtype == torch.float32
+    assert distillation_loss(STUDENT.bfloat16(), TEACHER.bfloat16(), LABELS, 0.5, 2.0).dtype == torch.float32
+
+
+def test_alpha_zero_is_cross_entropy_and_alpha_one_is_t_squared_kl():
+    assert distillation_loss(STUDENT, TEACHER, LABELS, 0.0, 2.0).item() == pytest.approx(CROSS_ENTROPY, rel=1e-6)
+    assert distillation_loss(STUDENT, TEACHER, LABELS, 0.0, 2.0).item() == pytest.approx(
+        F.cross_entropy(STUDENT, LABELS).item(), rel=1e-6)
+    assert distillation_loss(STUDENT, TEACHER, LABELS, 1.0, 2.0).item() == pytest.approx(4 * KL_TEACHER_STUDENT, rel=1e-6)
+    # T = 1: no scaling, the plain KL of the unscaled distributions (student [1/2, 1/2], [9/10, 1/10]).
+    kl_at_1 = ((0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) + (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))) / 2
+    assert distillation_loss(STUDENT, TEACHER, LABELS, 1.0, 1.0).item() == pytest.approx(kl_at_1, rel=1e-6)
+
+
+def test_kl_goes_from_the_teacher_to_the_student():
+    # One example, T = 2: teacher p = [3/4, 1/4], student q = [1/2, 1/2]; KL(p ‖ q) != KL(q ‖ p).
+    teacher_to_student = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    student_to_teacher = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    loss = distillation_loss(STUDENT[:1], TEACHER[:1], LABELS[:1], alpha=1.0, temperature=2.0).item()
+    assert loss / 4 == pytest.approx(teacher_to_student, rel=1e-6)
+    assert abs(teacher_to_student - student_to_teacher) > 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Student and vocabulary
+
+
+def test_vocabulary_keeps_training_tokens_and_maps_the_rest_to_unknown(tmp_path):
+    vocabulary = StudentVocabulary.from_examples([Encoded([50, 9, 50], 0, "f:1"), Encoded([7000], 1, "f:2")])
+    assert vocabulary.teacher_ids == (9, 50, 7000) and vocabulary.size == 5
+    assert vocabulary.encode([50, 9, 123, 7000]) == [3, 2, StudentVocabulary.unknown_id, 4]
+    vocabulary.save(tmp_path / "vocabulary.json")
+    assert StudentVocabulary.load(tmp_path / "vocabulary.json") == vocabulary
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(PeftlabError, match="not a student vocabulary"):
+        StudentVocabulary.load(tmp_path / "bad.json")
+
+
+def test_student_parameter_count_and_padding_invariance():
+    torch.manual_seed(0)
+    model = DistilRNN(vocab_size=10, num_labels=2, kind="gru", embedding_size=4, hidden_size=3, layers=2,
+                      bidirectional=True)
+    gru_layer_1 = 2 * 3 * (3 * 4 + 3 * 3 + 2 * 3)  # 2 directions · 3 gates · (W_ih + W_hh + two biases)
+    gru_layer_2 = 2 * 3 * (3 * 6 + 3 * 3 + 2 * 3)  # input: both directions of layer 1
+    assert count_parameters(model) == 10 * 4 + gru_layer_1 + gru_layer_2 + (6 * 2 + 2)
+    for kind in ("rnn", "gru", "lstm"):
+        model = DistilRNN(10, 2, kind, 4, 3, layers=2, bidirectional=True).eval()
+        alone = model(torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long))
+        padded = model(torch.tensor([[6, 7, 8, 9, 2], [3, 4, 5, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+        torch.testing.assert_close(padded[1:], alone)  # padding never reaches the state, in either direction
+
+
+def test_augmentation_masks_words_and_samples_ngrams_reproducibly():
+    words = [[10], [11, 12], [13], [14], [15], [16], [17]]
+    everything_masked = augment_sentence(words, random.Random(0), 1.0, 0.0, mask_id=99)
+    assert everything_masked == [99] * 7  # one mask token per word, however many tokens the word had
+    assert augment_sentence(words, random.Random(0), 0.0, 0.0, 99) == [10, 11, 12, 13, 14, 15, 16, 17]
+    flat = " ".join(map(str, [10, 11, 12, 13, 14, 15, 16, 17]))
+    for seed in range(20):
+        ngram = augment_sentence(words, random.Random(seed), 0.0, 1.0, 99)
+        assert 1 <= len(ngram) <= 6 and " ".join(map(str, ngram)) in flat  # a contiguous run of 1..5 whole words
+    assert augment_sentence(words, random.Random(3), 0.3, 0.5, 99) == augment_sentence(words, random.Random(3), 0.3, 0.5, 99)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher-logit cache
+
+
+def test_teacher_logits_are_cached_until_the_teacher_or_the_data_change(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    save_config(RunConfig(output_dir=str(teacher)), teacher / "config.yaml")
+    weights = teacher / "checkpoints" / "best" / "peftlab_adapter.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file({"score.weight": torch.zeros(2, 4)}, weights)
+    data = tmp_path / "in_domain_train.tsv"
+    data.write_text("src\t1\t\tThe cat sat.\nsrc\t0\t*\tCat the.\n")
+    examples = [Encoded([464, 3797, 3332], 1, f"{data}:1"), Encoded([21979, 262], 0, f"{data}:2")]
+    calls = []
+
+    def fake_teacher(teacher_dir, checkpoint, batch):
+        calls.append(len(batch))
+        return torch.full((len(batch), 2), float(len(calls)))
+
+    monkeypatch.setattr(distill_module, "compute_teacher_logits", fake_teacher)
+    cache = tmp_path / "run" / CACHE_DIR
+    first = teacher_logits(teacher, "best", "train", examples, cache)
+    assert torch.equal(teacher_logits(teacher, "best", "train", examples, cache), first) and calls == [2]
+    fingerprint = json.loads((cache / "train.json").read_text())
+    assert fingerprint["split"] == "train" and set(fingerprint["data_files"]) == {"in_domain_train.tsv"}
+    assert (cache / "train.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a length, then a JSON header
+
+    save_file({"score.weight": torch.ones(2, 4)}, weights)  # a retrained teacher
+    assert teacher_logits(teacher, "best", "train", examples, cache)[0, 0] == 2 and len(calls) == 2
+    data.write_text("src\t1\t\tThe cat sat down.\nsrc\t0\t*\tCat the.\n")  # changed data
+    teacher_logits(teacher, "best", "train", examples, cache)
+    teacher_logits(teacher, "best", "train", examples[:1], cache)  # other inputs (e.g. augmentation)
+    assert len(calls) == 4
+    teacher_logits(teacher, "best", "validation", examples, cache)  # another split has its own cache file
+    teacher_logits(teacher, "best", "train", examples[:1], cache)
+    assert len(calls) == 5 and (cache / "validation.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end on a tiny teacher
+
+
+def test_distill_run_is_an_ordinary_run_that_reloads_exactly(teacher_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from peftlab.models import load_tokenizer
+
+    teacher, data = teacher_run
+    calls = count_teacher_calls(monkeypatch)
+    config = student_config(teacher, tmp_path / "student", augment=1)
+    distill(config, stop_after_epoch=1)
+    distill(config, resume=True)
+    assert calls == [2 * 48]  # sentences + one augmented copy each, computed once: the resumed run read the cache
+    out = capsys.readouterr().out
+    assert "Train Epoch: [1/2], Loss:" in out and "Val Epoch: [2/2], Loss:" in out and "MCC:" in out
+    run = tmp_path / "student"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/accuracy.png",
+                 "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors",
+                 VOCABULARY_FILE, f"{CACHE_DIR}/train.safetensors", f"{CACHE_DIR}/train.json"):
+        assert (run / name).is_file(), name
+    rows = read_rows(run)
+    assert [row["epoch"] for row in rows] == [1, 2] and sum(rows[-1]["val_predicted_counts"].values()) == 24
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_examples"] == 96
+
+    # The vocabulary: the teacher tokenizer's ids of the training sentences, nothing else.
+    tokenizer = load_tokenizer(tiny_model_dir)
+    sentences = [line.split("\t")[3] for line in (Path(data) / "cola/in_domain_train.tsv").read_text().splitlines()]
+    vocabulary = StudentVocabulary.load(run / VOCABULARY_FILE)
+    token_ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    assert vocabulary.teacher_ids == tuple(sorted({token for ids in token_ids for token in ids}))
+    student = build_student(config.distill, vocabulary, 2)
+    assert summary["parameters"]["total"] == count_parameters(student) == summary["parameters"]["trainable"]
+    assert student.embedding.num_embeddings == len(vocabulary.teacher_ids) + 2 < 100  # not 50257 rows
+
+    # Reloading the run (`peftlab eval`, load_run) reproduces the metrics recorded at training time.
+    best = summary["best"]
+    again = evaluate_run(str(run), "validation", "best")
+    assert again["mcc"] == pytest.approx(best["val_mcc"], abs=1e-9)
+    assert again["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert again["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert main(["eval", str(run), "--checkpoint", "last"]) == 0
+    assert f"{rows[-1]['val_accuracy']:.4f}" in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "export")]) == 2
+    assert "distilled student" in capsys.readouterr().err
+
+
+def test_compare_prints_one_table_over_seeds(teacher_run, tmp_path, monkeypatch, capsys):
+    teacher, _ = teacher_run
+    calls = count_teacher_calls(monkeypatch)
+    config = student_config(teacher, tmp_path / "compare")
+    config.train.epochs = 1
+    table_path = compare_students(config, seeds=2)
+    assert len(calls) == 1  # the second KD run reused the first one's teacher logits; no-KD runs need none
+    table = table_path.read_text()
+    lines = table.splitlines()
+    assert len(lines) == 5 and "| parameters | accuracy | MCC | sentences/s |" in lines[0]
+    assert lines[2].startswith("| teacher teacher (") and "| 1 |" in lines[2] and "| 1.0× |" in lines[2]
+    assert lines[3].startswith("| KD student (lstm, alpha 0.5") and "| 2 |" in lines[3] and lines[3].count("±") == 2
+    assert lines[4].startswith("| no-KD student (lstm, alpha 0)") and lines[4].count("±") == 2
+    assert table in capsys.readouterr().out and (tmp_path / "compare/comparison.png").is_file()
+    for run in ("kd-seed0", "kd-seed1", "no-kd-seed0", "no-kd-seed1"):
+        assert (tmp_path / "compare" / run / "summary.json").is_file()
+    assert not (tmp_path / "compare/no-kd-seed0" / CACHE_DIR).exists()
+    assert "alpha: 0.0" in (tmp_path / "compare/no-kd-seed1/config.yaml").read_text()
+    # Finished runs are reused: a second comparison only evaluates (same numbers; the speeds are measured anew).
+    monkeypatch.setattr("peftlab.train.train", lambda *args, **kwargs: pytest.fail("trained again"))
+    again = compare_students(config, seeds=2).read_text().splitlines()
+    assert [line.split("|")[:6] for line in again] == [line.split("|")[:6] for line in lines]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors and entry points
+
+
+def test_bad_teachers_and_settings_are_clear_errors(teacher_run, tmp_path, capsys):
+    teacher, _ = teacher_run
+    with pytest.raises(PeftlabError, match="teacher run .*missing.* not found"):
+        distill_config(str(tmp_path / "missing"))
+    instruct = RunConfig(output_dir=str(tmp_path / "rt"))
+    instruct.task.name = "rotten_tomatoes"
+    save_config(instruct, tmp_path / "rt" / "config.yaml")
+    with pytest.raises(PeftlabError, match="objective 'instruct'; distillation needs a classification run"):
+        distill_config(str(tmp_path / "rt"))
+    with pytest.raises(PeftlabError, match="has no checkpoint 'nope'"):
+        distill_config(teacher, "nope")
+    for setting, value, message in (("alpha", 1.5, "alpha must be in"), ("student", "transformer", "student must be one of"),
+                                    ("temperature", 0.0, "temperature must be > 0")):
+        config = student_config(teacher, tmp_path / "bad", **{setting: value})
+        with pytest.raises(PeftlabError, match=message):
+            distill(config, dry_run=True)
+    config = student_config(teacher, tmp_path / "bad", augment=2)
+    config.task.train_limit = 10
+    with pytest.raises(PeftlabError, match="--train-limit would cut the augmented copies"):
+        distill(config, dry_run=True)
+    assert main(["distill", "--teacher", str(tmp_path / "missing")]) == 2
+    assert "teacher run" in capsys.readouterr().err
+    assert main(["distill", "--teacher", teacher, "--student", "gru", "--hidden-size", "8", "--embedding-size", "8",
+                 "--no-bidirectional", "--device", "cpu", "--output-dir", str(tmp_path / "dry"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = int(out.split("Student vocabulary: ")[1].split(" ")[0]) + 2  # + padding, unknown
+    gru = 3 * (8 * 8 + 8 * 8 + 2 * 8)  # one direction, 3 gates
+    assert f"Trainable parameters: 0.00M ({rows * 8 + gru + 8 * 2 + 2:,})" in out
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+
+
+def test_run_py_distil_trains_a_teacher_only_when_none_is_given(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_script", REPO / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(script, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.chdir(tmp_path)
+
+    assert script.run(["distil", "23006", "--augment", "2"]) == 0
+    assert calls[0][:3] == ["train", "--task", "cola"] and calls[0][-2:] == ["--output-dir", "runs/LoRA-23006"]
+    assert calls[1][:3] == ["distill", "--teacher", "runs/LoRA-23006"]
+    assert calls[1][calls[1].index("--seed") + 1] == "23006" and calls[1][-2:] == ["--augment", "2"]
+
+    calls.clear()
+    assert script.run(["distil", "7", "--teacher", "runs/X", "--alpha", "0"]) == 0
+    assert len(calls) == 1 and calls[0][:3] == ["distill", "--teacher", "runs/X"] and calls[0][-2:] == ["--alpha", "0"]
+    calls.clear()
+    assert script.run(["distil", "7", "--teacher=runs/Y"]) == 0 and calls[0][2] == "runs/Y"
+
+    calls.clear()
+    (tmp_path / "runs/LoRA-5").mkdir(parents=True)
+    (tmp_path / "runs/LoRA-5/summary.json").write_text("{}")  # a finished teacher is reused
+    assert script.run(["distil", "5"]) == 0 and len(calls) == 1 and calls[0][2] == "runs/LoRA-5"
+
+    calls.clear()
+    monkeypatch.setattr(script, "main", lambda argv: calls.append(argv) or 2)
+    assert script.run(["distil", "6"]) == 2 and len(calls) == 1  # the teacher failed: no distillation
+    assert script.run(["distil"]) == 2
