@@ -126,7 +126,7 @@ TRAIN_OPTIONS = {
                  "with {text} (\\n = newline); default: the task's first"),
     "verbalizers": ("task", "verbalizers", "list", "instruct: comma-separated answer text per label, in label order "
                     "(default: the label names)"),
-    "loss_on": ("task", "loss_on", str, "instruct: learn the answer tokens only, or all tokens: answer | all "
+    "loss_on": ("task", "loss_on", str, "instruct, qa: learn the answer tokens only, or all tokens: answer | all "
                 "(default: answer)"),
     "predict": ("task", "predict", str, "instruct: generate (greedy, parse the text) | score (likelihood of each "
                 "verbalizer) | both (default: generate)"),

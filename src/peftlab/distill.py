@@ -468,7 +468,7 @@ def _share_teacher_logits(source_run: Path, target_run: Path) -> None:
 
 
 def _train_unless_done(config: RunConfig) -> None:
-    from peftlab.sweep import _state as run_state
+    from peftlab.sweep import run_state
     from peftlab.train import train
 
     state = run_state(config)

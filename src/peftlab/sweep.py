@@ -113,7 +113,8 @@ def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tup
     return folder, run_configs(base, folder, grid)
 
 
-def _state(config: RunConfig) -> str:
+def run_state(config: RunConfig) -> str:
+    """A configured run's state: new, resume (an epoch finished, not all) or done (summary.json, every epoch)."""
     run = Path(config.output_dir)
     summary = run / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("epochs_completed") == config.train.epochs:
@@ -133,7 +134,7 @@ def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = N
     folder, configs = load_sweep(path, list(sets), output_dir)
     print(f"sweep: {len(configs)} run(s) in {folder}")
     for index, config in enumerate(configs, start=1):
-        state = _state(config)
+        state = run_state(config)
         if state == "resume":
             recorded = load_config(Path(config.output_dir) / "config.yaml")
             if recorded.to_dict() != config.to_dict():
