@@ -82,6 +82,7 @@ class DistillConfig:
     augment: int = 0  # Tang et al. 2019 transfer set: augmented copies per training sentence, labelled by the teacher
     mask_probability: float = 0.1  # augmentation: chance of masking each word
     ngram_probability: float = 0.25  # augmentation: chance of keeping only a random n-gram (n = 1..5) of a copy
+    augment_seed: int = 0  # the transfer set is fixed across student seeds, so its teacher logits are computed once
 
 
 @dataclass

@@ -297,7 +297,7 @@ class DistillationTask:
             return []
         texts = {example.origin: example.text for example in self.base.read_split("train")}
         return augmented_copies(sentences, [texts[example.origin] for example in sentences], self.base.tokenizer,
-                                self.config.distill, self.config.train.seed)
+                                self.config.distill, self.config.distill.augment_seed)
 
     def _student_example(self, example: Encoded, label: int, logits: tuple[float, ...] | None) -> Encoded:
         return Encoded(self.vocabulary.encode(example.input_ids), DistillTarget(label, logits), example.origin)
