@@ -21,8 +21,8 @@ MODES = {
     # peftlab's CoLA recipe on the default model (README, "LoRA on CoLA"); the run directory is named by the seed.
     "LoRA": lambda seed: ["train", "--task", "cola", "--model", "smollm2-135m", "--method", "lora",
                           "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lora-dropout", "0.1",
-                          "--epochs", "3", "--batch-size", "32", "--lr", "5e-4", "--seed", seed,
-                          "--output-dir", f"runs/LoRA-{seed}"],
+                          "--epochs", "4", "--batch-size", "32", "--lr", "3e-4", "--schedule", "cosine",
+                          "--eval-every", "67", "--seed", seed, "--output-dir", f"runs/LoRA-{seed}"],
 }
 
 
