@@ -39,7 +39,7 @@ from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import atomic_write_file, write_text_atomic
 from peftlab.students import RNN_KINDS
-from peftlab.tasks import Encoded, StepOutput
+from peftlab.tasks import Encoded, StepOutput, right_pad
 from peftlab.tasks.classification import classification_metrics
 
 VOCABULARY_FILE = "student_vocabulary.json"
@@ -304,12 +304,7 @@ class DistillationTask:
 
     def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad with the student's padding id; teacher logits when the examples carry them."""
-        width = max(example.length for example in examples)
-        input_ids = torch.full((len(examples), width), self.vocabulary.padding_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            input_ids[row, : example.length] = torch.tensor(example.input_ids)
-            attention_mask[row, : example.length] = 1
+        input_ids, attention_mask = right_pad([example.input_ids for example in examples], self.vocabulary.padding_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "labels": torch.tensor([example.target.label for example in examples], dtype=torch.long)}
         if examples[0].target.teacher_logits is not None:

@@ -31,6 +31,17 @@ class StepOutput:
     num_correct: int  # targets predicted right (examples, or answer tokens under teacher forcing)
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of rows padded on the right to the longest one (dynamic padding)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, : len(row)] = 1
+    return input_ids, attention_mask
+
+
 class Task(Protocol):
     name: str
     test_split: str | None  # evaluated with checkpoints/best when training ends (None: validation is the test)

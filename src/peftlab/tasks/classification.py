@@ -15,7 +15,7 @@ from sklearn.metrics import matthews_corrcoef
 
 from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Encoded, StepOutput
+from peftlab.tasks import Encoded, StepOutput, right_pad
 
 
 class ClassificationTask:
@@ -57,12 +57,7 @@ class ClassificationTask:
 
     def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example of the batch (dynamic padding)."""
-        width = max(example.length for example in examples)
-        input_ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            input_ids[row, : example.length] = torch.tensor(example.input_ids)
-            attention_mask[row, : example.length] = 1
+        input_ids, attention_mask = right_pad([example.input_ids for example in examples], self.tokenizer.pad_token_id)
         labels = torch.tensor([example.target for example in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
