@@ -131,7 +131,7 @@ def test_long_training_contexts_keep_a_window_around_the_answer(gpt2_tokenizer, 
     (evaluated,) = task.encode("validation")  # evaluation keeps the beginning: the answer is cut off
     assert evaluated.length <= 64 and evaluated.target.reference.answer_cut
     assert "under the old oak" not in gpt2_tokenizer.decode(evaluated.input_ids).split("\nQuestion:")[0]
-    assert task.answer_cut["validation"] == 1
+    assert task.metrics([""], [evaluated])["answer_cut"] == 1  # counted in the evaluation metrics
     tiny = get_task(squad_config(data, max_length=19).task, gpt2_tokenizer)  # no room for the 4 answer tokens
     with pytest.raises(PeftlabError, match="all 1 skipped"):
         tiny.encode("train")

@@ -66,20 +66,15 @@ class QATask(CompletionTask):
         super().__init__("squad", tokenizer, max_length, loss_on)
         self.data_dir, self.max_new_tokens = data_dir, max_new_tokens
         self._stop_ids: set[int] | None = None
-        self.answer_cut: dict[str, int] = {}
+        self.prefix = self.tokens(PROMPT_PREFIX)  # the same for every example
 
     def completions(self, split: str) -> list[Completion]:
         return [Completion("", " " + example.answers[0], (split, example), example.origin)
                 for example in read_squad(split, self.data_dir)]
 
-    def encode(self, split: str) -> list[Encoded]:
-        encoded = super().encode(split)
-        self.answer_cut[split] = sum(int(example.target.reference.answer_cut) for example in encoded)
-        return encoded
-
     def encode_one(self, completion: Completion) -> Encoded | None:
         split, example = completion.reference
-        prefix, suffix = self.tokens(PROMPT_PREFIX), self.tokens(PROMPT_SUFFIX.format(question=example.question))
+        prefix, suffix = self.prefix, self.tokens(PROMPT_SUFFIX.format(question=example.question))
         answer = self.tokens(completion.completion) + [self.tokenizer.eos_token_id]
         encoding = self.tokenizer(" " + example.context, add_special_tokens=False, return_offsets_mapping=True)
         context, offsets = encoding["input_ids"], encoding["offset_mapping"]
