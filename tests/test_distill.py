@@ -14,10 +14,13 @@ from peftlab import PeftlabError
 from peftlab import distill as distill_module
 from peftlab.cli import main
 from peftlab.config import RunConfig, save_config
+from peftlab import generate as generate_module
 from peftlab.distill import (
     CACHE_DIR,
     VOCABULARY_FILE,
+    DistillationTask,
     StudentVocabulary,
+    _seed_config,
     augment_sentence,
     compare_students,
     distill,
@@ -25,9 +28,9 @@ from peftlab.distill import (
     distillation_loss,
     teacher_logits,
 )
-from peftlab.models import count_parameters
+from peftlab.models import count_parameters, load_tokenizer
 from peftlab.students import DistilRNN, build_student
-from peftlab.tasks import Encoded
+from peftlab.tasks import Encoded, get_task
 from peftlab.train import evaluate_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +191,6 @@ def test_teacher_logits_are_cached_until_the_teacher_or_the_data_change(tmp_path
 
 
 def test_distill_run_is_an_ordinary_run_that_reloads_exactly(teacher_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from peftlab.models import load_tokenizer
-
     teacher, data = teacher_run
     calls = count_teacher_calls(monkeypatch)
     config = student_config(teacher, tmp_path / "student", augment=1)
@@ -317,3 +318,53 @@ def test_run_py_distil_trains_a_teacher_only_when_none_is_given(tmp_path, monkey
     monkeypatch.setattr(script, "main", lambda argv: calls.append(argv) or 2)
     assert script.run(["distil", "6"]) == 2 and len(calls) == 1  # the teacher failed: no distillation
     assert script.run(["distil"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transfer sets (peftlab.transfer): the teacher labels them
+
+
+def test_the_teacher_labels_the_transfer_sentences_and_the_no_kd_student_never_sees_them(
+        teacher_run, tiny_model_dir, tmp_path, monkeypatch):
+    teacher, _ = teacher_run
+    transfer = tmp_path / "transfer.txt"
+    transfer.write_text("The zebra slept.\nA cat sat quietly.\nquietly zebra the.\n", encoding="utf-8")
+    calls = count_teacher_calls(monkeypatch)
+    config = student_config(teacher, tmp_path / "student", transfer_file=str(transfer))
+    summary = distill(config)
+    assert calls == [48 + 3] and summary["train_examples"] == 48 + 3
+    tokenizer = load_tokenizer(tiny_model_dir)
+    vocabulary = StudentVocabulary.load(tmp_path / "student" / VOCABULARY_FILE)
+    zebra = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
+    assert set(zebra) <= set(vocabulary.teacher_ids)  # a word only the transfer set has is in the vocabulary
+
+    task = DistillationTask(get_task(config.task, tokenizer), config)
+    examples = task.encode("train")
+    logits = torch.tensor([example.target.teacher_logits for example in examples[-3:]])
+    assert [example.target.label for example in examples[-3:]] == logits.argmax(-1).tolist()
+    assert examples[-1].origin == f"{transfer}:3"
+    assert _seed_config(config, 1, "no-kd").distill.transfer_file == ""
+
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("cat " * 200 + ".\n", encoding="utf-8")
+    bad = student_config(teacher, tmp_path / "bad", transfer_file=str(long_line))
+    with pytest.raises(PeftlabError, match=f"{long_line}:1: .* tokens; a transfer sentence needs 1 to --max-length"):
+        distill(bad)
+
+
+def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tmp_path, monkeypatch, capsys):
+    teacher, _ = teacher_run
+    samples = iter(f" number {index} sat.\nnext" for index in range(1000))
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        assert temperature == 0.9 and top_k == 0 and top_p == 0.95
+        return [[next(samples)] for _ in prompts]
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    output = tmp_path / "transfer.txt"
+    assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "5", "--batch-size", "4"]) == 0
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 5 and all(" number " in line and line.endswith(" sat.") for line in lines)
+    assert "wrote 5 sentences" in capsys.readouterr().out
+    assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "0"]) == 2
+    assert "--size must be >= 1" in capsys.readouterr().err

@@ -64,6 +64,18 @@ def _build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--dry-run", action="store_true", help="build the student, print its parameter count, stop")
     distill.set_defaults(handler=_run_distill)
 
+    transfer = commands.add_parser(
+        "transfer-set", help="sample unlabelled sentences for distillation with the teacher's base model (W2)",
+        description="Write a transfer set for `peftlab distill --transfer-file`: the teacher run's base language model "
+        "(without its adapter) continues the first words of a training sentence after a few other training sentences; "
+        "lines that end a sentence and are neither duplicates nor training sentences are kept.")
+    transfer.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher run (its model and task data)")
+    transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
+    for option, default, text in TRANSFER_OPTIONS:
+        transfer.add_argument(f"--{option.replace('_', '-')}", type=type(default), default=default,
+                              help=f"{text} (default: {default})")
+    transfer.set_defaults(handler=_run_transfer_set)
+
     evaluate = commands.add_parser(
         "eval", help="evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split",
         description="Evaluate a run's checkpoint on a split. Without RUN_DIR: the un-tuned model given by --model, "
@@ -173,12 +185,26 @@ DISTILL_OPTIONS = {
                 "(word masking, n-gram sampling; seeded), labelled by the teacher (default: 0)"),
     "mask_probability": ("distill", "mask_probability", float, "augmentation: chance of masking a word (default: 0.1)"),
     "ngram_probability": ("distill", "ngram_probability", float, "augmentation: chance of keeping an n-gram only (default: 0.25)"),
+    "transfer_file": ("distill", "transfer_file", str, "transfer set: a file of unlabelled sentences, one per line, "
+                      "labelled by the teacher (see `peftlab transfer-set`; default: none)"),
     "epochs": ("train", "epochs", int, "epochs (default: 10)"),
     "lr": ("train", "lr", float, "peak learning rate (default: 2e-3)"),
 } | {option: TRAIN_OPTIONS[option] for option in (
     "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "seed", "eval_every",
     "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
 DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm")}
+
+
+TRANSFER_OPTIONS = (
+    ("size", 8000, "sentences to write"),
+    ("shots", 2, "training sentences shown before each prefix"),
+    ("prefix_words", 2, "words of a training sentence that start each sample"),
+    ("temperature", 0.9, "sampling temperature"),
+    ("top_p", 0.95, "nucleus sampling threshold"),
+    ("max_new_tokens", 32, "tokens sampled per sentence at most"),
+    ("batch_size", 64, "prompts sampled together"),
+    ("seed", 0, "random seed; same seed, same sentences"),
+)
 
 
 EVAL_BASE_OPTIONS = ("task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")
@@ -261,6 +287,13 @@ def _run_distill(args: argparse.Namespace) -> None:
         compare_students(config, args.seeds)
     else:
         distill(config, dry_run=args.dry_run)
+
+
+def _run_transfer_set(args: argparse.Namespace) -> None:
+    from peftlab.transfer import SamplingSettings, write_transfer_set
+
+    settings = SamplingSettings(**{option: getattr(args, option) for option, _, _ in TRANSFER_OPTIONS})
+    write_transfer_set(args.teacher, args.output, settings)
 
 
 def _run_export(args: argparse.Namespace) -> None:

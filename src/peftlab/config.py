@@ -83,6 +83,7 @@ class DistillConfig:
     mask_probability: float = 0.1  # augmentation: chance of masking each word
     ngram_probability: float = 0.25  # augmentation: chance of keeping only a random n-gram (n = 1..5) of a copy
     augment_seed: int = 0  # the transfer set is fixed across student seeds, so its teacher logits are computed once
+    transfer_file: str = ""  # unlabelled sentences, one per line, labelled by the teacher (`peftlab transfer-set`)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A distillation run is an ordinary run of the one training engine whose config has a `distill` section:
 * the task is `DistillationTask`, wrapping the teacher's classification task: the same sentences and tokenizer,
   with token ids renumbered into the student's own small vocabulary, and each training example carrying its
-  teacher logits;
+  teacher logits; a transfer set of unlabelled sentences (augmented copies, `augment`, or a file, `transfer_file`,
+  see `peftlab.transfer`) joins the training sentences with the teacher's predictions as labels;
 * the model is `peftlab.students.DistilRNN` (built by `train.build_model`);
 * the training loss is alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student, y),
   averaged over examples (batchmean), in fp32.
@@ -240,8 +241,8 @@ class DistillTarget:
 
 
 def needs_teacher(settings: DistillConfig) -> bool:
-    """Whether training needs teacher logits: soft targets (alpha > 0) or teacher-labelled augmented copies."""
-    return settings.alpha > 0 or settings.augment > 0
+    """Whether training needs teacher logits: soft targets (alpha > 0) or a teacher-labelled transfer set."""
+    return settings.alpha > 0 or settings.augment > 0 or bool(settings.transfer_file)
 
 
 class DistillationTask:
@@ -259,9 +260,10 @@ class DistillationTask:
         self.select_metric_default = base.select_metric_default
         self.run_dir = Path(config.output_dir)
         path = self.run_dir / VOCABULARY_FILE
-        self.vocabulary = StudentVocabulary.load(path) if path.is_file() else StudentVocabulary.from_examples(self._sentences())
+        self.vocabulary = (StudentVocabulary.load(path) if path.is_file()
+                           else StudentVocabulary.from_examples(self._sentences() + self._transfer_sentences()))
         print(f"Student vocabulary: {self.vocabulary.size - 2:,} of the teacher tokenizer's {len(base.tokenizer):,} "
-              "tokens (those in the training sentences) + padding + unknown")
+              "tokens (those in the training and transfer sentences) + padding + unknown")
 
     @property
     def num_labels(self) -> int:
@@ -278,7 +280,7 @@ class DistillationTask:
         if not (self.run_dir / VOCABULARY_FILE).is_file():
             self.vocabulary.save(self.run_dir / VOCABULARY_FILE)
         settings = self.config.distill
-        examples = sentences + self._augmented_copies(sentences)
+        examples = sentences + self._augmented_copies(sentences) + self._transfer_sentences()
         if not needs_teacher(settings):
             return [self._student_example(example, example.target, None) for example in examples]
         teacher_model = read_teacher_config(settings.teacher, settings.teacher_checkpoint).model.name
@@ -287,7 +289,7 @@ class DistillationTask:
                                f"'{teacher_model}': the student reads the teacher tokenizer's ids")
         logits = teacher_logits(Path(settings.teacher), settings.teacher_checkpoint, "train", examples,
                                 self.run_dir / CACHE_DIR)
-        # Augmented copies have no gold label: the teacher's prediction is theirs.
+        # Augmented copies and transfer sentences have no gold label: the teacher's prediction is theirs.
         labels = [example.target for example in sentences] + logits[len(sentences):].argmax(-1).tolist()
         return [self._student_example(example, label, tuple(row))
                 for example, label, row in zip(examples, labels, logits.tolist())]
@@ -298,6 +300,22 @@ class DistillationTask:
         texts = {example.origin: example.text for example in self.base.read_split("train")}
         return augmented_copies(sentences, [texts[example.origin] for example in sentences], self.base.tokenizer,
                                 self.config.distill, self.config.distill.augment_seed)
+
+    def _transfer_sentences(self) -> list[Encoded]:
+        """The transfer file's sentences in the teacher tokenizer's ids (target: a placeholder, the teacher labels them)."""
+        if not self.config.distill.transfer_file:
+            return []
+        from peftlab.transfer import read_transfer_file
+
+        sentences = read_transfer_file(self.config.distill.transfer_file)
+        token_ids = self.base.tokenizer([text for text, _ in sentences], add_special_tokens=False)["input_ids"]
+        encoded = []
+        for (text, origin), ids in zip(sentences, token_ids):
+            if not 0 < len(ids) <= self.base.max_length:
+                raise PeftlabError(f"{origin}: {len(ids)} tokens; a transfer sentence needs 1 to --max-length "
+                                   f"{self.base.max_length}. Fix: shorten or remove the line")
+            encoded.append(Encoded(ids, -1, origin))
+        return encoded
 
     def _student_example(self, example: Encoded, label: int, logits: tuple[float, ...] | None) -> Encoded:
         return Encoded(self.vocabulary.encode(example.input_ids), DistillTarget(label, logits), example.origin)
@@ -451,7 +469,7 @@ def _seed_config(config: RunConfig, seed: int, kind: str) -> RunConfig:
     run_config.train.seed = seed
     run_config.output_dir = str(Path(config.output_dir) / f"{kind}-seed{seed}")
     if kind == "no-kd":
-        run_config.distill.alpha, run_config.distill.augment = 0.0, 0
+        run_config.distill.alpha, run_config.distill.augment, run_config.distill.transfer_file = 0.0, 0, ""
     return run_config
 
 

@@ -1,0 +1,137 @@
+"""A transfer set for distillation: unlabelled sentences that the teacher labels with its logits.
+
+Tang et al. 2019 built theirs by perturbing the training sentences (masking, n-grams); on CoLA that turns
+acceptable sentences into unacceptable ones, so the teacher labels most copies "unacceptable". Here the base
+language model writes new sentences instead, prompted with a few training sentences and the first words of
+another, so the transfer set stays close to the training distribution and mostly grammatical, while the
+teacher's judgement, not the copied label, is what the student learns from.
+
+File format: UTF-8 text, one sentence per line; blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from peftlab.errors import PeftlabError
+from peftlab.fileio import write_text_atomic
+
+SENTENCE_ENDS = (".", "?", "!")
+MAX_WORDS = 40
+
+
+def read_transfer_file(path: str | Path) -> list[tuple[str, str]]:
+    """The sentences of a transfer file as (text, origin "file:line") pairs."""
+    file = Path(path)
+    if not file.is_file():
+        raise PeftlabError(f"transfer file {file} not found. Fix: write one with `peftlab transfer-set --teacher RUN_DIR "
+                           f"--output {file}`, or pass an existing file (one sentence per line)")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise PeftlabError(f"transfer file {file} is not UTF-8 text ({error}); save it as UTF-8") from error
+    sentences = [(line.strip(), f"{file}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
+    if not sentences:
+        raise PeftlabError(f"transfer file {file} has no sentences (expected one sentence per line)")
+    return sentences
+
+
+def complete_sentence(prefix: str, continuation: str) -> tuple[str | None, str]:
+    """The sampled sentence `prefix + continuation` up to the end of its line, or None and why it was rejected."""
+    line = (prefix + continuation).split("\n", 1)[0].strip()
+    if not line.endswith(SENTENCE_ENDS):
+        return None, "no sentence end on the line"
+    if len(line.split()) > MAX_WORDS:
+        return None, f"more than {MAX_WORDS} words"
+    return line, "kept"
+
+
+@dataclass
+class SamplingSettings:
+    size: int = 8000  # sentences to write
+    shots: int = 2  # training sentences shown before the prefix, so the model writes in their style
+    prefix_words: int = 2  # words of a training sentence that start each new sentence
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    seed: int = 0
+
+
+def check_sampling_settings(settings: SamplingSettings) -> None:
+    checks = [
+        (settings.size >= 1, f"--size must be >= 1, got {settings.size}"),
+        (settings.shots >= 0, f"--shots must be >= 0, got {settings.shots}"),
+        (settings.prefix_words >= 0, f"--prefix-words must be >= 0, got {settings.prefix_words}"),
+        (settings.temperature > 0, f"--temperature must be > 0 (sampling), got {settings.temperature}"),
+        (settings.batch_size >= 1, f"--batch-size must be >= 1, got {settings.batch_size}"),
+        (settings.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PeftlabError(message)
+
+
+def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], training: Sequence[str],
+                     settings: SamplingSettings) -> tuple[list[str], Counter]:
+    """New sentences in the style of `training`, and what became of every sample (kept / why rejected).
+
+    `continue_prompts(prompts, seed)` returns one sampled continuation per prompt. Duplicates and copies of
+    training sentences are rejected. Stops after 4 × size samples if too few are kept, so a model that never
+    ends a line cannot loop forever.
+    """
+    check_sampling_settings(settings)
+    generator = random.Random(settings.seed)
+    known, kept, outcomes = set(training), [], Counter()
+    while len(kept) < settings.size and sum(outcomes.values()) < 4 * settings.size:
+        prompts, prefixes = [], []
+        for _ in range(settings.batch_size):
+            shots = generator.sample(training, settings.shots)
+            prefix = " ".join(generator.choice(training).split()[: settings.prefix_words])
+            prompts.append("\n".join(shots + [prefix]) if shots else prefix)
+            prefixes.append(prefix)
+        for prefix, continuation in zip(prefixes, continue_prompts(prompts, generator.randrange(2**31))):
+            sentence, outcome = complete_sentence(prefix, continuation)
+            if sentence is not None and sentence in known:
+                outcome = "duplicate or training sentence"
+            outcomes[outcome] += 1
+            if outcome == "kept" and len(kept) < settings.size:
+                known.add(sentence)
+                kept.append(sentence)
+    return kept, outcomes
+
+
+def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSettings) -> Path:
+    """Sample a transfer set with the teacher run's base model (no adapter) from its task's training sentences."""
+    from peftlab.distill import read_teacher_config
+    from peftlab.generate import generate
+    from peftlab.models import load_model
+    from peftlab.tasks import get_task
+
+    check_sampling_settings(settings)
+    config = read_teacher_config(teacher)
+    model, tokenizer = load_model(config.model.name, task="causal-lm", init=config.model.init)
+    task = get_task(config.task, tokenizer)
+    training = [example.text for example in task.read_split("train")]
+    if settings.shots >= len(training):
+        raise PeftlabError(f"--shots {settings.shots} needs more training sentences than the {len(training)} there are")
+
+    def continue_prompts(prompts: list[str], seed: int) -> list[str]:
+        samples = generate(model, tokenizer, prompts, settings.max_new_tokens, settings.temperature, top_k=0,
+                           top_p=settings.top_p, seed=seed)
+        print(f"\rsampled {len(prompts)} more", end="", flush=True)
+        return [continuations[0] for continuations in samples]
+
+    sentences, outcomes = sample_sentences(continue_prompts, training, settings)
+    path = Path(output)
+    write_text_atomic(path, "".join(sentence + "\n" for sentence in sentences))
+    report = ", ".join(f"{outcome}: {count}" for outcome, count in outcomes.most_common())
+    print(f"\nwrote {len(sentences)} sentences to {path} ({sum(outcomes.values())} samples; {report})")
+    if len(sentences) < settings.size:
+        print(f"warning: asked for {settings.size} sentences, got {len(sentences)}: the model rarely ended a line "
+              "with a sentence; raise --max-new-tokens or lower --temperature")
+    return path
