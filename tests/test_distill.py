@@ -14,7 +14,6 @@ from peftlab import PeftlabError
 from peftlab import distill as distill_module
 from peftlab.cli import main
 from peftlab.config import RunConfig, save_config
-from peftlab import generate as generate_module
 from peftlab.distill import (
     CACHE_DIR,
     VOCABULARY_FILE,
@@ -31,6 +30,7 @@ from peftlab.distill import (
 from peftlab.models import count_parameters, load_tokenizer
 from peftlab.students import DistilRNN, build_student
 from peftlab.tasks import Encoded, get_task
+from peftlab.tasks import completion as completion_module
 from peftlab.train import evaluate_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,19 +352,32 @@ def test_the_teacher_labels_the_transfer_sentences_and_the_no_kd_student_never_s
         distill(bad)
 
 
-def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tmp_path, monkeypatch, capsys):
+def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
     teacher, _ = teacher_run
-    samples = iter(f" number {index} sat.\nnext" for index in range(1000))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    samples = iter(tokenizer(f" number {index} sat.\nnext", add_special_tokens=False)["input_ids"] for index in range(1000))
+    calls = []
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        assert temperature == 0.9 and top_k == 0 and top_p == 0.95
-        return [[next(samples)] for _ in prompts]
+    def fake_generate_batch(model, prompts, max_new_tokens, stop_ids, pad_id, pick_next):
+        calls.append(max_new_tokens)
+        assert tokenizer.eos_token_id in stop_ids and tokenizer("\n")["input_ids"][0] in stop_ids
+        return [next(samples) for _ in prompts]
 
-    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    monkeypatch.setattr(completion_module, "generate_batch", fake_generate_batch)
     output = tmp_path / "transfer.txt"
-    assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "5", "--batch-size", "4"]) == 0
+    assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "5", "--batch-size", "4",
+                 "--max-new-tokens", "7"]) == 0
     lines = output.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5 and all(" number " in line and line.endswith(" sat.") for line in lines)
-    assert "wrote 5 sentences" in capsys.readouterr().out
+    assert calls == [7, 7] and "wrote 5 sentences" in capsys.readouterr().out
     assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "0"]) == 2
     assert "--size must be >= 1" in capsys.readouterr().err
+
+    monkeypatch.undo()  # the real tiny (random) model: it rarely ends a sentence, and says so
+    assert main(["transfer-set", "--teacher", teacher, "--output", str(tmp_path / "random.txt"), "--size", "2",
+                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    assert "warning: asked for 2 sentences" in capsys.readouterr().out or len(read_lines(tmp_path / "random.txt")) == 2
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()

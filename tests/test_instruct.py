@@ -13,7 +13,7 @@ from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.tasks import get_task
-from peftlab.tasks.completion import IGNORE, greedy_generate, score_choices
+from peftlab.tasks.completion import IGNORE, generate_batch, score_choices
 from peftlab.tasks.instruct import UNPARSABLE, parse_label, resolve_template
 from peftlab.train import evaluate_run, train
 
@@ -201,7 +201,7 @@ def test_greedy_generation_with_cache_equals_a_naive_argmax_loop(make_tiny_llama
     model = make_tiny_llama()
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
     stop = {17}
-    generated = greedy_generate(model, prompts, max_new_tokens=6, stop_ids=stop, pad_id=0)
+    generated = generate_batch(model, prompts, max_new_tokens=6, stop_ids=stop, pad_id=0)
     for prompt, tokens in zip(prompts, generated):
         sequence, expected = list(prompt), []
         for _ in range(6):

@@ -4,8 +4,10 @@ test_distill.py)."""
 from collections import Counter
 
 import pytest
+import torch
 
 from peftlab import PeftlabError
+from peftlab.tasks.completion import top_p_sampler
 from peftlab.transfer import SamplingSettings, complete_sentence, read_transfer_file, sample_sentences
 
 TRAINING = ["The cat sat.", "A dog ran home.", "Birds sing loudly."]
@@ -67,3 +69,13 @@ def test_transfer_file_lines_keep_their_origin_and_bad_files_are_clear_errors(tm
     (tmp_path / "latin1.txt").write_bytes("caf\xe9.\n".encode("latin-1"))
     with pytest.raises(PeftlabError, match="not UTF-8"):
         read_transfer_file(tmp_path / "latin1.txt")
+
+
+def test_top_p_sampling_keeps_the_smallest_set_reaching_p_and_is_seeded():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().repeat(4000, 1)
+    assert set(top_p_sampler(1.0, 0.5, seed=0)(logits).tolist()) == {0}  # 0.5 alone reaches p = 0.5
+    draws = top_p_sampler(1.0, 0.7, seed=0)(logits)
+    assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    hot = top_p_sampler(100.0, 1.0, seed=0)(logits)  # a high temperature flattens the distribution
+    assert abs((hot == 2).float().mean().item() - 1 / 3) < 0.03
+    assert torch.equal(top_p_sampler(1.0, 0.9, seed=3)(logits), top_p_sampler(1.0, 0.9, seed=3)(logits))

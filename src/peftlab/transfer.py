@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 
@@ -108,9 +110,9 @@ def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], tr
 def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSettings) -> Path:
     """Sample a transfer set with the teacher run's base model (no adapter) from its task's training sentences."""
     from peftlab.distill import read_teacher_config
-    from peftlab.generate import generate
     from peftlab.models import load_model
     from peftlab.tasks import get_task
+    from peftlab.tasks.completion import generate_batch, line_stop_ids, top_p_sampler
 
     check_sampling_settings(settings)
     config = read_teacher_config(teacher)
@@ -120,17 +122,23 @@ def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSetti
     if settings.shots >= len(training):
         raise PeftlabError(f"--shots {settings.shots} needs more training sentences than the {len(training)} there are")
 
+    stop_ids, sampled = line_stop_ids(tokenizer), 0
+
     def continue_prompts(prompts: list[str], seed: int) -> list[str]:
-        samples = generate(model, tokenizer, prompts, settings.max_new_tokens, settings.temperature, top_k=0,
-                           top_p=settings.top_p, seed=seed)
-        print(f"\rsampled {len(prompts)} more", end="", flush=True)
-        return [continuations[0] for continuations in samples]
+        nonlocal sampled
+        token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            generated = generate_batch(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                                       top_p_sampler(settings.temperature, settings.top_p, seed))
+        sampled += len(prompts)
+        print(f"sampled {sampled} continuations", flush=True)
+        return tokenizer.batch_decode(generated, skip_special_tokens=True)
 
     sentences, outcomes = sample_sentences(continue_prompts, training, settings)
     path = Path(output)
     write_text_atomic(path, "".join(sentence + "\n" for sentence in sentences))
     report = ", ".join(f"{outcome}: {count}" for outcome, count in outcomes.most_common())
-    print(f"\nwrote {len(sentences)} sentences to {path} ({sum(outcomes.values())} samples; {report})")
+    print(f"wrote {len(sentences)} sentences to {path} ({sum(outcomes.values())} samples; {report})")
     if len(sentences) < settings.size:
         print(f"warning: asked for {settings.size} sentences, got {len(sentences)}: the model rarely ended a line "
               "with a sentence; raise --max-new-tokens or lower --temperature")

@@ -8,14 +8,14 @@ Shared here, once, by both:
 - batches are left-padded with position ids from the attention mask, so every completion ends in the last
   column: the LM head (the largest single matrix of a small model) then runs only on the last columns that hold
   labels (`logits_to_keep`), not on the whole sequence;
-- prediction: batched greedy generation with the KV cache (`greedy_generate`) and exact likelihood scoring of a
+- prediction: batched greedy generation with the KV cache (`generate_batch`) and exact likelihood scoring of a
   fixed set of answers (`score_choices`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,10 +121,35 @@ class CompletionTask:
         return [example.input_ids[: example.target.prompt_length] for example in examples]
 
 
-@torch.inference_mode()
-def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int) -> list[list[int]]:
-    """Greedy continuation of each prompt as one left-padded batch with the KV cache.
+def line_stop_ids(tokenizer) -> set[int]:
+    """EOS and every token whose text contains a newline: generation that must stay on one line stops there."""
+    vocabulary = tokenizer.get_vocab()
+    return {tokenizer.eos_token_id} | {
+        index for token, index in vocabulary.items() if "\n" in tokenizer.convert_tokens_to_string([token])
+    }
 
+
+def top_p_sampler(temperature: float, top_p: float, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A `pick_next` for `generate_batch`: sample from softmax(logits / temperature), keeping the most likely
+    tokens up to probability mass `top_p` (nucleus sampling), with its own seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
+        outside = sorted_probabilities.cumsum(-1) - sorted_probabilities >= top_p  # mass before it already >= top_p
+        choice = torch.multinomial(sorted_probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
+        return order.gather(-1, choice.to(order.device)).squeeze(-1)
+
+    return pick
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int,
+                   pick_next: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
+    """Continue each prompt as one left-padded batch with the KV cache; greedy unless `pick_next` is given.
+
+    `pick_next` maps the (batch, vocabulary) logits of the last position to the next token ids (e.g. sampling).
     A row stops after emitting a token in `stop_ids` (included in its output); the batch stops when every row
     has stopped or after `max_new_tokens`. Only the last position's logits are computed at each step.
     """
@@ -135,7 +160,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     generated: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     for step in range(max_new_tokens):
-        next_tokens = output.logits[:, -1].argmax(-1)
+        logits = output.logits[:, -1]
+        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)
         for row, token in enumerate(next_tokens.tolist()):
             if not stopped[row]:
                 generated[row].append(token)

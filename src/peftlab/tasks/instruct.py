@@ -21,7 +21,7 @@ from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
 from peftlab.tasks.classification import classification_metrics
-from peftlab.tasks.completion import Completion, CompletionTask, greedy_generate, score_choices
+from peftlab.tasks.completion import Completion, CompletionTask, generate_batch, score_choices
 
 PREDICT_MODES = ("generate", "score", "both")
 UNPARSABLE = -1
@@ -127,7 +127,7 @@ class InstructTask(CompletionTask):
         if self.predict_mode in ("generate", "both"):
             longest = max(len(tokens) for tokens in self.answer_tokens)
             eos = self.tokenizer.eos_token_id
-            generated = greedy_generate(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id)
+            generated = generate_batch(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id)
             for result, tokens in zip(results, generated):
                 text = self.tokenizer.decode([t for t in tokens if t != eos])
                 result.update(generate=parse_label(text, self.verbalizers), text=text)

@@ -21,7 +21,7 @@ from typing import Sequence
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
-from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, greedy_generate
+from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, generate_batch, line_stop_ids
 
 PROMPT_PREFIX = "Context:"
 PROMPT_SUFFIX = "\nQuestion: {question}\nAnswer:"
@@ -98,16 +98,13 @@ class QATask(CompletionTask):
 
     @property
     def stop_ids(self) -> set[int]:
-        """EOS and every token whose text contains a newline: an answer is one line."""
+        """An answer is one line: EOS and the newline tokens stop it."""
         if self._stop_ids is None:
-            vocabulary = self.tokenizer.get_vocab()
-            self._stop_ids = {self.tokenizer.eos_token_id} | {
-                index for token, index in vocabulary.items() if "\n" in self.tokenizer.convert_tokens_to_string([token])
-            }
+            self._stop_ids = line_stop_ids(self.tokenizer)
         return self._stop_ids
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
-        generated = greedy_generate(model, self.prompts(examples), self.max_new_tokens, self.stop_ids,
+        generated = generate_batch(model, self.prompts(examples), self.max_new_tokens, self.stop_ids,
                                     self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
 
