@@ -78,4 +78,5 @@ def test_top_p_sampling_keeps_the_smallest_set_reaching_p_and_is_seeded():
     assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03
     hot = top_p_sampler(100.0, 1.0, seed=0)(logits)  # a high temperature flattens the distribution
     assert abs((hot == 2).float().mean().item() - 1 / 3) < 0.03
+    assert set(top_p_sampler(100.0, 1.0, seed=0, top_k=2)(logits).tolist()) == {0, 1}
     assert torch.equal(top_p_sampler(1.0, 0.9, seed=3)(logits), top_p_sampler(1.0, 0.9, seed=3)(logits))

@@ -201,6 +201,7 @@ TRANSFER_OPTIONS = (
     ("prefix_words", 2, "words of a training sentence that start each sample"),
     ("temperature", 0.9, "sampling temperature"),
     ("top_p", 0.95, "nucleus sampling threshold"),
+    ("top_k", 200, "sample among the k most likely tokens; 0 = all"),
     ("max_new_tokens", 32, "tokens sampled per sentence at most"),
     ("batch_size", 64, "prompts sampled together"),
     ("seed", 0, "random seed; same seed, same sentences"),

@@ -59,6 +59,7 @@ class SamplingSettings:
     prefix_words: int = 2  # words of a training sentence that start each new sentence
     temperature: float = 0.9
     top_p: float = 0.95
+    top_k: int = 200
     max_new_tokens: int = 32
     batch_size: int = 64
     seed: int = 0
@@ -70,6 +71,8 @@ def check_sampling_settings(settings: SamplingSettings) -> None:
         (settings.shots >= 0, f"--shots must be >= 0, got {settings.shots}"),
         (settings.prefix_words >= 0, f"--prefix-words must be >= 0, got {settings.prefix_words}"),
         (settings.temperature > 0, f"--temperature must be > 0 (sampling), got {settings.temperature}"),
+        (settings.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {settings.top_k}"),
+        (0 < settings.top_p <= 1, f"--top-p must be in (0, 1], got {settings.top_p}"),
         (settings.batch_size >= 1, f"--batch-size must be >= 1, got {settings.batch_size}"),
         (settings.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}"),
     ]
@@ -129,7 +132,7 @@ def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSetti
         token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             generated = generate_batch(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
-                                       top_p_sampler(settings.temperature, settings.top_p, seed))
+                                       top_p_sampler(settings.temperature, settings.top_p, seed, settings.top_k))
         sampled += len(prompts)
         print(f"sampled {sampled} continuations", flush=True)
         return tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -129,16 +129,21 @@ def line_stop_ids(tokenizer) -> set[int]:
     }
 
 
-def top_p_sampler(temperature: float, top_p: float, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A `pick_next` for `generate_batch`: sample from softmax(logits / temperature), keeping the most likely
-    tokens up to probability mass `top_p` (nucleus sampling), with its own seeded generator."""
+def top_p_sampler(temperature: float, top_p: float, seed: int, top_k: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A `pick_next` for `generate_batch`: sample from softmax(logits / temperature) among the `top_k` most likely
+    tokens (0 = all), keeping the most likely ones up to probability mass `top_p` (nucleus sampling), with its own
+    seeded generator. A top-k cut first also spares sorting the whole vocabulary at every step."""
     generator = torch.Generator().manual_seed(seed)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-        sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
-        outside = sorted_probabilities.cumsum(-1) - sorted_probabilities >= top_p  # mass before it already >= top_p
-        choice = torch.multinomial(sorted_probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
+        logits = logits.float() / temperature
+        if 0 < top_k < logits.shape[-1]:
+            logits, order = logits.topk(top_k, dim=-1)  # sorted, most likely first
+        else:
+            logits, order = logits.sort(dim=-1, descending=True)
+        probabilities = torch.softmax(logits, dim=-1)
+        outside = probabilities.cumsum(-1) - probabilities >= top_p  # the mass before it already reaches top_p
+        choice = torch.multinomial(probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
         return order.gather(-1, choice.to(order.device)).squeeze(-1)
 
     return pick
