@@ -103,8 +103,10 @@ def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], tr
             sentence, outcome = complete_sentence(prefix, continuation)
             if sentence is not None and sentence in known:
                 outcome = "duplicate or training sentence"
+            elif sentence is not None and len(kept) == settings.size:
+                outcome = "beyond --size"  # the rest of the last batch
             outcomes[outcome] += 1
-            if outcome == "kept" and len(kept) < settings.size:
+            if outcome == "kept":
                 known.add(sentence)
                 kept.append(sentence)
     return kept, outcomes
