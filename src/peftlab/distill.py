@@ -263,7 +263,7 @@ class DistillationTask:
         self.vocabulary = (StudentVocabulary.load(path) if path.is_file()
                            else StudentVocabulary.from_examples(self._sentences() + self._transfer_sentences()))
         print(f"Student vocabulary: {self.vocabulary.size - 2:,} of the teacher tokenizer's {len(base.tokenizer):,} "
-              "tokens (those in the training and transfer sentences) + padding + unknown")
+              "tokens (those of its training sentences, transfer set included) + padding + unknown")
 
     @property
     def num_labels(self) -> int:
