@@ -444,7 +444,9 @@ def compare_students(config: RunConfig, seeds: int = 3) -> Path:
     folder = Path(config.output_dir)
     settings, batch_size = config.distill, config.train.eval_batch_size
     teacher = evaluate_checkpoint(settings.teacher, settings.teacher_checkpoint, batch_size)
-    kd_name = f"KD student ({settings.student}, alpha {settings.alpha:g}, T {settings.temperature:g}, augment {settings.augment})"
+    transfer = f", transfer {Path(settings.transfer_file).name}" if settings.transfer_file else ""
+    kd_name = (f"KD student ({settings.student}, alpha {settings.alpha:g}, T {settings.temperature:g}, augment {settings.augment}"
+               f"{transfer})")
     no_kd_name = f"no-KD student ({settings.student}, alpha 0)"
     results = {f"teacher {Path(settings.teacher).name} ({config.model.name})": [teacher], kd_name: [], no_kd_name: []}
     first_kd_run = Path(_seed_config(config, config.train.seed, "kd").output_dir)
