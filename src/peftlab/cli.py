@@ -71,7 +71,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "lines that end a sentence and are neither duplicates nor training sentences are kept.")
     transfer.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher run (its model and task data)")
     transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
-    for option, default, text in TRANSFER_OPTIONS:
+    from peftlab.transfer import SamplingSettings
+
+    for option, text in TRANSFER_OPTIONS:
+        default = getattr(SamplingSettings(), option)
         transfer.add_argument(f"--{option.replace('_', '-')}", type=type(default), default=default,
                               help=f"{text} (default: {default})")
     transfer.set_defaults(handler=_run_transfer_set)
@@ -195,16 +198,16 @@ DISTILL_OPTIONS = {
 DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm")}
 
 
-TRANSFER_OPTIONS = (
-    ("size", 8000, "sentences to write"),
-    ("shots", 2, "training sentences shown before each prefix"),
-    ("prefix_words", 2, "words of a training sentence that start each sample"),
-    ("temperature", 0.9, "sampling temperature"),
-    ("top_p", 0.95, "nucleus sampling threshold"),
-    ("top_k", 200, "sample among the k most likely tokens; 0 = all"),
-    ("max_new_tokens", 32, "tokens sampled per sentence at most"),
-    ("batch_size", 64, "prompts sampled together"),
-    ("seed", 0, "random seed; same seed, same sentences"),
+TRANSFER_OPTIONS = (  # defaults: peftlab.transfer.SamplingSettings
+    ("size", "sentences to write"),
+    ("shots", "training sentences shown before each prefix"),
+    ("prefix_words", "words of a training sentence that start each sample"),
+    ("temperature", "sampling temperature"),
+    ("top_p", "nucleus sampling threshold"),
+    ("top_k", "sample among the k most likely tokens; 0 = all"),
+    ("max_new_tokens", "tokens sampled per sentence at most"),
+    ("batch_size", "prompts sampled together"),
+    ("seed", "random seed; same seed, same sentences"),
 )
 
 
@@ -293,7 +296,7 @@ def _run_distill(args: argparse.Namespace) -> None:
 def _run_transfer_set(args: argparse.Namespace) -> None:
     from peftlab.transfer import SamplingSettings, write_transfer_set
 
-    settings = SamplingSettings(**{option: getattr(args, option) for option, _, _ in TRANSFER_OPTIONS})
+    settings = SamplingSettings(**{option: getattr(args, option) for option, _ in TRANSFER_OPTIONS})
     write_transfer_set(args.teacher, args.output, settings)
 
 

@@ -261,7 +261,7 @@ class DistillationTask:
         self.run_dir = Path(config.output_dir)
         path = self.run_dir / VOCABULARY_FILE
         self.vocabulary = (StudentVocabulary.load(path) if path.is_file()
-                           else StudentVocabulary.from_examples(self._sentences() + self._transfer_sentences()))
+                           else StudentVocabulary.from_examples(self._sentences + self._transfer_sentences))
         print(f"Student vocabulary: {self.vocabulary.size - 2:,} of the teacher tokenizer's {len(base.tokenizer):,} "
               "tokens (those of its training sentences, transfer set included) + padding + unknown")
 
@@ -269,6 +269,7 @@ class DistillationTask:
     def num_labels(self) -> int:
         return self.base.num_labels
 
+    @cached_property
     def _sentences(self) -> list[Encoded]:
         """The training sentences the student learns from (--train-limit applied here, before augmentation)."""
         return evenly_spaced(self.base.encode("train"), self.config.task.train_limit)
@@ -276,11 +277,11 @@ class DistillationTask:
     def encode(self, split: str) -> list[Encoded]:
         if split != "train":
             return [self._student_example(example, example.target, None) for example in self.base.encode(split)]
-        sentences = self._sentences()
+        sentences = self._sentences
         if not (self.run_dir / VOCABULARY_FILE).is_file():
             self.vocabulary.save(self.run_dir / VOCABULARY_FILE)
         settings = self.config.distill
-        examples = sentences + self._augmented_copies(sentences) + self._transfer_sentences()
+        examples = sentences + self._augmented_copies(sentences) + self._transfer_sentences
         if not needs_teacher(settings):
             return [self._student_example(example, example.target, None) for example in examples]
         teacher_model = read_teacher_config(settings.teacher, settings.teacher_checkpoint).model.name
@@ -301,6 +302,7 @@ class DistillationTask:
         return augmented_copies(sentences, [texts[example.origin] for example in sentences], self.base.tokenizer,
                                 self.config.distill, self.config.distill.augment_seed)
 
+    @cached_property
     def _transfer_sentences(self) -> list[Encoded]:
         """The transfer file's sentences in the teacher tokenizer's ids (target: a placeholder, the teacher labels them)."""
         if not self.config.distill.transfer_file:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 
@@ -132,9 +130,8 @@ def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSetti
     def continue_prompts(prompts: list[str], seed: int) -> list[str]:
         nonlocal sampled
         token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            generated = generate_batch(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
-                                       top_p_sampler(settings.temperature, settings.top_p, seed, settings.top_k))
+        generated = generate_batch(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                                   top_p_sampler(settings.temperature, settings.top_p, seed, settings.top_k))
         sampled += len(prompts)
         print(f"sampled {sampled} continuations", flush=True)
         return tokenizer.batch_decode(generated, skip_special_tokens=True)

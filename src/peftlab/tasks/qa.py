@@ -16,6 +16,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 from peftlab.data.squad import read_squad
@@ -65,7 +66,6 @@ class QATask(CompletionTask):
     def __init__(self, tokenizer, data_dir, max_length: int, loss_on: str = "answer", max_new_tokens: int = 32):
         super().__init__("squad", tokenizer, max_length, loss_on)
         self.data_dir, self.max_new_tokens = data_dir, max_new_tokens
-        self._stop_ids: set[int] | None = None
         self.prefix = self.tokens(PROMPT_PREFIX)  # the same for every example
 
     def completions(self, split: str) -> list[Completion]:
@@ -96,12 +96,10 @@ class QATask(CompletionTask):
         reference = QAReference(example.answers, example.id, cut)
         return Encoded(prompt + answer, CompletionTarget(len(prompt), reference), completion.origin)
 
-    @property
+    @cached_property
     def stop_ids(self) -> set[int]:
         """An answer is one line: EOS and the newline tokens stop it."""
-        if self._stop_ids is None:
-            self._stop_ids = line_stop_ids(self.tokenizer)
-        return self._stop_ids
+        return line_stop_ids(self.tokenizer)
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
         generated = generate_batch(model, self.prompts(examples), self.max_new_tokens, self.stop_ids,
