@@ -21,14 +21,17 @@ from peftlab.distill import (
     StudentVocabulary,
     _seed_config,
     augment_sentence,
+    augmented_copies,
     compare_students,
     distill,
     distill_config,
     distillation_loss,
+    edit_words,
+    init_student_embedding,
     teacher_logits,
 )
 from peftlab.models import count_parameters, load_tokenizer
-from peftlab.students import DistilRNN, build_student
+from peftlab.students import DistilRNN, build_student, principal_components
 from peftlab.tasks import Encoded, get_task
 from peftlab.tasks import completion as completion_module
 from peftlab.train import evaluate_run, train
@@ -146,6 +149,100 @@ def test_augmentation_masks_words_and_samples_ngrams_reproducibly():
         ngram = augment_sentence(words, random.Random(seed), 0.0, 1.0, 99)
         assert 1 <= len(ngram) <= 6 and " ".join(map(str, ngram)) in flat  # a contiguous run of 1..5 whole words
     assert augment_sentence(words, random.Random(3), 0.3, 0.5, 99) == augment_sentence(words, random.Random(3), 0.3, 0.5, 99)
+
+
+class ScriptedRandom:
+    """A `random.Random` stand-in that returns the given choice and positions, in order."""
+
+    def __init__(self, edit: str, positions: list[int]):
+        self.edit, self.positions = edit, iter(positions)
+
+    def choice(self, options):
+        assert self.edit in options
+        return self.edit
+
+    def randrange(self, stop: int) -> int:
+        position = next(self.positions)
+        assert 0 <= position < stop
+        return position
+
+
+def test_word_order_edits_swap_delete_and_move_one_word():
+    words = ["a", "b", "c", "d"]
+    assert edit_words(words, ScriptedRandom("swap", [1])) == ["a", "c", "b", "d"]
+    assert edit_words(words, ScriptedRandom("delete", [0])) == ["b", "c", "d"]
+    assert edit_words(words, ScriptedRandom("move", [0, 2])) == ["b", "c", "a", "d"]  # take "a", insert before "d"
+    assert edit_words(words, ScriptedRandom("move", [3, 3])) == words  # put back where it was: allowed, rare
+    assert edit_words(["alone"], random.Random(0)) == ["alone"]
+    assert words == ["a", "b", "c", "d"]  # the input is not modified
+
+
+def test_augmented_copies_with_edits_are_edited_training_sentences(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    texts = ["The cat sat on the mat.", "Mary gave John a book.", "Go!"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sentences = [Encoded(row, label, f"train:{index}") for index, (row, label) in enumerate(zip(ids, [1, 1, 0]))]
+    settings = RunConfig().distill
+    settings.augment, settings.mask_probability, settings.ngram_probability = 4, 0.0, 0.0
+    unchanged = augmented_copies(sentences, texts, tokenizer, settings, seed=0)
+    assert [copy.input_ids for copy in unchanged] == ids * 4  # no edit, no mask, no n-gram: the sentence itself
+    settings.edit_probability = 1.0
+    edited = augmented_copies(sentences, texts, tokenizer, settings, seed=0)
+    assert edited == augmented_copies(sentences, texts, tokenizer, settings, seed=0)  # seeded
+    for copy in edited:
+        source = texts[int(copy.origin.split(":")[1].split()[0])]
+        words, original = tokenizer.decode(copy.input_ids).split(), source.split()
+        if len(original) == 1:
+            assert words == original
+        else:
+            assert words != original or sorted(words) == sorted(original)  # a swap/move may give the same order
+            assert len(words) in (len(original), len(original) - 1) and set(words) <= set(original)
+            assert copy.input_ids == tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    assert sum(copy.input_ids != row for copy, row in zip(edited, ids * 4)) >= 6  # most multi-word copies change
+    settings.mask_probability, settings.edit_probability = 0.5, 0.0
+    generator, mask_id = random.Random(3), tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+    pieces = [[tokenizer(word if index == 0 else " " + word, add_special_tokens=False)["input_ids"]
+               for index, word in enumerate(text.split())] for text in texts]
+    expected = [augment_sentence(words, generator, 0.5, 0.0, mask_id) for _ in range(4) for words in pieces]
+    assert [copy.input_ids for copy in augmented_copies(sentences, texts, tokenizer, settings, seed=3)] == expected
+
+
+def test_principal_components_keep_the_geometry_at_full_width_and_fix_signs():
+    rows = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.1])
+    projected = principal_components(rows, 6)
+    assert projected.shape == (50, 6)
+    torch.testing.assert_close(projected.std(), torch.tensor(1.0))
+    centered = rows - rows.mean(0)
+    scale = projected.std() / (centered @ torch.linalg.svd(centered, full_matrices=False)[2].T).std()
+    exact = "donot_use_mm_for_euclid_dist"
+    torch.testing.assert_close(torch.cdist(projected, projected, compute_mode=exact),
+                               scale * torch.cdist(centered, centered, compute_mode=exact), atol=1e-4, rtol=1e-4)
+    variances = projected.var(0)
+    assert torch.all(variances[:-1] >= variances[1:])  # most variance first
+    torch.testing.assert_close(principal_components(-rows, 2), -principal_components(rows, 2))  # same axes: signs fixed
+    with pytest.raises(PeftlabError, match="--embedding-size at most 6"):
+        principal_components(rows, 7)
+
+
+def test_student_embedding_starts_from_the_teachers_token_embeddings(teacher_run, tmp_path):
+    from peftlab.train import load_run
+
+    teacher, data = teacher_run
+    config = student_config(teacher, tmp_path / "student", embedding_init="teacher")
+    config.task.data_dir = data
+    task = DistillationTask(get_task(config.task, load_tokenizer(config.model.name)), config)
+    student = build_student(config.distill, task.vocabulary, task.num_labels)
+    init_student_embedding(student, config.distill, task.vocabulary)
+    _, _, teacher_model = load_run(teacher)
+    table = teacher_model.backbone.get_input_embeddings().weight.detach()[list(task.vocabulary.teacher_ids)]
+    weight = student.embedding.weight.detach()
+    torch.testing.assert_close(weight[2:], principal_components(table, 8))
+    assert not weight[:2].any()  # padding and unknown: the mean, zero
+    summary = distill(config)  # the training engine applies it: a run trains from there
+    assert summary["epochs_completed"] == 2
+    bad = student_config(teacher, tmp_path / "bad", embedding_init="glove")
+    with pytest.raises(PeftlabError, match="embedding init must be one of random, teacher"):
+        distill(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -291,6 +291,15 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_writes_table_and_plot(tin
     assert "rank2-alpha8" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_sweep_run_names_spell_out_each_point():
+    from peftlab.sweep import expand_grid
+
+    names = [name for name, _ in expand_grid({"setting": [{"adapter.rank": 4, "adapter.alpha": 8},
+                                                          {"adapter.targets": ["q", "k", "v", "o"]}],
+                                              "train.lr": [1e-4]})]
+    assert names == ["rank4-alpha8_lr0.0001", "targetsq+k+v+o_lr0.0001"]
+
+
 def test_sweep_errors_name_the_problem(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("output_dir: x\ngrid:\n  adapter.rnak: [1, 2]\n")

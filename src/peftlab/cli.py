@@ -188,6 +188,10 @@ DISTILL_OPTIONS = {
                 "(word masking, n-gram sampling; seeded), labelled by the teacher (default: 0)"),
     "mask_probability": ("distill", "mask_probability", float, "augmentation: chance of masking a word (default: 0.1)"),
     "ngram_probability": ("distill", "ngram_probability", float, "augmentation: chance of keeping an n-gram only (default: 0.25)"),
+    "edit_probability": ("distill", "edit_probability", float, "augmentation: chance of one word-order edit per copy "
+                         "(swap neighbours, delete or move a word; default: 0)"),
+    "embedding_init": ("distill", "embedding_init", str, "student embedding: random | teacher (PCA of the teacher's "
+                       "token embeddings to --embedding-size; default: random)"),
     "transfer_file": ("distill", "transfer_file", str, "transfer set: a file of unlabelled sentences, one per line, "
                       "labelled by the teacher (see `peftlab transfer-set`; default: none)"),
     "epochs": ("train", "epochs", int, "epochs (default: 10)"),
@@ -195,7 +199,8 @@ DISTILL_OPTIONS = {
 } | {option: TRAIN_OPTIONS[option] for option in (
     "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "seed", "eval_every",
     "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
-DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm")}
+DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm"),
+                   "embedding_init": ("random", "teacher")}
 
 
 TRANSFER_OPTIONS = (  # defaults: peftlab.transfer.SamplingSettings

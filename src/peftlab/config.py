@@ -84,6 +84,8 @@ class DistillConfig:
     ngram_probability: float = 0.25  # augmentation: chance of keeping only a random n-gram (n = 1..5) of a copy
     augment_seed: int = 0  # the transfer set is fixed across student seeds, so its teacher logits are computed once
     transfer_file: str = ""  # unlabelled sentences, one per line, labelled by the teacher (`peftlab transfer-set`)
+    edit_probability: float = 0.0  # augmentation: chance of one word-order edit per copy (swap, delete or move a word)
+    embedding_init: str = "random"  # random | teacher (PCA of the teacher's token embeddings)
 
 
 @dataclass

@@ -47,6 +47,7 @@ VOCABULARY_FILE = "student_vocabulary.json"
 CACHE_DIR = "teacher_logits"
 MAX_NGRAM = 5  # Tang et al. 2019 sample n-grams of n = 1..5 words
 CHECKPOINTS = ("best", "last")
+EMBEDDING_INITS = ("random", "teacher")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,7 +116,29 @@ class StudentVocabulary:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Augmentation (Tang et al. 2019 transfer set, without the POS-guided replacement that needs a tagger)
+# Augmentation (Tang et al. 2019 transfer set, without the POS-guided replacement that needs a tagger), plus
+# word-order edits: CoLA's errors are mostly local, so near-misses of training sentences are the informative part
+# of the input space, where the teacher's soft labels carry the most.
+
+EDITS = ("swap", "delete", "move")
+
+
+def edit_words(words: Sequence[str], generator: random.Random) -> list[str]:
+    """One word-order edit, chosen uniformly: swap two neighbouring words, delete a word, or move a word elsewhere.
+    A one-word sentence is returned unchanged."""
+    words = list(words)
+    if len(words) < 2:
+        return words
+    edit = generator.choice(EDITS)
+    if edit == "swap":
+        index = generator.randrange(len(words) - 1)
+        words[index], words[index + 1] = words[index + 1], words[index]
+    elif edit == "delete":
+        del words[generator.randrange(len(words))]
+    else:
+        word = words.pop(generator.randrange(len(words)))
+        words.insert(generator.randrange(len(words) + 1), word)
+    return words
 
 
 def augment_sentence(word_pieces: Sequence[Sequence[int]], generator: random.Random, mask_probability: float,
@@ -137,23 +160,28 @@ def augmented_copies(sentences: Sequence[Encoded], texts: Sequence[str], tokeniz
                      seed: int) -> list[Encoded]:
     """`settings.augment` copies of every sentence (target: the source sentence's label), seeded by `seed`.
 
-    Words are tokenized one by one (with their leading space), so a masked word is exactly one token. The
-    teacher has no mask token: its unknown token (else end-of-text) stands in, which the student maps to its
-    own unknown id.
+    A copy first gets a word-order edit with probability `settings.edit_probability` (its own random stream, so
+    the masks and n-grams of a seed do not depend on it), then masking and n-gram sampling (`augment_sentence`).
+    Words are tokenized one by one, with a leading space except the first, so a masked word is exactly one
+    token. The teacher has no mask token: its unknown token (else end-of-text) stands in, which the student maps
+    to its own unknown id.
     """
-    words = [text.split() for text in texts]
-    flat = [word if index == 0 else " " + word for sentence in words for index, word in enumerate(sentence)]
-    pieces = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
-    word_pieces = [[next(pieces) for _ in sentence] for sentence in words]
+    generator, edit_generator = random.Random(seed), random.Random(f"{seed} edits")
+    originals = [text.split() for text in texts]
+    copies = [[edit_words(words, edit_generator) if edit_generator.random() < settings.edit_probability else words
+               for words in originals] for _ in range(settings.augment)]
+    keys = sorted({(index == 0, word) for copy in copies for words in copy for index, word in enumerate(words)})
+    ids = tokenizer([word if first else " " + word for first, word in keys], add_special_tokens=False)["input_ids"]
+    pieces = dict(zip(keys, ids))
     mask_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
-    generator = random.Random(seed)
-    copies = []
-    for number in range(1, settings.augment + 1):
-        for sentence, pieces_of_sentence in zip(sentences, word_pieces):
-            ids = augment_sentence(pieces_of_sentence, generator, settings.mask_probability,
-                                   settings.ngram_probability, mask_id)
-            copies.append(Encoded(ids, sentence.target, f"{sentence.origin} augmented {number}"))
-    return copies
+    augmented = []
+    for number, copy in enumerate(copies, start=1):
+        for sentence, words in zip(sentences, copy):
+            word_pieces = [pieces[index == 0, word] for index, word in enumerate(words)]
+            augmented_ids = augment_sentence(word_pieces, generator, settings.mask_probability,
+                                             settings.ngram_probability, mask_id)
+            augmented.append(Encoded(augmented_ids, sentence.target, f"{sentence.origin} augmented {number}"))
+    return augmented
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,6 +421,9 @@ def check_settings(config: RunConfig) -> None:
         (settings.augment >= 0, f"--augment must be >= 0 copies, got {settings.augment}"),
         (0 <= settings.mask_probability <= 1, f"mask probability must be in [0, 1], got {settings.mask_probability}"),
         (0 <= settings.ngram_probability <= 1, f"n-gram probability must be in [0, 1], got {settings.ngram_probability}"),
+        (0 <= settings.edit_probability <= 1, f"edit probability must be in [0, 1], got {settings.edit_probability}"),
+        (settings.embedding_init in EMBEDDING_INITS,
+         f"embedding init must be one of {', '.join(EMBEDDING_INITS)}, got '{settings.embedding_init}'"),
         (settings.teacher_checkpoint in CHECKPOINTS,
          f"teacher checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{settings.teacher_checkpoint}'"),
         (config.adapter.method == "full",
@@ -447,9 +478,11 @@ def compare_students(config: RunConfig, seeds: int = 3) -> Path:
     settings, batch_size = config.distill, config.train.eval_batch_size
     teacher = evaluate_checkpoint(settings.teacher, settings.teacher_checkpoint, batch_size)
     transfer = f", transfer {Path(settings.transfer_file).name}" if settings.transfer_file else ""
-    kd_name = (f"KD student ({settings.student}, alpha {settings.alpha:g}, T {settings.temperature:g}, augment {settings.augment}"
-               f"{transfer})")
-    no_kd_name = f"no-KD student ({settings.student}, alpha 0)"
+    edits = f", edits {settings.edit_probability:g}" if settings.augment and settings.edit_probability else ""
+    embedding = ", teacher embeddings" if settings.embedding_init == "teacher" else ""
+    kd_name = (f"KD student ({settings.student}{embedding}, alpha {settings.alpha:g}, T {settings.temperature:g}, "
+               f"augment {settings.augment}{edits}{transfer})")
+    no_kd_name = f"no-KD student ({settings.student}{embedding}, alpha 0)"
     results = {f"teacher {Path(settings.teacher).name} ({config.model.name})": [teacher], kd_name: [], no_kd_name: []}
     first_kd_run = Path(_seed_config(config, config.train.seed, "kd").output_dir)
     for seed in range(config.train.seed, config.train.seed + seeds):
@@ -503,6 +536,22 @@ def evaluate_checkpoint(run_dir: str, checkpoint: str, batch_size: int) -> dict:
     _, task, model = load_run(run_dir, checkpoint)
     metrics = evaluate(model, task, task.encode("validation"), batch_size)
     return metrics | {"parameters": count_parameters(model)}
+
+
+def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vocabulary: StudentVocabulary) -> None:
+    """Start the student's embedding from the teacher's (`embedding_init: teacher`): each known token's row is the
+    teacher's input embedding of that token reduced to the student's width by PCA (`principal_components`);
+    padding and unknown rows are zero, the mean. Tang et al. 2019 started their BiLSTM from word2vec vectors; here
+    the teacher's own table is at hand."""
+    from peftlab.students import principal_components
+    from peftlab.train import load_run
+
+    _, _, teacher = load_run(settings.teacher, settings.teacher_checkpoint)
+    table = teacher.backbone.get_input_embeddings().weight.detach()[list(vocabulary.teacher_ids)]  # (known, width)
+    with torch.no_grad():
+        student.embedding.weight.zero_()
+        student.embedding.weight[2:] = principal_components(table, student.embedding.embedding_dim)
+    del teacher
 
 
 def _mean_std(values: list[float]) -> str:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from peftlab.errors import PeftlabError
+
 RNN_KINDS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
@@ -60,3 +62,18 @@ def build_student(settings, vocabulary, num_labels: int) -> DistilRNN:
     """The student a run's `DistillConfig` describes, over a `peftlab.distill.StudentVocabulary`."""
     return DistilRNN(vocabulary.size, num_labels, settings.student, settings.embedding_size, settings.hidden_size,
                      settings.layers, settings.bidirectional, settings.dropout, vocabulary.padding_id)
+
+
+def principal_components(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` (N, width) projected on their first `size` principal axes, scaled to unit variance overall (the
+    scale of nn.Embedding's N(0, 1) init). Each axis's sign is fixed (largest loading positive), so the result
+    does not depend on the SVD routine's sign choice."""
+    if not 1 <= size <= min(rows.shape):
+        raise PeftlabError(f"cannot project {rows.shape[0]} embeddings of width {rows.shape[1]} on {size} principal "
+                           f"axes. Fix: --embedding-size at most {min(rows.shape)}")
+    centered = rows.double() - rows.double().mean(0)
+    _, _, axes = torch.linalg.svd(centered, full_matrices=False)  # (k, width), most variance first
+    axes = axes[:size]
+    axes = axes * axes.gather(1, axes.abs().argmax(1, keepdim=True)).sign()
+    projected = centered @ axes.T  # (N, size)
+    return (projected / projected.std()).float()

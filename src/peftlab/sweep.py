@@ -40,7 +40,9 @@ def _set_dotted(values: dict, key: str, value, where: str) -> None:
 def _label(value) -> str:
     if isinstance(value, dict):
         return "-".join(f"{key.rsplit('.', 1)[-1]}{_label(item)}" for key, item in value.items())
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value))
+    if isinstance(value, list):
+        return "+".join(_label(item) for item in value)
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(value))
 
 
 def expand_grid(grid: dict) -> list[tuple[str, dict]]:

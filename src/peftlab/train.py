@@ -211,6 +211,10 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.train.schedule)
     )
+    if config.distill.embedding_init == "teacher" and not resume:
+        from peftlab.distill import init_student_embedding
+
+        init_student_embedding(model, config.distill, task.vocabulary)
     model, optimizer = accelerator.prepare(model, optimizer)
     history = History()
     if resume:
