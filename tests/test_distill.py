@@ -441,6 +441,10 @@ def test_the_teacher_labels_the_transfer_sentences_and_the_no_kd_student_never_s
     assert [example.target.label for example in examples[-3:]] == logits.argmax(-1).tolist()
     assert examples[-1].origin == f"{transfer}:3"
     assert _seed_config(config, 1, "no-kd").distill.transfer_file == ""
+    augmented = student_config(teacher, tmp_path / "augmented", augment=2, edit_probability=1.0, mask_probability=0.0)
+    plain = student_config(teacher, tmp_path / "augmented", alpha=0.3)
+    # the no-KD student does not depend on how the KD student's transfer set was made: its runs can be shared
+    assert _seed_config(augmented, 1, "no-kd").to_dict() == _seed_config(plain, 1, "no-kd").to_dict()
 
     long_line = tmp_path / "long.txt"
     long_line.write_text("cat " * 200 + ".\n", encoding="utf-8")

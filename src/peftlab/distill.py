@@ -505,8 +505,11 @@ def _seed_config(config: RunConfig, seed: int, kind: str) -> RunConfig:
     run_config = copy.deepcopy(config)
     run_config.train.seed = seed
     run_config.output_dir = str(Path(config.output_dir) / f"{kind}-seed{seed}")
-    if kind == "no-kd":
-        run_config.distill.alpha, run_config.distill.augment, run_config.distill.transfer_file = 0.0, 0, ""
+    if kind == "no-kd":  # the same student without its teacher: no soft targets, no transfer set of any kind
+        defaults, settings = DistillConfig(), run_config.distill
+        settings.alpha, settings.augment, settings.transfer_file = 0.0, 0, ""
+        settings.mask_probability, settings.ngram_probability = defaults.mask_probability, defaults.ngram_probability
+        settings.edit_probability, settings.augment_seed = defaults.edit_probability, defaults.augment_seed
     return run_config
 
 
@@ -550,7 +553,8 @@ def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vo
     table = teacher.backbone.get_input_embeddings().weight.detach()[list(vocabulary.teacher_ids)]  # (known, width)
     with torch.no_grad():
         student.embedding.weight.zero_()
-        student.embedding.weight[2:] = principal_components(table, student.embedding.embedding_dim)
+        rows = vocabulary.encode(vocabulary.teacher_ids)  # the student ids of the known tokens
+        student.embedding.weight[rows] = principal_components(table, student.embedding.embedding_dim)
     del teacher
 
 
