@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 import matplotlib
@@ -136,7 +138,7 @@ def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:
         errors = [statistics.stdev(items) if len(items) > 1 else 0.0 for items in values]
         axes.bar([index + offset for index in range(len(values))], means, width, yerr=errors, capsize=4, label=label)
     axes.set_xticks(range(len(results)))
-    axes.set_xticklabels([name.replace(" (", "\n(") for name in results], fontsize=7)
+    axes.set_xticklabels([textwrap.fill(name, 34) for name in results], fontsize=7)  # long names: several lines
     axes.set_ylabel("validation score")
     axes.set_title("teacher vs students (mean ± std over seeds)")
     axes.grid(alpha=0.3, axis="y")
