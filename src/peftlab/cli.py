@@ -73,8 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
     from peftlab.transfer import SamplingSettings
 
+    defaults = SamplingSettings()
     for option, text in TRANSFER_OPTIONS:
-        default = getattr(SamplingSettings(), option)
+        default = getattr(defaults, option)
         transfer.add_argument(f"--{option.replace('_', '-')}", type=type(default), default=default,
                               help=f"{text} (default: {default})")
     transfer.set_defaults(handler=_run_transfer_set)

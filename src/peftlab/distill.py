@@ -25,7 +25,7 @@ import json
 import random
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -48,6 +48,8 @@ CACHE_DIR = "teacher_logits"
 MAX_NGRAM = 5  # Tang et al. 2019 sample n-grams of n = 1..5 words
 CHECKPOINTS = ("best", "last")
 EMBEDDING_INITS = ("random", "teacher")
+TRANSFER_SET_FIELDS = ("augment", "mask_probability", "ngram_probability", "edit_probability", "augment_seed",
+                       "transfer_file")  # how the KD student's transfer set is made; a no-KD student has none
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,10 +508,9 @@ def _seed_config(config: RunConfig, seed: int, kind: str) -> RunConfig:
     run_config.train.seed = seed
     run_config.output_dir = str(Path(config.output_dir) / f"{kind}-seed{seed}")
     if kind == "no-kd":  # the same student without its teacher: no soft targets, no transfer set of any kind
-        defaults, settings = DistillConfig(), run_config.distill
-        settings.alpha, settings.augment, settings.transfer_file = 0.0, 0, ""
-        settings.mask_probability, settings.ngram_probability = defaults.mask_probability, defaults.ngram_probability
-        settings.edit_probability, settings.augment_seed = defaults.edit_probability, defaults.augment_seed
+        defaults = DistillConfig()
+        run_config.distill = replace(
+            run_config.distill, alpha=0.0, **{field: getattr(defaults, field) for field in TRANSFER_SET_FIELDS})
     return run_config
 
 
@@ -555,7 +556,6 @@ def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vo
         student.embedding.weight.zero_()
         rows = vocabulary.encode(vocabulary.teacher_ids)  # the student ids of the known tokens
         student.embedding.weight[rows] = principal_components(table, student.embedding.embedding_dim)
-    del teacher
 
 
 def _mean_std(values: list[float]) -> str:

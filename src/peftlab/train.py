@@ -124,14 +124,20 @@ class History:
     rows: list[dict] = field(default_factory=list)
 
 
-def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torch.dtype):
+def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torch.dtype, fresh: bool = False):
+    """The run's model before any checkpoint is loaded; `fresh`: a new training run, whose initial weights may
+    come from elsewhere (a student's embedding from its teacher) — a resumed or loaded run skips that work."""
     from peftlab.models import load_model
     from peftlab.peft import apply_method
 
     if config.distill.teacher:  # a distillation run trains a small student, not the teacher's transformer
+        from peftlab.distill import init_student_embedding
         from peftlab.students import build_student
 
-        return build_student(config.distill, task.vocabulary, task.num_labels).to(device)
+        student = build_student(config.distill, task.vocabulary, task.num_labels)
+        if fresh and config.distill.embedding_init == "teacher":
+            init_student_embedding(student, config.distill, task.vocabulary)
+        return student.to(device)
     num_labels = getattr(task, "num_labels", 2)
     model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, num_labels=num_labels, dtype=dtype)
     adapter = config.adapter
@@ -143,8 +149,9 @@ def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torc
     return model.to(device)
 
 
-def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Task, torch.nn.Module]:
-    """The run's task and its prepared model; the seed first, so a random-init base is rebuilt exactly."""
+def build_task_and_model(config: RunConfig, device: torch.device, fresh: bool = False) -> tuple[Task, torch.nn.Module]:
+    """The run's task and its prepared model (`fresh`: see `build_model`); the seed first, so a random-init base
+    is rebuilt exactly."""
     from peftlab.models import load_tokenizer
 
     task = get_task(config.task, load_tokenizer(config.model.name))
@@ -153,7 +160,7 @@ def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Task,
 
         task = DistillationTask(task, config)
     torch.manual_seed(config.train.seed)
-    return task, build_model(config, task, device, torch.float32)
+    return task, build_model(config, task, device, torch.float32, fresh)
 
 
 def validate(config: RunConfig) -> None:
@@ -189,7 +196,7 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     device, dtype = resolve_device(config.train.device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     say = accelerator.print
-    task, model = build_task_and_model(config, accelerator.device)
+    task, model = build_task_and_model(config, accelerator.device, fresh=not (resume or dry_run))
     report = parameter_report(model)
     say("\n".join(report.lines()))
     if dry_run:
@@ -211,10 +218,6 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.train.schedule)
     )
-    if config.distill.embedding_init == "teacher" and not resume:
-        from peftlab.distill import init_student_embedding
-
-        init_student_embedding(model, config.distill, task.vocabulary)
     model, optimizer = accelerator.prepare(model, optimizer)
     history = History()
     if resume:
