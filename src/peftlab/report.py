@@ -96,17 +96,28 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def plot_validation_loss(runs: list[dict], path: Path) -> Path:
-    """Every run's validation loss over optimizer steps, overlaid in one PNG."""
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for run in runs:
-        points = [(row["step"], row["val_loss"]) for row in run["rows"] if "val_loss" in row]
-        if points:
-            axes.plot(*zip(*points), marker="o", markersize=3, label=run["name"])
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("validation loss")
+    """Every run's validation loss in one PNG: curves over optimizer steps, or, when no run was evaluated more than
+    once (a curve would be a lone dot), one bar per run with its value."""
+    series = {run["name"]: [(row["step"], row["val_loss"]) for row in run["rows"] if "val_loss" in row] for run in runs}
+    series = {name: points for name, points in series.items() if points}
+    curves = any(len(points) > 1 for points in series.values())
+    figure, axes = plt.subplots(figsize=(7, 4.5 if curves else 1.5 + 0.4 * len(series)), dpi=110)
+    if curves:
+        for name, points in series.items():
+            axes.plot(*zip(*points), marker="o", markersize=3, label=name)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("validation loss")
+        axes.legend(fontsize=8)
+    else:
+        names = list(series)[::-1]  # first run on top
+        losses = [series[name][0][1] for name in names]
+        bars = axes.barh(names, losses)
+        axes.bar_label(bars, fmt="%.4f", fontsize=8, padding=3)
+        axes.set_xlim(0, max(losses, default=1) * 1.15)
+        axes.set_xlabel("validation loss (one evaluation per run)")
+        axes.tick_params(axis="y", labelsize=8)
     axes.set_title("validation loss")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, axis="both" if curves else "x")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -115,7 +126,7 @@ def plot_validation_loss(runs: list[dict], path: Path) -> Path:
 
 
 def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, Path]:
-    """report.md (the table) and val_loss.png (the overlaid curves) for `run_dirs`, written into `output_dir`."""
+    """report.md (the table) and val_loss.png (curves or bars) for `run_dirs`, written into `output_dir`."""
     from peftlab.fileio import write_text_atomic
 
     runs = [read_run(run_dir) for run_dir in run_dirs]
