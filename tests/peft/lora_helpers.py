@@ -9,6 +9,7 @@ import copy
 
 import torch
 from torch import nn
+from tiny_models import tiny_gpt2, tiny_llama
 
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.peft import lora_layers
@@ -17,23 +18,12 @@ VOCAB = 100
 
 
 def tiny_gpt2_hf(seed: int = 0) -> nn.Module:
-    """An unconverted Hugging Face GPT-2 LM (Conv1D layers), in eval mode."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    torch.manual_seed(seed)
-    # No dropout, so train-mode outputs are deterministic and comparable.
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    """An unconverted Hugging Face GPT-2 LM (Conv1D layers) over VOCAB ids, in eval mode."""
+    return tiny_gpt2(seed, vocab_size=VOCAB, special_id=0)
 
 
 def tiny_llama_hf(seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(seed, vocab_size=VOCAB, special_id=0)
 
 
 def converted(hf_model: nn.Module) -> nn.Module:
