@@ -6,12 +6,13 @@ import json
 import pytest
 
 from peftlab import PeftlabError
+from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.squad import read_squad
 from peftlab.tasks import get_task
 from peftlab.tasks.completion import IGNORE
 from peftlab.tasks.qa import exact_match, f1_score, normalize_answer
-from peftlab.train import train
+from peftlab.train import train, write_predictions
 
 FILLER = "Nothing of note happened on that day in the quiet town by the river."
 
@@ -161,3 +162,26 @@ def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_pat
     assert 0 <= best["val_exact_match"] <= best["val_f1"] <= 100
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    # `peftlab eval --predictions` writes a line per validation question.
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["eval", str(tmp_path / "run"), "--predictions", str(predictions)]) == 0
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == summary["validation_examples"]
+    assert {record["origin"].split()[0] for record in records} == {"dev-split-validation.json"}
+
+
+def test_predictions_file_gives_each_question_its_answers_and_own_em_f1(gpt2_tokenizer, tmp_path):
+    data = write_squad(tmp_path, colour_paragraphs(2), colour_paragraphs(3, offset=5))
+    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    examples = task.encode("validation")
+    gold = [example.target.reference.answers[0] for example in examples]
+    predictions = [gold[0], f"the {gold[1]} door", "nothing"]
+    write_predictions(tmp_path / "predictions.jsonl", task, predictions, examples)
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [record["prediction"] for record in records] == predictions
+    assert records[1]["origin"] == "dev-split-validation.json q5-1"
+    assert records[1]["reference"] == {"answers": [gold[1]], "id": "q5-1", "answer_cut": False}
+    assert [record["exact_match"] for record in records] == [100, 0, 0]
+    # "the X door" vs "X": after normalisation 2 predicted tokens, 1 in common: P 1/2, R 1, F1 2/3.
+    assert [record["f1"] for record in records] == pytest.approx([100, 200 / 3, 0])
+    assert sum(record["f1"] for record in records) / 3 == pytest.approx(task.metrics(predictions, examples)["f1"])

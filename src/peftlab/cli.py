@@ -91,6 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predict", choices=("generate", "score", "both"),
                           help="instruct tasks: how to predict (default: the run's); both also reports the agreement")
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
+    evaluate.add_argument("--predictions", metavar="FILE",
+                          help="also write each example's prediction and reference to FILE (JSON lines)")
     for option in EVAL_BASE_OPTIONS:
         section, name, kind, text = TRAIN_OPTIONS[option]
         evaluate.add_argument(f"--{option.replace('_', '-')}", type=str if kind == "list" else kind,
@@ -279,7 +281,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     if not args.run_dir:
         config = RunConfig()
         _apply_options(config, args, EVAL_BASE_OPTIONS)
-    evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config)
+    evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config,
+                 args.predictions)
 
 
 def _run_distill(args: argparse.Namespace) -> None:

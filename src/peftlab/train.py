@@ -18,7 +18,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -427,11 +427,13 @@ def _restore(directory: Path, config: RunConfig, accelerator, model, optimizer, 
 # Evaluation
 
 
-def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accelerator=None) -> dict:
+def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accelerator=None,
+             predictions_file: str | Path | None = None) -> dict:
     """Loss and task metrics on `examples`, with the model in eval mode (LoRA merged).
 
     Examples are sorted by length so batches carry little padding; with several processes each evaluates every
-    P-th example and the results are gathered, so every process returns the same metrics.
+    P-th example and the results are gathered, so every process returns the same metrics. `predictions_file`:
+    also write every example's prediction and reference there (JSON lines, in example order).
     """
     process_index = accelerator.process_index if accelerator else 0
     num_processes = accelerator.num_processes if accelerator else 1
@@ -460,7 +462,36 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
         seconds = max(part[3] for part in gathered)
     predictions = [prediction for _, prediction in sorted(results)]
     metrics = task.metrics(predictions, examples)
+    if predictions_file:
+        write_predictions(Path(predictions_file), task, predictions, examples)
     return {"loss": loss_sum / targets} | metrics | {"examples_per_second": len(examples) / seconds}
+
+
+def write_predictions(path: Path, task: Task, predictions: list, examples: Sequence[Encoded]) -> None:
+    """One JSON line per example: where it comes from, what was predicted, the reference, and the task's own
+    per-example scores when it has them (`example_metrics`, e.g. SQuAD's EM/F1)."""
+    per_example = getattr(task, "example_metrics", None)
+    lines = []
+    for prediction, example in zip(predictions, examples):
+        target = example.target
+        record = {"origin": example.origin, "prediction": _jsonable(prediction),
+                  "reference": _jsonable(getattr(target, "reference", target))}
+        if per_example:
+            record |= per_example(prediction, example)
+        lines.append(json.dumps(record, ensure_ascii=False))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _jsonable(value):
+    if is_dataclass(value):
+        return {member.name: _jsonable(getattr(value, member.name)) for member in fields(value)}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
 
 
 def load_run(run_dir: str, checkpoint: str = "best"):
@@ -483,11 +514,13 @@ def load_run(run_dir: str, checkpoint: str = "best"):
 
 
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
-                 predict: str | None = None, limit: int = 0, config: RunConfig | None = None) -> dict:
+                 predict: str | None = None, limit: int = 0, config: RunConfig | None = None,
+                 predictions_file: str | None = None) -> dict:
     """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics.
 
     Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; instruct tasks only).
-    `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples.
+    `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples;
+    `predictions_file` receives every example's prediction (JSON lines).
     """
     if run_dir:
         config, task, model = load_run(run_dir, checkpoint)
@@ -507,9 +540,12 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
             raise PeftlabError(f"--predict applies to instruct tasks; {task.name} here is a classifier")
         task.predict_mode = predict
     examples = evenly_spaced(task.encode(split), limit)
-    metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size)
+    metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size,
+                       predictions_file=predictions_file)
     print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
           f"{metrics['examples_per_second']:.1f} examples/s")
+    if predictions_file:
+        print(f"predictions: {predictions_file}")
     return metrics
 
 

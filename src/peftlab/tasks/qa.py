@@ -115,6 +115,10 @@ class QATask(CompletionTask):
             "answer_cut": sum(int(example.target.reference.answer_cut) for example in examples),
         }
 
+    def example_metrics(self, prediction: str, example: Encoded) -> dict:
+        answers = example.target.reference.answers
+        return {"exact_match": 100 * exact_match(prediction, answers), "f1": 100 * f1_score(prediction, answers)}
+
     def format_metrics(self, metrics: dict) -> str:
         return (f"EM: {metrics['exact_match']:.2f}, F1: {metrics['f1']:.2f}, empty answers: {metrics['empty_answers']}, "
                 f"answer cut from a long context: {metrics['answer_cut']}")
