@@ -229,6 +229,29 @@ def test_scoring_equals_hand_computed_log_likelihoods(make_tiny_llama):
         torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("verbalizers", ["positive,negative", "very good,quite bad"])  # 1 token each, or 2
+def test_predict_both_equals_generate_and_score_apart_and_reuses_the_prefill(verbalizers, make_tiny_gpt2,
+                                                                              gpt2_tokenizer, rt_data, monkeypatch):
+    from peftlab.models import convert_conv1d_to_linear
+    from peftlab.tasks import instruct
+
+    model = make_tiny_gpt2(seed=4)
+    convert_conv1d_to_linear(model)
+    task = rt_task(gpt2_tokenizer, rt_data, verbalizers=verbalizers.split(","))
+    examples = task.encode("validation")[::61][:9]
+    apart = {}
+    for mode in ("generate", "score"):
+        task.predict_mode = mode
+        apart[mode] = task.predict(model, examples)
+    task.predict_mode = "both"
+    single_token = all(len(tokens) == 1 for tokens in task.answer_tokens)
+    if single_token:  # the generation's first step already holds every answer's likelihood
+        monkeypatch.setattr(instruct, "score_choices", lambda *args: pytest.fail("scored in a second pass"))
+    both = task.predict(model, examples)
+    assert both == [generated | scored for generated, scored in zip(apart["generate"], apart["score"])]
+    assert len({result["score"] for result in both}) == 2 or not single_token  # not a constant answer
+
+
 def test_metrics_count_unparsable_as_wrong_and_report_agreement(gpt2_tokenizer, rt_data):
     task = rt_task(gpt2_tokenizer, rt_data)
     examples = task.encode("validation")[530:536]  # 3 positive then 3 negative

@@ -124,15 +124,26 @@ class InstructTask(CompletionTask):
         """Per example {"generate": label or -1, "text": generated text} and/or {"score": label}."""
         prompts = self.prompts(examples)
         results = [{} for _ in examples]
+        scores = None
         if self.predict_mode in ("generate", "both"):
+            next_token_logits = []  # per decoding step; the first one is the prompt's next-token distribution
+
+            def greedy(logits):
+                next_token_logits.append(logits)
+                return logits.argmax(-1)
+
             longest = max(len(tokens) for tokens in self.answer_tokens)
             eos = self.tokenizer.eos_token_id
-            generated = generate_batch(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id)
+            generated = generate_batch(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy)
             for result, tokens in zip(results, generated):
                 text = self.tokenizer.decode([t for t in tokens if t != eos])
                 result.update(generate=parse_label(text, self.verbalizers), text=text)
+            if all(len(tokens) == 1 for tokens in self.answer_tokens):
+                # Single-token answers: scoring needs exactly that distribution, so no second pass over the prompts.
+                scores = next_token_logits[0].float().log_softmax(-1)[:, [tokens[0] for tokens in self.answer_tokens]]
         if self.predict_mode in ("score", "both"):
-            scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id)
+            if scores is None:
+                scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id)
             for result, label in zip(results, scores.argmax(-1).tolist()):
                 result["score"] = label
         return results
