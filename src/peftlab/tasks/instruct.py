@@ -126,10 +126,11 @@ class InstructTask(CompletionTask):
         results = [{} for _ in examples]
         scores = None
         if self.predict_mode in ("generate", "both"):
-            next_token_logits = []  # per decoding step; the first one is the prompt's next-token distribution
+            first_step_logits = []  # the prompts' next-token distribution
 
             def greedy(logits):
-                next_token_logits.append(logits)
+                if not first_step_logits:
+                    first_step_logits.append(logits)
                 return logits.argmax(-1)
 
             longest = max(len(tokens) for tokens in self.answer_tokens)
@@ -138,9 +139,9 @@ class InstructTask(CompletionTask):
             for result, tokens in zip(results, generated):
                 text = self.tokenizer.decode([t for t in tokens if t != eos])
                 result.update(generate=parse_label(text, self.verbalizers), text=text)
-            if all(len(tokens) == 1 for tokens in self.answer_tokens):
+            if self.predict_mode == "both" and all(len(tokens) == 1 for tokens in self.answer_tokens):
                 # Single-token answers: scoring needs exactly that distribution, so no second pass over the prompts.
-                scores = next_token_logits[0].float().log_softmax(-1)[:, [tokens[0] for tokens in self.answer_tokens]]
+                scores = first_step_logits[0].float().log_softmax(-1)[:, [tokens[0] for tokens in self.answer_tokens]]
         if self.predict_mode in ("score", "both"):
             if scores is None:
                 scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id)
