@@ -12,7 +12,7 @@ from peftlab.data.squad import read_squad
 from peftlab.tasks import get_task
 from peftlab.tasks.completion import IGNORE
 from peftlab.tasks.qa import exact_match, f1_score, normalize_answer
-from peftlab.train import train, write_predictions
+from peftlab.train import evaluate_run, train, write_predictions
 
 FILLER = "Nothing of note happened on that day in the quiet town by the river."
 
@@ -168,6 +168,10 @@ def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_pat
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(records) == summary["validation_examples"]
     assert {record["origin"].split()[0] for record in records} == {"dev-split-validation.json"}
+    (tmp_path / "a-file").write_text("")
+    for bad in (tmp_path / "a-file" / "p.jsonl", tmp_path):  # under a file; a folder
+        with pytest.raises(PeftlabError, match=f"cannot write {bad}"):
+            evaluate_run(str(tmp_path / "run"), predictions_file=str(bad))
 
 
 def test_predictions_file_gives_each_question_its_answers_and_own_em_f1(gpt2_tokenizer, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -482,6 +483,17 @@ def write_predictions(path: Path, task: Task, predictions: list, examples: Seque
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
+def check_writable(path: Path) -> None:
+    """Fail now with a clear message if `path` cannot be written (its folder is created if missing)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PeftlabError(f"cannot write {path}: {error.strerror} ({error.filename}); choose another path") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise PeftlabError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
+                           "choose another path")
+
+
 def _jsonable(value):
     if is_dataclass(value):
         return {member.name: _jsonable(getattr(value, member.name)) for member in fields(value)}
@@ -522,6 +534,8 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples;
     `predictions_file` receives every example's prediction (JSON lines).
     """
+    if predictions_file:
+        check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
         config, task, model = load_run(run_dir, checkpoint)
         label = f"{run_dir} [{checkpoint}]"
