@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from peftlab.errors import PeftlabError
+
 
 def atomic_write_file(path: Path, write: Callable[[str], object]) -> None:
     """Call write(temporary_path) next to `path`, then rename it into place (a crash never leaves half a file)."""
@@ -25,6 +27,17 @@ def atomic_write_file(path: Path, write: Callable[[str], object]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write_file(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before long work whose result goes to `path`, if it cannot be written (its folder is created)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PeftlabError(f"cannot write {path}: {error.strerror} ({error.filename}); choose another path") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise PeftlabError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
+                           "choose another path")
 
 
 def replace_directory(target: Path, fill: Callable[[Path], object]) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from peftlab.config import RunConfig, load_config, save_config
 from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
-from peftlab.fileio import replace_directory, write_text_atomic
+from peftlab.fileio import check_writable, replace_directory, write_text_atomic
 from peftlab.tasks import Encoded, Task, get_task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -474,36 +473,21 @@ def write_predictions(path: Path, task: Task, predictions: list, examples: Seque
     per_example = getattr(task, "example_metrics", None)
     lines = []
     for prediction, example in zip(predictions, examples):
-        target = example.target
-        record = {"origin": example.origin, "prediction": _jsonable(prediction),
-                  "reference": _jsonable(getattr(target, "reference", target))}
+        record = {"origin": example.origin, "prediction": prediction,
+                  "reference": getattr(example.target, "reference", example.target)}
         if per_example:
             record |= per_example(prediction, example)
-        lines.append(json.dumps(record, ensure_ascii=False))
+        lines.append(json.dumps(record, ensure_ascii=False, default=_json_value))
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def check_writable(path: Path) -> None:
-    """Fail now with a clear message if `path` cannot be written (its folder is created if missing)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise PeftlabError(f"cannot write {path}: {error.strerror} ({error.filename}); choose another path") from None
-    if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise PeftlabError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
-                           "choose another path")
-
-
-def _jsonable(value):
+def _json_value(value):
+    """What json cannot write itself: a reference dataclass (by field) or a tensor (as lists)."""
     if is_dataclass(value):
-        return {member.name: _jsonable(getattr(value, member.name)) for member in fields(value)}
+        return {member.name: getattr(value, member.name) for member in fields(value)}
     if isinstance(value, torch.Tensor):
         return value.tolist()
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def load_run(run_dir: str, checkpoint: str = "best"):

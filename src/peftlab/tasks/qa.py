@@ -107,15 +107,16 @@ class QATask(CompletionTask):
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
 
     def metrics(self, predictions: list[str], examples: Sequence[Encoded]) -> dict:
-        references = [example.target.reference.answers for example in examples]
+        scores = [self.example_metrics(p, e) for p, e in zip(predictions, examples)]
         return {
-            "exact_match": 100 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(examples),
-            "f1": 100 * sum(f1_score(p, r) for p, r in zip(predictions, references)) / len(examples),
+            "exact_match": sum(score["exact_match"] for score in scores) / len(examples),
+            "f1": sum(score["f1"] for score in scores) / len(examples),
             "empty_answers": sum(int(not prediction) for prediction in predictions),
             "answer_cut": sum(int(example.target.reference.answer_cut) for example in examples),
         }
 
     def example_metrics(self, prediction: str, example: Encoded) -> dict:
+        """One question's EM and F1 in percent (the dataset's are their means)."""
         answers = example.target.reference.answers
         return {"exact_match": 100 * exact_match(prediction, answers), "f1": 100 * f1_score(prediction, answers)}
 
