@@ -156,17 +156,24 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
 
 
 def test_two_processes_follow_the_one_process_trajectory(tiny_model_dir, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` at the same global batch: same losses (fp32 reduction-order noise)."""
+    """`torchrun --nproc_per_node 2` at the same global batch: two ranks really ran (the summary and the per-rank
+    RNG states of checkpoints/last say so), and the losses are those of one process (fp32 reduction-order noise)."""
     data = write_cola(tmp_path / "data", train_rows=64, dev_rows=16)
     common = ["train", "--task", "cola", "--model", tiny_model_dir, "--data-dir", data, "--targets", "all-linear",
               "--rank", "4", "--alpha", "8", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu"]
     assert main(common + ["--output-dir", str(tmp_path / "one")]) == 0
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "peftlab"]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(launcher + common + ["--output-dir", str(tmp_path / "two")],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    rng = json.loads((tmp_path / "two" / "checkpoints" / "last" / "training_state.json").read_text())
+    rng_states = next(value for key, value in rng["__dict__"] if key == "rng")
+    assert len(rng_states) == 2  # gathered from both ranks
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["num_processes"] == 1
     one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
     assert len(one) == len(two) == 2
     for row_one, row_two in zip(one, two):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import Interrupted, PeftlabError
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from peftlab.models import DEFAULT_MODEL, INITS
@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained; "
                         "merged: a plain model for from_pretrained (default: peft)")
     export.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace what is at OUTPUT_DIR even if it is not an earlier export of this run (never the "
+                        "run itself or a folder holding it)")
     export.set_defaults(handler=_run_export)
 
     sweep = commands.add_parser(
@@ -312,7 +315,7 @@ def _run_transfer_set(args: argparse.Namespace) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from peftlab.train import export_run
 
-    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint)
+    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint, args.overwrite)
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -351,12 +354,9 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from peftlab.report import print_report, write_report
 
-    from peftlab.report import write_report
-
-    table, plot = write_report(args.run_dirs, args.output_dir)
-    print(Path(table).read_text() + f"\ntable: {table}\nplot: {plot}")
+    print_report(*write_report(args.run_dirs, args.output_dir))
 
 
 def _run_templates(args: argparse.Namespace) -> None:
@@ -410,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_logs()
     try:
         args.handler(args)
+    except Interrupted as error:
+        print(f"peftlab {args.command}: interrupted: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"peftlab {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command stopped by Ctrl-C
     except PeftlabError as error:
         print(f"peftlab {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from peftlab.errors import PeftlabError
-from peftlab.fileio import write_text_atomic
+from peftlab.fileio import read_text, write_text_atomic
 
 
 @dataclass
@@ -141,9 +141,7 @@ def _check_type(value, hint, where: str):
 
 def load_config(path: str | os.PathLike) -> RunConfig:
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PeftlabError(f"cannot read config {path}: {error.strerror}") from None
+        values = yaml.safe_load(read_text(Path(path), "config"))
     except yaml.YAMLError as error:
         raise PeftlabError(f"{path}: not valid YAML: {error}") from None
     return _build(RunConfig, values or {}, str(path))

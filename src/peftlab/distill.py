@@ -39,6 +39,7 @@ from peftlab.config import DistillConfig, RunConfig, load_config
 from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import atomic_write_file, write_text_atomic
+from peftlab.runs import run_state
 from peftlab.students import RNN_KINDS
 from peftlab.tasks import Encoded, StepOutput, right_pad
 from peftlab.tasks.classification import classification_metrics
@@ -287,7 +288,7 @@ class DistillationTask:
             raise PeftlabError(f"distillation needs a classification task; {base.name} here is {base.model_task}")
         self.base, self.config = base, config
         self.name, self.test_split = base.name, base.test_split
-        self.select_metric_default = base.select_metric_default
+        self.select_metric_default, self.metric_names = base.select_metric_default, base.metric_names
         self.run_dir = Path(config.output_dir)
         path = self.run_dir / VOCABULARY_FILE
         self.vocabulary = (StudentVocabulary.load(path) if path.is_file()
@@ -522,14 +523,13 @@ def _share_teacher_logits(source_run: Path, target_run: Path) -> None:
 
 
 def _train_unless_done(config: RunConfig) -> None:
-    from peftlab.sweep import run_state
     from peftlab.train import train
 
-    state = run_state(config)
+    state = run_state(Path(config.output_dir), config.train.epochs)
     if state != "new" and load_config(Path(config.output_dir) / "config.yaml").to_dict() != config.to_dict():
         raise PeftlabError(f"{config.output_dir} was trained with another configuration; choose another --output-dir")
     if state != "done":
-        train(config, resume=state == "resume")
+        train(config, resume=state != "new")
 
 
 def evaluate_checkpoint(run_dir: str, checkpoint: str, batch_size: int) -> dict:

@@ -3,3 +3,7 @@
 
 class PeftlabError(Exception):
     """A problem the user can fix: the message says what was expected, what was found and how to fix it."""
+
+
+class Interrupted(PeftlabError):
+    """The user stopped a command (Ctrl-C); the message says what was kept and how to go on."""

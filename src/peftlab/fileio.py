@@ -1,24 +1,38 @@
-"""Atomic writes: every file and directory peftlab produces appears whole or not at all."""
+"""Files in and out: every file and directory peftlab produces appears whole or not at all, with the permissions
+the user's umask gives; reading a file that is missing, unreadable or not UTF-8 is an error naming file and line.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from peftlab.errors import PeftlabError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_file(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(temporary_path) next to `path`, then rename it into place (a crash never leaves half a file)."""
+    """Call write(temporary_path) next to `path`, then rename it into place (a crash never leaves half a file).
+
+    The file gets the mode a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -27,6 +41,47 @@ def atomic_write_file(path: Path, write: Callable[[str], object]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write_file(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def write_json_lines(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, atomically; non-finite floats become null (bare NaN is not JSON)."""
+    write_text_atomic(path, "".join(json.dumps(finite_or_null(record), allow_nan=False) + "\n" for record in records))
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN / ±inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path` (a `what`, for messages); a missing file or a byte that is not UTF-8 is an error
+    naming the file and the line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise PeftlabError(f"cannot read {what} {path}: {error.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise PeftlabError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}). "
+                           f"Fix: save the {what} as UTF-8") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON value in `path`; unreadable or invalid JSON is an error naming the file, line and column."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PeftlabError(f"{path}: not valid JSON ({error.msg}: line {error.lineno}, column {error.colno})") from None
 
 
 def check_writable(path: Path) -> None:
@@ -40,24 +95,74 @@ def check_writable(path: Path) -> None:
                            "choose another path")
 
 
-def replace_directory(target: Path, fill: Callable[[Path], object]) -> Path:
+def is_replaceable(target: Path, marker: str) -> bool:
+    """Whether `replace_directory` may replace `target`: it does not exist, is an empty folder, or is a folder
+    peftlab wrote (it holds the file `marker`)."""
+    if not target.exists() and not target.is_symlink():
+        return True
+    return target.is_dir() and not target.is_symlink() and (not any(target.iterdir()) or (target / marker).is_file())
+
+
+def replace_directory(target: Path, fill: Callable[[Path], object], marker: str, overwrite: bool = False) -> Path:
     """Build a directory beside `target` with fill(path), then swap it in place of `target`; returns `target`.
 
-    The old directory is renamed aside before the new one takes its name and removed afterwards, so at every
-    moment one complete version exists.
+    `fill` must write the file `marker` into the directory: only a folder holding it (or an empty one) is ever
+    replaced, so a user's folder or file at `target` is never deleted; `overwrite` lifts that rule (callers
+    decide when a user may ask for it). The old version is renamed to `.<name>.old` before the new one takes
+    its name and removed afterwards, so at every moment one complete version exists (see `recover_directory`).
     """
     target = Path(target)
+    if not overwrite and not is_replaceable(target, marker):
+        raise PeftlabError(f"{target} exists and was not written by peftlab (no {marker} in it); nothing was changed. "
+                           "Fix: choose a path that does not exist, or move it away first")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)
-    retired = target.with_name(f".{target.name}.old")
+    staging.chmod(0o777 & ~_umask())
+    retired = retired_path(target)
     try:
         fill(staging)
-        if target.exists():
-            shutil.rmtree(retired, ignore_errors=True)
+        if not (staging / marker).is_file():
+            raise RuntimeError(f"replace_directory: fill() did not write {marker}")  # a programming error
+        if target.exists() or target.is_symlink():
+            _remove(retired)
             os.replace(target, retired)
         os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
+        _remove(retired)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def retired_path(target: Path) -> Path:
+    """Where `replace_directory` keeps the previous version of `target` during the swap."""
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_directory(target: Path, marker: str) -> list[str]:
+    """Undo what a process killed inside `replace_directory` left beside `target`; returns what was done.
+
+    Killed while filling: a hidden staging folder `.<name>.XXXXXXXX` (removed). Killed between the two renames:
+    `target` is missing and `.<name>.old` is the previous complete version (renamed back). Killed before the
+    last removal: both exist (the old one is removed).
+    """
+    done = []
+    for staging in sorted(target.parent.glob(f".{target.name}.*")):
+        if staging != retired_path(target) and re.fullmatch(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}", staging.name):
+            _remove(staging)
+            done.append(f"removed the unfinished {staging.name}")
+    retired = retired_path(target)
+    if retired.is_dir() and (retired / marker).is_file():
+        if not target.exists():
+            os.replace(retired, target)
+            done.append(f"restored {target.name} from {retired.name} (the swap to a newer one was interrupted)")
+        else:
+            _remove(retired)
+            done.append(f"removed the leftover {retired.name}")
+    return done
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -7,11 +7,13 @@ temperature 0 meaning greedy, seeded reproducibility, and streaming to a text st
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.fileio import read_text
 
 
 def context_length(model) -> int:
@@ -142,13 +144,7 @@ def _stream_one(model, tokenizer, prompt: str, num_samples: int, arguments: dict
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a UTF-8 text file, one per line; blank lines are separators and are ignored."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as error:
-        raise PeftlabError(f"cannot read prompt file {path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise PeftlabError(f"prompt file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    lines = read_text(Path(path), "prompt file").splitlines()
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise PeftlabError(f"prompt file {path} has no prompt: write one prompt per line")

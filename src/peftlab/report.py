@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from peftlab.errors import PeftlabError  # noqa: E402
+from peftlab.fileio import atomic_write_file, read_json, read_text, write_text_atomic  # noqa: E402
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Write `figure` as a PNG atomically (a crash never leaves half an image) and close it."""
+    atomic_write_file(path, lambda temporary: figure.savefig(temporary, format="png"))
+    plt.close(figure)
+    return path
 
 
 def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
@@ -35,10 +47,7 @@ def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        path = directory / f"{name}.png"
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
+        written.append(save_figure(figure, directory / f"{name}.png"))
     return written
 
 
@@ -48,20 +57,23 @@ def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
 
 def read_run(run_dir: str | Path) -> dict:
     """A finished or interrupted run's config, history and summary (if written yet), for comparison."""
-    import json
-
-    import yaml
-
-    from peftlab.errors import PeftlabError
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
         raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and metrics.jsonl)")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run / "metrics.jsonl"
+    rows = []
+    for number, line in enumerate(read_text(metrics, "metrics file").splitlines(), start=1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError as error:
+            raise PeftlabError(f"{metrics}:{number}: not valid JSON ({error})") from None
     summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return {"name": run.name, "path": str(run), "config": yaml.safe_load((run / "config.yaml").read_text()),
-            "rows": rows, "summary": summary}
+    summary = read_json(summary_path, "run summary") if summary_path.is_file() else {}
+    try:
+        config = yaml.safe_load(read_text(run / "config.yaml", "run config"))
+    except yaml.YAMLError as error:
+        raise PeftlabError(f"{run / 'config.yaml'}: not valid YAML: {error}") from None
+    return {"name": run.name, "path": str(run), "config": config, "rows": rows, "summary": summary}
 
 
 def _number(value, digits: int = 4) -> str:
@@ -119,21 +131,31 @@ def plot_validation_loss(runs: list[dict], path: Path) -> Path:
     axes.set_title("validation loss")
     axes.grid(alpha=0.3, axis="both" if curves else "x")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
+
+
+REPORT_MARKER = "<!-- peftlab report -->"  # report.md's first line: only such a report (and its plot) is replaced
 
 
 def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, Path]:
-    """report.md (the table) and val_loss.png (curves or bars) for `run_dirs`, written into `output_dir`."""
-    from peftlab.fileio import write_text_atomic
+    """report.md (the table) and val_loss.png (curves or bars) for `run_dirs`, written into `output_dir`.
 
-    runs = [read_run(run_dir) for run_dir in run_dirs]
+    An earlier peftlab report there is replaced; a report.md or val_loss.png of anyone else is never overwritten.
+    """
     output = Path(output_dir)
-    table = output / "report.md"
-    write_text_atomic(table, runs_table(runs))
-    return table, plot_validation_loss(runs, output / "val_loss.png")
+    table, plot = output / "report.md", output / "val_loss.png"
+    ours = table.is_file() and read_text(table, "report").startswith(REPORT_MARKER)
+    if not ours and (table.exists() or plot.exists()):
+        raise PeftlabError(f"{output} already has a {'report.md' if table.exists() else 'val_loss.png'} that peftlab did "
+                           "not write; nothing was changed. Fix: choose another --output-dir")
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    write_text_atomic(table, f"{REPORT_MARKER}\n{runs_table(runs)}")
+    return table, plot_validation_loss(runs, plot)
+
+
+def print_report(table: Path, plot: Path) -> None:
+    """What `write_report` wrote, for the terminal."""
+    print(read_text(table, "report").removeprefix(f"{REPORT_MARKER}\n") + f"\ntable: {table}\nplot: {plot}")
 
 
 def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:
@@ -154,7 +176,4 @@ def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:
     axes.grid(alpha=0.3, axis="y")
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import yaml
 
 from peftlab.config import RunConfig, load_config
 from peftlab.errors import PeftlabError
+from peftlab.fileio import read_text
+from peftlab.runs import run_state
 
 
 def _set_dotted(values: dict, key: str, value, where: str) -> None:
@@ -95,9 +96,9 @@ def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tup
     spec = {}
     if path:
         try:
-            spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as error:
-            raise PeftlabError(f"cannot read grid file {path}: {error.strerror}") from None
+            spec = yaml.safe_load(read_text(Path(path), "grid file")) or {}
+        except yaml.YAMLError as error:
+            raise PeftlabError(f"{path}: not valid YAML: {error}") from None
         unknown = set(spec) - {"output_dir", "base", "grid"}
         if unknown:
             raise PeftlabError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected output_dir, base, grid")
@@ -115,36 +116,20 @@ def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tup
     return folder, run_configs(base, folder, grid)
 
 
-def run_state(config: RunConfig) -> str:
-    """A configured run's state: new, resume (an epoch finished, not all) or done (summary.json, every epoch)."""
-    run = Path(config.output_dir)
-    summary = run / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("epochs_completed") == config.train.epochs:
-        return "done"
-    if (run / "checkpoints" / "last" / "training_state.json").is_file():
-        return "resume"
-    if (run / "checkpoints").exists():
-        raise PeftlabError(f"{run} holds a run that never finished an epoch; delete it to start that point again")
-    return "new"
-
-
 def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
     """Train every grid point not done yet, then write <folder>/report.md and <folder>/val_loss.png."""
-    from peftlab.report import write_report
+    from peftlab.report import print_report, write_report
     from peftlab.train import train
 
     folder, configs = load_sweep(path, list(sets), output_dir)
     print(f"sweep: {len(configs)} run(s) in {folder}")
     for index, config in enumerate(configs, start=1):
-        state = run_state(config)
-        if state == "resume":
-            recorded = load_config(Path(config.output_dir) / "config.yaml")
-            if recorded.to_dict() != config.to_dict():
-                raise PeftlabError(f"{config.output_dir} was started with another configuration; delete it or rename the point")
+        state = run_state(Path(config.output_dir), config.train.epochs)
+        if state != "new" and load_config(Path(config.output_dir) / "config.yaml").to_dict() != config.to_dict():
+            raise PeftlabError(f"{config.output_dir} was started with another configuration; delete it or rename the point")
         print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}", flush=True)
         if state != "done":
-            train(config, resume=state == "resume")
+            train(config, resume=state != "new")
     run_dirs = [config.output_dir for config in configs]
-    table, plot = write_report(run_dirs, folder)
-    print(Path(table).read_text() + f"\ntable: {table}\nplot: {plot}")
+    print_report(*write_report(run_dirs, folder))
     return run_dirs

@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftlab.config import RunConfig, load_config, save_config
 from peftlab.data import evenly_spaced
-from peftlab.errors import PeftlabError
-from peftlab.fileio import check_writable, replace_directory, write_text_atomic
+from peftlab.errors import Interrupted, PeftlabError
+from peftlab.fileio import check_writable, finite_or_null, replace_directory, write_json_lines, write_text_atomic
+from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
+from peftlab.runs import (check_last_checkpoint, check_new_run_dir, checkpoint_dir, damaged_checkpoint, recover_run,
+                          run_state)
 from peftlab.tasks import Encoded, Task, get_task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -107,8 +111,16 @@ def save_state(directory: Path, name: str, state: dict) -> None:
 
 
 def load_state(directory: Path, name: str) -> dict:
-    tensors = load_file(directory / f"{name}.safetensors")
-    return _unflatten(json.loads((directory / f"{name}.json").read_text()), tensors)
+    """A state saved by `save_state`; an unreadable file is a `damaged_checkpoint` error naming it."""
+    try:
+        tensors = load_file(directory / f"{name}.safetensors")
+    except (OSError, SafetensorError) as error:
+        raise damaged_checkpoint(directory, f"{name}.safetensors cannot be read: {error}") from None
+    try:
+        skeleton = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+        return _unflatten(skeleton, tensors)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise damaged_checkpoint(directory, f"{name}.json cannot be read: {type(error).__name__}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,6 +133,7 @@ class History:
     step: int = 0  # optimizer steps completed
     best_value: float | None = None
     best_epoch: int | None = None
+    best_step: int | None = None
     rows: list[dict] = field(default_factory=list)
 
 
@@ -149,9 +162,7 @@ def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torc
     return model.to(device)
 
 
-def build_task_and_model(config: RunConfig, device: torch.device, fresh: bool = False) -> tuple[Task, torch.nn.Module]:
-    """The run's task and its prepared model (`fresh`: see `build_model`); the seed first, so a random-init base
-    is rebuilt exactly."""
+def build_task(config: RunConfig) -> Task:
     from peftlab.models import load_tokenizer
 
     task = get_task(config.task, load_tokenizer(config.model.name))
@@ -159,23 +170,48 @@ def build_task_and_model(config: RunConfig, device: torch.device, fresh: bool = 
         from peftlab.distill import DistillationTask
 
         task = DistillationTask(task, config)
+    return task
+
+
+def build_task_and_model(config: RunConfig, device: torch.device, fresh: bool = False) -> tuple[Task, torch.nn.Module]:
+    """The run's task and its prepared model (`fresh`: see `build_model`); the seed first, so a random-init base
+    is rebuilt exactly."""
+    task = build_task(config)
     torch.manual_seed(config.train.seed)
     return task, build_model(config, task, device, torch.float32, fresh)
 
 
 def validate(config: RunConfig) -> None:
-    train = config.train
+    """Every setting the engine reads, checked before anything is loaded (the option is named as on the CLI)."""
+    train, task = config.train, config.task
     checks = [
-        (train.epochs >= 1, f"epochs must be >= 1, got {train.epochs}"),
-        (train.batch_size >= 1, f"batch size must be >= 1, got {train.batch_size}"),
-        (train.grad_accum >= 1, f"grad accumulation must be >= 1, got {train.grad_accum}"),
-        (train.lr > 0, f"learning rate must be > 0, got {train.lr}"),
-        (0 <= train.warmup_ratio < 1, f"warm-up ratio must be in [0, 1), got {train.warmup_ratio}"),
-        (train.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{train.schedule}'"),
+        (train.epochs >= 1, f"--epochs must be >= 1, got {train.epochs}"),
+        (train.batch_size >= 1, f"--batch-size must be >= 1, got {train.batch_size}"),
+        (train.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {train.eval_batch_size}"),
+        (train.grad_accum >= 1, f"--grad-accum must be >= 1, got {train.grad_accum}"),
+        (math.isfinite(train.lr) and train.lr > 0, f"--lr must be > 0, got {train.lr}"),
+        (0 <= train.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {train.warmup_ratio}"),
+        (train.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{train.schedule}'"),
+        (train.weight_decay >= 0, f"--weight-decay must be >= 0, got {train.weight_decay}"),
+        (train.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {train.max_grad_norm}"),
+        (train.eval_every >= 0, f"--eval-every must be >= 0 (0 = once per epoch), got {train.eval_every}"),
+        (task.train_limit >= 0, f"--train-limit must be >= 0 (0 = all examples), got {task.train_limit}"),
+        (task.eval_limit >= 0, f"--eval-limit must be >= 0 (0 = all examples), got {task.eval_limit}"),
+        (task.max_length >= 0, f"--max-length must be >= 0 (0 = the task's), got {task.max_length}"),
     ]
     for ok, message in checks:
         if not ok:
             raise PeftlabError(message)
+
+
+def selection_metric(config: RunConfig, task: Task) -> str:
+    """The validation metric that picks checkpoints/best: --select-metric, checked against the task's metrics."""
+    choices = ("loss", *task.metric_names)
+    select = config.train.select_metric or task.select_metric_default
+    if select not in choices:
+        raise PeftlabError(f"--select-metric '{select}' is not a validation metric of {task.name}: expected one of "
+                           f"{', '.join(choices)} (loss = lowest, the others highest)")
+    return select
 
 
 def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
@@ -183,7 +219,8 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
 
     Args:
         config: the whole run; written to `<output_dir>/config.yaml`.
-        resume: continue from `<output_dir>/checkpoints/last` (model, optimizer, scheduler, RNG, epoch).
+        resume: continue from `<output_dir>/checkpoints/last` (model, optimizer, scheduler, RNG, epoch); a run
+            that never finished an epoch starts again from step 0; a finished run is left as it is.
         stop_after_epoch: stop after this many epochs as if interrupted (to be resumed later).
         dry_run: build the model, print the parameter report and stop.
     """
@@ -193,10 +230,18 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     from peftlab.peft import parameter_report
 
     validate(config)
-    device, dtype = resolve_device(config.train.device)
+    output = Path(config.output_dir)
+    device, _ = resolve_device(config.train.device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     say = accelerator.print
-    task, model = build_task_and_model(config, accelerator.device, fresh=not (resume or dry_run))
+    task = build_task(config)
+    select = selection_metric(config, task)  # before the model loads, not after an epoch
+    state = "new" if dry_run else _prepare_run_dir(output, config, resume, accelerator)
+    if state == "done":
+        say(f"{output} has finished all {config.train.epochs} epochs already; nothing to do (its summary: {output / 'summary.json'})")
+        return json.loads((output / "summary.json").read_text(encoding="utf-8"))
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, task, accelerator.device, torch.float32, fresh=state in ("new", "restart") and not dry_run)
     report = parameter_report(model)
     say("\n".join(report.lines()))
     if dry_run:
@@ -205,7 +250,6 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     train_examples = task.encode("train")
     train_examples = evenly_spaced(train_examples, config.task.train_limit)
     val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
-    output = Path(config.output_dir)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms: no decay
     optimizer = torch.optim.AdamW(
@@ -220,36 +264,70 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     history = History()
-    if resume:
-        history = _restore(output / "checkpoints" / "last", config, accelerator, model, optimizer, scheduler)
-        say(f"Resumed from {output / 'checkpoints' / 'last'} after epoch {history.epoch} (step {history.step})")
-    elif accelerator.is_main_process:
-        if (output / "checkpoints").exists():
-            raise PeftlabError(f"{output} already holds a run. Fix: --resume {output}, or choose another --output-dir")
+    if state == "new" and accelerator.is_main_process:  # written once the run is known to start
         save_config(config, output / "config.yaml")
+    if state == "resume":
+        last = checkpoint_dir(output, "last")
+        history = _restore(last, config, accelerator, model, optimizer, scheduler)
+        say(f"Resumed from {last} after epoch {history.epoch} (step {history.step})")
 
-    engine = _Engine(config, task, accelerator, model, optimizer, scheduler, history, output)
+    engine = _Engine(config, task, accelerator, model, optimizer, scheduler, history, output, select)
     last_epoch = config.train.epochs if stop_after_epoch is None else min(stop_after_epoch, config.train.epochs)
-    for epoch in range(history.epoch, last_epoch):
-        engine.run_epoch(epoch, train_examples, val_examples)
-    summary = engine.summary(report, len(train_examples), len(val_examples))
-    test_split = getattr(task, "test_split", None)
-    if test_split and history.epoch == config.train.epochs:
-        summary["test"] = engine.test_best(test_split)
+    try:
+        for epoch in range(history.epoch, last_epoch):
+            engine.run_epoch(epoch, train_examples, val_examples)
+        summary = engine.summary(report, len(train_examples), len(val_examples))
+        test_split = getattr(task, "test_split", None)
+        if test_split and history.epoch == config.train.epochs:
+            summary["test"] = engine.test_best(test_split)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped at step {history.step}. {engine.kept()}") from None
     if accelerator.is_main_process:
-        write_text_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(output / "summary.json", json.dumps(finite_or_null(summary), indent=2, allow_nan=False) + "\n")
     accelerator.wait_for_everyone()
     return summary
+
+
+def _prepare_run_dir(output: Path, config: RunConfig, resume: bool, accelerator) -> str:
+    """The run directory's state (`runs.run_state`): a new run's folder must hold nothing a run writes; a resumed
+    one is first repaired from whatever a killed process left there."""
+    if not resume:
+        check_new_run_dir(output)
+        return "new"
+    if accelerator.is_main_process:
+        for repair in recover_run(output):
+            accelerator.print(f"{output}: {repair}")
+    accelerator.wait_for_everyone()
+    state = run_state(output, config.train.epochs)
+    if state == "new":
+        raise PeftlabError(f"nothing to resume: {output} holds no run (no config.yaml). Fix: start it without --resume")
+    if state == "restart":
+        accelerator.print(f"{output}: no epoch had finished (no checkpoints/last), so nothing is resumable; training "
+                          "starts again from step 0 with its config.yaml (the same steps are replayed)")
+    return state
 
 
 class _Engine:
     """The loop itself; its state is the run's history plus the objects it was given."""
 
-    def __init__(self, config, task, accelerator, model, optimizer, scheduler, history: History, output: Path):
+    def __init__(self, config, task, accelerator, model, optimizer, scheduler, history: History, output: Path, select: str):
         self.config, self.task, self.accelerator = config, task, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.history, self.output = history, output
-        self.select = config.train.select_metric or task.select_metric_default
+        self.history, self.output, self.select = history, output, select
+        # What checkpoints/last holds on disk (epoch, step): said when the run stops early.
+        self.saved_last = (history.epoch, history.step) if history.epoch else None
+
+    def kept(self, how_to_continue: bool = True) -> str:
+        """What the run directory holds now, and (`how_to_continue`) how to go on from it."""
+        run, history = self.output, self.history
+        best = (f" checkpoints/best holds step {history.best_step} (validation {self.select} {history.best_value:.4f})."
+                if history.best_step is not None else "")
+        if self.saved_last:
+            epoch, step = self.saved_last
+            kept = f"{run}/checkpoints/last holds epoch {epoch} (step {step}).{best}"
+            return kept + (f" Continue with: peftlab train --resume {run}" if how_to_continue else "")
+        kept = f"No epoch had finished, so nothing is resumable.{best}"
+        return kept + (f" `peftlab train --resume {run}` starts the run again from step 0" if how_to_continue else "")
 
     def run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
         from tqdm.auto import tqdm
@@ -295,14 +373,13 @@ class _Engine:
             if micro_batches:
                 totals += torch.tensor([output.loss_sum.item(), output.num_targets, output.num_correct])
         totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+        step = self.history.step + 1
         if not math.isfinite(totals[0].item()):
-            raise PeftlabError(
-                f"the training loss became {totals[0].item()} at step {self.history.step + 1}; stopped. The last good "
-                f"checkpoint is {self.output / 'checkpoints' / 'last'} (if an epoch finished). "
-                "Fix: lower --lr or enable clipping (--max-grad-norm)"
-            )
-        if train_config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(self.model.parameters(), train_config.max_grad_norm)
+            raise self._diverged(f"the training loss became {totals[0].item()} at step {step}")
+        # The norm of the gradients of all processes (clipped when --max-grad-norm > 0; inf only measures it).
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), train_config.max_grad_norm or math.inf)
+        if not math.isfinite(float(grad_norm)):
+            raise self._diverged(f"the gradient norm became {float(grad_norm)} at step {step} (the loss was finite)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -313,8 +390,17 @@ class _Engine:
         total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
         return float(total.item())
 
+    def _diverged(self, what: str) -> PeftlabError:
+        return PeftlabError(f"{what}; stopped before saving anything from that state. {self.kept(False)} "
+                            "Fix: a new run with a lower --lr or clipped gradients (--max-grad-norm 1); resuming "
+                            "would replay the same steps")
+
     def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, final: bool) -> None:
         evaluation = evaluate(self.model, self.task, val_examples, self.config.train.eval_batch_size, self.accelerator)
+        if not math.isfinite(evaluation["loss"]):
+            raise self._diverged(f"the validation loss became {evaluation['loss']} at step {self.history.step}")
+        if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
+            raise self._diverged(f"some trained weights are no longer finite at step {self.history.step}")
         row = {"epoch": epoch + 1, "step": self.history.step, "final_of_epoch": final, "lr": self.scheduler.get_last_lr()[0]}
         if train_totals is not None:
             row |= {"train_loss": train_totals[0].item() / train_totals[1].item(),
@@ -322,13 +408,11 @@ class _Engine:
                     "train_seconds": train_seconds}
         row |= {f"val_{key}": value for key, value in evaluation.items()}
         self.history.rows.append(row)
-        value = evaluation.get(self.select)
-        if value is None:
-            raise PeftlabError(f"--select-metric '{self.select}' is not a validation metric here: {', '.join(evaluation)}")
+        value = evaluation[self.select]
         best = self.history.best_value
-        improved = best is None or (value < best if self.select == "loss" else value > best)
+        improved = math.isfinite(value) and (best is None or (value < best if self.select == "loss" else value > best))
         if improved:
-            self.history.best_value, self.history.best_epoch = value, epoch + 1
+            self.history.best_value, self.history.best_epoch, self.history.best_step = value, epoch + 1, self.history.step
         if final:
             self.history.epoch = epoch + 1
             self._print_epoch(row)
@@ -357,7 +441,8 @@ class _Engine:
         if accelerator.is_main_process:
             metadata = {"epoch": self.history.epoch, "step": self.history.step, "history": self.history.rows[-1]}
             if improved:
-                replace_directory(checkpoints / "best", lambda path: save_adapter(model, path, base, metadata))
+                replace_directory(checkpoints / "best", lambda path: save_adapter(model, path, base, metadata),
+                                  ADAPTER_MARKER)
             if final:
                 def fill_last(path: Path) -> None:
                     save_adapter(model, path, base, metadata)
@@ -366,10 +451,11 @@ class _Engine:
                         "scheduler": self.scheduler.state_dict(), "rng": rng_states,
                         "history": vars(self.history), "num_processes": accelerator.num_processes,
                     })
-                replace_directory(checkpoints / "last", fill_last)
-            lines = "".join(json.dumps(row) + "\n" for row in self.history.rows)
-            write_text_atomic(self.output / "metrics.jsonl", lines)
+                replace_directory(checkpoints / "last", fill_last, ADAPTER_MARKER)
+            write_json_lines(self.output / "metrics.jsonl", self.history.rows)
             plot_history(self.history.rows, self.output / "plots", self.config.task.name)
+        if final:
+            self.saved_last = (self.history.epoch, self.history.step)
         accelerator.wait_for_everyone()
 
     def test_best(self, split: str) -> dict:
@@ -384,14 +470,17 @@ class _Engine:
 
     def summary(self, report, num_train: int, num_val: int) -> dict:
         final_rows = [row for row in self.history.rows if row.get("final_of_epoch")]
-        best = next((row for row in self.history.rows if row["epoch"] == self.history.best_epoch
-                     and row.get(f"val_{self.select}") == self.history.best_value), None)
+        history = self.history
+        best = next((row for row in history.rows if row.get(f"val_{self.select}") == history.best_value and (
+            row["step"] == history.best_step if history.best_step is not None else row["epoch"] == history.best_epoch)),
+            None)  # training states written before best_step existed know the epoch only
         return {
             "task": self.config.task.name, "model": self.config.model.name, "method": self.config.adapter.method,
             "parameters": {"total": report.total, "trainable": report.trainable, "adapter": report.adapter,
                            "reduction": report.reduction},
             "train_examples": num_train, "validation_examples": num_val,
             "skipped_examples": dict(getattr(self.task, "skipped", {})),
+            "num_processes": self.accelerator.num_processes,
             "select_metric": self.select, "best": best, "last": final_rows[-1] if final_rows else None,
             "epochs_completed": self.history.epoch,
             "seconds_per_epoch": [row["train_seconds"] for row in final_rows],
@@ -403,24 +492,26 @@ def _num_targets(inputs: dict) -> int:
 
 
 def _restore(directory: Path, config: RunConfig, accelerator, model, optimizer, scheduler) -> History:
+    """Load checkpoints/last into the prepared objects; a damaged or incomplete checkpoint is a clear error."""
     from peftlab.peft import load_adapter
 
-    if not (directory / "training_state.json").is_file():
-        raise PeftlabError(f"nothing to resume: {directory} has no training state (no epoch finished yet?)")
-    load_adapter(accelerator.unwrap_model(model), directory, config.model.name)
-    optimizer.load_state_dict(load_state(directory, "optimizer"))
-    state = load_state(directory, "training_state")
-    if state["num_processes"] != accelerator.num_processes:
-        raise PeftlabError(
-            f"{directory} was written by {state['num_processes']} process(es); resume with the same number "
-            f"(now {accelerator.num_processes})"
-        )
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][accelerator.process_index]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return History(**state["history"])
+    check_last_checkpoint(directory)
+    optimizer_state, state = load_state(directory, "optimizer"), load_state(directory, "training_state")
+    try:
+        written_by = state["num_processes"]
+        if written_by != accelerator.num_processes:
+            raise PeftlabError(f"{directory} was written by {written_by} process(es); resume with the same number "
+                               f"(now {accelerator.num_processes})")
+        load_adapter(accelerator.unwrap_model(model), directory, config.model.name)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"][accelerator.process_index]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return History(**state["history"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise damaged_checkpoint(directory, f"its training state does not fit this run: {type(error).__name__}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,6 +609,8 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples;
     `predictions_file` receives every example's prediction (JSON lines).
     """
+    if limit < 0:
+        raise PeftlabError(f"--limit must be >= 0 (0 = all examples), got {limit}")
     if predictions_file:
         check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
@@ -547,20 +640,56 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     return metrics
 
 
-def export_run(run_dir: str, output_dir: str, export_format: str = "peft", checkpoint: str = "best") -> Path:
-    """Export a run's checkpoint for the Hugging Face ecosystem: a `peft` adapter or a merged plain model."""
+EXPORT_FORMATS = ("peft", "merged")
+
+
+def export_run(run_dir: str, output_dir: str, export_format: str = "peft", checkpoint: str = "best",
+               overwrite: bool = False) -> Path:
+    """Export a run's checkpoint for the Hugging Face ecosystem: a `peft` adapter or a merged plain model.
+
+    `output_dir` must not exist, be empty, or hold an earlier export of this run; `overwrite` replaces anything
+    else there, except the run itself, a folder holding it, or a part of it.
+    """
     from peftlab.models import hf_reference
     from peftlab.peft import export_merged, export_peft
 
+    if export_format not in EXPORT_FORMATS:
+        raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
+    check_export_target(Path(run_dir), Path(output_dir), overwrite)  # before the model loads
     config, task, model = load_run(run_dir, checkpoint)
     if config.distill.teacher:
         raise PeftlabError(f"{run_dir} is a distilled student (DistilRNN), not a Hugging Face model: nothing to export; "
                            "its checkpoints are safetensors + JSON already")
+    record = {"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint}
     if export_format == "peft":
-        path = export_peft(model, output_dir, hf_reference(config.model.name))
-    elif export_format == "merged":
-        path = export_merged(model, output_dir, task.tokenizer)
+        path = export_peft(model, output_dir, hf_reference(config.model.name), record, overwrite)
     else:
-        raise PeftlabError(f"unknown export format '{export_format}': expected peft or merged")
+        path = export_merged(model, output_dir, task.tokenizer, record, overwrite)
     print(f"exported {run_dir} [{checkpoint}] as {export_format} to {path}")
     return path
+
+
+def check_export_target(run: Path, target: Path, overwrite: bool) -> None:
+    """Refuse an export path whose replacement would lose something (see `export_run`)."""
+    from peftlab.peft.export import read_export_record
+
+    run_path, target_path = run.resolve(), target.resolve()
+    fix = f"Fix: choose a path outside the run, e.g. {run.resolve().name}-export beside it"
+    if target_path == run_path:
+        raise PeftlabError(f"{target} is the run directory itself; exporting there would replace the run. {fix}")
+    if target_path in run_path.parents:
+        raise PeftlabError(f"{target} holds the run directory {run}; exporting there would replace it. {fix}")
+    if not target.exists() and not target.is_symlink():
+        return
+    earlier = read_export_record(target) if target.is_dir() else None
+    if earlier and earlier.get("run") == str(run_path):
+        return  # an earlier export of this run: replaced
+    if run_path in target_path.parents:
+        raise PeftlabError(f"{target} is part of the run {run} (not an export of it); exporting there would replace "
+                           "it. Fix: choose a path that does not exist yet")
+    if overwrite or (target.is_dir() and not any(target.iterdir())):
+        return
+    what = ("a file" if not target.is_dir() else
+            f"an export of another run ({earlier.get('run')})" if earlier else "a folder that is not an export of this run")
+    raise PeftlabError(f"{target} exists and is {what}; nothing was changed. Fix: choose another path, or add "
+                       "--overwrite to replace it")

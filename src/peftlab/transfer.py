@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from peftlab.errors import PeftlabError
-from peftlab.fileio import write_text_atomic
+from peftlab.fileio import read_text, write_text_atomic
 
 SENTENCE_ENDS = (".", "?", "!")
 MAX_WORDS = 40
@@ -30,10 +30,7 @@ def read_transfer_file(path: str | Path) -> list[tuple[str, str]]:
     if not file.is_file():
         raise PeftlabError(f"transfer file {file} not found. Fix: write one with `peftlab transfer-set --teacher RUN_DIR "
                            f"--output {file}`, or pass an existing file (one sentence per line)")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise PeftlabError(f"transfer file {file} is not UTF-8 text ({error}); save it as UTF-8") from error
+    lines = read_text(file, "transfer file").splitlines()
     sentences = [(line.strip(), f"{file}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
     if not sentences:
         raise PeftlabError(f"transfer file {file} has no sentences (expected one sentence per line)")

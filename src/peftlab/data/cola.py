@@ -11,6 +11,7 @@ import os
 
 from peftlab.data import LabelledText, require_file, resolve_data_dir
 from peftlab.errors import PeftlabError
+from peftlab.fileio import read_text
 
 SPLIT_FILES = {"train": "in_domain_train.tsv", "validation": "in_domain_dev.tsv", "validation_ood": "out_of_domain_dev.tsv"}
 LABEL_NAMES = ("unacceptable", "acceptable")
@@ -22,21 +23,22 @@ def read_cola(split: str, data_dir: str | os.PathLike | None = None) -> list[Lab
         raise PeftlabError(f"unknown CoLA split '{split}': expected one of {', '.join(SPLIT_FILES)}")
     path = require_file(resolve_data_dir(data_dir, "cola") / SPLIT_FILES[split], f"CoLA {split} split")
     examples = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            origin = f"{path}:{line_number}"
-            columns = line.split("\t")
-            if len(columns) != 4:
-                raise PeftlabError(
-                    f"{origin}: expected 4 tab-separated columns (source, label, mark, sentence), found {len(columns)}"
-                )
-            label, sentence = columns[1], columns[3].strip()
-            if label not in ("0", "1"):
-                raise PeftlabError(f"{origin}: label must be 0 or 1, found {label!r}")
-            if not sentence:
-                raise PeftlabError(f"{origin}: empty sentence")
-            examples.append(LabelledText(sentence, int(label), origin))
+    text = read_text(path, f"CoLA {split} file")
+    lines = text.removesuffix("\n").split("\n") if text else []  # numbered as editors do: by \n
+    for line_number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        origin = f"{path}:{line_number}"
+        columns = line.split("\t")
+        if len(columns) != 4:
+            raise PeftlabError(
+                f"{origin}: expected 4 tab-separated columns (source, label, mark, sentence), found {len(columns)}"
+            )
+        label, sentence = columns[1], columns[3].strip()
+        if label not in ("0", "1"):
+            raise PeftlabError(f"{origin}: label must be 0 or 1, found {label!r}")
+        if not sentence:
+            raise PeftlabError(f"{origin}: empty sentence")
+        examples.append(LabelledText(sentence, int(label), origin))
     if not examples:
         raise PeftlabError(f"{path}: no examples (empty file)")
     return examples

@@ -11,12 +11,12 @@ question id.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from peftlab.data import require_file, resolve_data_dir
 from peftlab.errors import PeftlabError
+from peftlab.fileio import read_json
 
 SPLIT_FILES = {"train": ("dev-split-train.json", "train-v1.1.json"),
                "validation": ("dev-split-validation.json", "dev-v1.1.json")}
@@ -46,10 +46,7 @@ def split_path(split: str, data_dir: str | os.PathLike | None):
 def read_squad(split: str, data_dir: str | os.PathLike | None = None) -> list[QAExample]:
     """Every question of a split, in file order; malformed structure or a misplaced answer is an error."""
     path = split_path(split, data_dir)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise PeftlabError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    document = read_json(path, f"SQuAD {split} file")
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise PeftlabError(f"{path}: expected SQuAD v1.1 JSON, an object with a 'data' list of articles")
     examples, bad = [], []

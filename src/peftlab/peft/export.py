@@ -15,6 +15,10 @@ loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` la
 `export_merged` folds the adapters in and saves a plain model `from_pretrained` can load (for GPT-2 the linear
 layers are turned back into `Conv1D`, weight (in, out), by `convert_linear_to_conv1d`).
 
+Either export is one directory, built beside its place and swapped in whole, with `peftlab_export.json` saying
+what it is (format, and for a run's export the run and checkpoint). Only such a directory, or an empty one, is
+ever replaced: a user's folder or file at the path is refused unless `overwrite` is given.
+
 peft itself is not imported: the format is written by hand and checked against peft in the tests.
 """
 
@@ -33,12 +37,13 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
-from peftlab.fileio import atomic_write_file, replace_directory
+from peftlab.fileio import replace_directory, write_text_atomic
 from peftlab.peft.inject import architecture, canonical_parameter_names, classifier_head, is_norm
 from peftlab.peft.lora import lora_layers, merge_and_strip
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+EXPORT_RECORD = "peftlab_export.json"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -64,14 +69,35 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str) -> Path:
+def _write_export(directory: str | os.PathLike, fill, export_format: str, record: dict | None, overwrite: bool) -> Path:
+    def fill_and_record(staging: Path) -> None:
+        fill(staging)
+        write_text_atomic(staging / EXPORT_RECORD, json.dumps({"format": export_format} | (record or {}), indent=2) + "\n")
+
+    return replace_directory(Path(directory), fill_and_record, EXPORT_RECORD, overwrite)
+
+
+def read_export_record(directory: str | os.PathLike) -> dict | None:
+    """What an earlier export in `directory` recorded, or None when it is not one."""
+    path = Path(directory) / EXPORT_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str,
+                record: dict | None = None, overwrite: bool = False) -> Path:
     """Write the model's LoRA adapter in Hugging Face peft's format (loadable with `PeftModel.from_pretrained`).
 
     Args:
         model: a model with LoRA layers (merged or not).
-        directory: output directory (created); `adapter_config.json` and `adapter_model.safetensors` are replaced
-            atomically.
+        directory: the export directory: `adapter_config.json`, `adapter_model.safetensors` and the export record;
+            it must not exist, be empty, or be an earlier export (unless `overwrite`).
         base_model_name_or_path: what peft records as the base (a hub id or a local directory).
+        record: extra facts for the export record (e.g. the run and checkpoint exported).
+        overwrite: replace whatever is at `directory`.
     """
     layers = list(lora_layers(model))
     if not layers:
@@ -135,11 +161,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         "use_dora": False,
         "inference_mode": True,
     }
-    directory = Path(directory)
     cpu_tensors = {key: tensor.to("cpu").contiguous().clone() for key, tensor in tensors.items()}
-    atomic_write_file(directory / PEFT_WEIGHTS_FILE, lambda path: save_file(cpu_tensors, path, metadata={"format": "pt"}))
-    atomic_write_file(directory / PEFT_CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
-    return directory
+
+    def fill(staging: Path) -> None:
+        save_file(cpu_tensors, staging / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return _write_export(directory, fill, "peft", record, overwrite)
 
 
 def convert_linear_to_conv1d(model: nn.Module) -> list[str]:
@@ -198,13 +226,16 @@ def merged_hf_model(model: nn.Module) -> nn.Module:
     return plain
 
 
-def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer=None, record: dict | None = None,
+                  overwrite: bool = False) -> Path:
     """Save `model` with its adapters merged as a plain `transformers` model (`from_pretrained` loads it).
 
     Args:
         model: a model with or without LoRA layers; it is not modified.
-        directory: output directory; written next to its final place and renamed into it.
+        directory: the export directory, written next to its final place and renamed into it; it must not exist,
+            be empty, or be an earlier export (unless `overwrite`).
         tokenizer: saved alongside when given, so the directory is a complete model.
+        record, overwrite: as for `export_peft`.
     """
     plain = merged_hf_model(model)
 
@@ -213,4 +244,4 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer=None
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
-    return replace_directory(Path(directory), fill)
+    return _write_export(directory, fill, "merged", record, overwrite)

@@ -102,7 +102,8 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[AdapterSpec]:
-    """Turn roles / names / regexes into the list of modules (and fused slices) to adapt. Errors if none match."""
+    """Turn roles / names / regexes into the list of modules (and fused slices) to adapt; an item that matches no
+    linear layer is an error naming it."""
     items = parse_targets(targets)
     if not items:
         raise PeftlabError(f"no adapter targets given: expected roles ({', '.join(ROLES)}), module names or regexes")
@@ -120,6 +121,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
                     f"{_candidates(linears)}"
                 )
             roles = ("q", "k", "v", "o", "mlp") if item == "all-linear" else (item,)
+            found = False
             for role in roles:
                 for suffix, slice_name in ROLE_MAPS[arch][role]:
                     already = [name for name in adapted if _has_suffix(name, suffix)]
@@ -130,10 +132,13 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
                         )
                     for name in linears:
                         if _has_suffix(name, suffix):
+                            found = True
                             if slice_name is None:
                                 whole.add(name)
                             else:
                                 sliced.setdefault(name, set()).add(slice_name)
+            if not found:
+                raise _matched_nothing(item, linears)
             continue
         is_regex = any(character in _REGEX_CHARACTERS for character in item)
         if is_regex:
@@ -157,6 +162,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
         already = [name for name in adapted if (pattern.fullmatch(name) if is_regex else _has_suffix(name, item))]
         if already:
             raise PeftlabError(f"target '{item}' matches layers that already have a LoRA adapter: {_candidates(already)}")
+        if not matched:  # every item must count: a typo beside a valid target would otherwise be dropped silently
+            raise _matched_nothing(item, linears)
         whole.update(matched)
 
     specs = []
@@ -167,12 +174,12 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Adap
             specs.append(AdapterSpec(name))  # q, k and v together: one LoRA on the whole fused layer
         else:
             specs.append(AdapterSpec(name, tuple(s for s in layout if s in slice_names)))
-    if not specs:
-        raise PeftlabError(
-            f"adapter targets {items} matched no linear layer of this {arch or 'model'}. Roles: {', '.join(ROLES)}; "
-            f"or module names / regexes among: {_candidates(linears)}"
-        )
     return specs
+
+
+def _matched_nothing(item: str, linears: dict[str, nn.Linear]) -> PeftlabError:
+    return PeftlabError(f"target '{item}' matched no linear layer of this model. Roles: {', '.join(ROLES)}; or module "
+                        f"names / regexes among: {_candidates(linears)}")
 
 
 def _slice_rows(name: str, linear: nn.Linear, slice_names: tuple[str, ...]) -> dict[str, tuple[int, int]]:

@@ -47,6 +47,7 @@ class Task(Protocol):
     test_split: str | None  # evaluated with checkpoints/best when training ends (None: validation is the test)
     model_task: str  # what `load_model(task=...)` must build: "classification" or "causal-lm"
     select_metric_default: str
+    metric_names: tuple[str, ...]  # validation metrics that can pick checkpoints/best (higher is better); loss too
 
     def encode(self, split: str) -> list[Encoded]: ...
 

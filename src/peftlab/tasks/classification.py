@@ -21,6 +21,7 @@ from peftlab.tasks import Encoded, StepOutput, right_pad
 class ClassificationTask:
     model_task = "classification"
     select_metric_default = "mcc"
+    metric_names = ("accuracy", "mcc")
 
     def __init__(
         self,

@@ -149,6 +149,10 @@ class InstructTask(CompletionTask):
                 result["score"] = label
         return results
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("accuracy", "mcc") + (("score_accuracy", "agreement") if self.predict_mode == "both" else ())
+
     def metrics(self, predictions: list[dict], examples: Sequence[Encoded]) -> dict:
         labels = [example.target.reference for example in examples]
         primary = "generate" if "generate" in predictions[0] else "score"

@@ -61,6 +61,7 @@ class QAReference:
 
 class QATask(CompletionTask):
     select_metric_default = "f1"
+    metric_names = ("exact_match", "f1")
     test_split = None  # the validation articles are the held-out ones
 
     def __init__(self, tokenizer, data_dir, max_length: int, loss_on: str = "answer", max_new_tokens: int = 32):
