@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from peftlab.models import load_model, smollm2_cache_path
-from peftlab.peft import apply_method, convert_linear_to_conv1d, merge_and_strip
+from peftlab.hf import convert_linear_to_conv1d
+from peftlab.peft import apply_method, merge_and_strip
 
 RANK, ALPHA = 8, 16
 PEFT_TARGETS = {

@@ -196,7 +196,7 @@ def test_a_nan_metric_is_never_best_and_metrics_stay_valid_json(tiny_model_dir, 
 
 def test_every_target_item_must_match_a_layer(make_tiny_llama, make_tiny_gpt2):
     from peftlab.models import convert_conv1d_to_linear
-    from peftlab.peft.inject import resolve_targets
+    from peftlab.peft import resolve_targets
 
     with pytest.raises(PeftlabError, match=r"target 'v_porj' matched no linear layer.*v_proj"):
         resolve_targets(make_tiny_llama(), ["q_proj", "v_porj"])

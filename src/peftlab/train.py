@@ -651,7 +651,7 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
     else there, except the run itself, a folder holding it, or a part of it.
     """
     from peftlab.models import hf_reference
-    from peftlab.peft import export_merged, export_peft
+    from peftlab.hf import export_merged, export_peft
 
     if export_format not in EXPORT_FORMATS:
         raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
@@ -671,7 +671,7 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
 
 def check_export_target(run: Path, target: Path, overwrite: bool) -> None:
     """Refuse an export path whose replacement would lose something (see `export_run`)."""
-    from peftlab.peft.export import read_export_record
+    from peftlab.hf import read_export_record
 
     run_path, target_path = run.resolve(), target.resolve()
     fix = f"Fix: choose a path outside the run, e.g. {run.resolve().name}-export beside it"

@@ -43,7 +43,7 @@ def randomize_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) ->
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            for parameter in layer.lora_parameters():
+            for parameter in layer.adapter_parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 

@@ -40,8 +40,9 @@ def test_round_trip_onto_a_fresh_base_model(tmp_path, tokens):
     assert sorted(path.name for path in tmp_path.iterdir()) == [CONFIG_FILE, TENSORS_FILE]
     config = read_adapter_config(tmp_path)
     assert config["base_model"] == "tiny-gpt2" and config["metadata"] == {"method": "lora"}
-    assert config["adapters"][0] == {"module": "backbone.h.0.attn.c_attn", "slices": ["q", "v"], "rank": 2,
-                                     "alpha": 8.0, "dropout": 0.1}
+    assert config["method"] == "lora" and config["format_version"] == 2
+    assert config["adapters"][0] == {"module": "backbone.h.0.attn.c_attn", "kind": "lora", "slices": ["q", "v"],
+                                     "rank": 2, "alpha": 8.0, "dropout": 0.1}
     # Only the fine-tuned tensors are saved: LoRA A/B, head, norms; never a frozen base weight.
     assert set(config["shapes"]) == set(adapter_state_dict(model))
     assert "score.weight" in config["shapes"] and "backbone.h.0.ln_1.bias" in config["shapes"]
@@ -87,7 +88,7 @@ def test_refuses_another_base_model_other_shapes_other_layers(tmp_path):
 
     different = tiny_classifier(hf)
     apply_adapters(different, ["q"], rank=2, alpha=8)
-    with pytest.raises(PeftlabError, match="LoRA layers differ"):
+    with pytest.raises(PeftlabError, match="adapter modules differ"):
         load_adapter(different, tmp_path, base_model="tiny-gpt2")
 
 

@@ -35,7 +35,7 @@ def _base(seed: int = 0, k: int = 16, d: int = 24) -> nn.Linear:
 def _randomize(layer) -> None:
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for parameter in layer.lora_parameters():
+        for parameter in layer.adapter_parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
 
 

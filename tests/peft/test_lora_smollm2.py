@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from peftlab.peft import apply_method, export_merged, export_peft, lora_layers, parameter_report
+from peftlab.hf import export_merged, export_peft
+from peftlab.peft import apply_method, lora_layers, parameter_report
 
 from lora_helpers import randomize_adapters
 

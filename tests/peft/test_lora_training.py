@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftlab.peft import apply_method, disable_adapters
-from peftlab.peft.inject import canonical_parameter_names
+from peftlab.peft.prepare import canonical_parameter_names
 
 from lora_helpers import converted, tiny_classifier, tiny_gpt2_hf, tiny_llama_hf
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.hf import export_merged, export_peft
 from peftlab.peft import (
     apply_adapters,
     apply_method,
-    export_merged,
-    export_peft,
     load_adapter,
     lora_layers,
     merge_and_strip,

@@ -1,5 +1,7 @@
-"""Parameter-efficient fine-tuning, independent of tasks and training: LoRA layers, injection by role or name,
-trainability per method, parameter reports, adapter checkpoints and Hugging Face exports.
+"""Parameter-efficient fine-tuning, independent of tasks, training and model heads: the adapter-method protocol
+(`base`) and its methods (`lora`, `simple`: full, bitfit, head; registry: `methods`), targets by role or name
+(`targets`), trainability and parameter reports (`prepare`), adapter checkpoints (`checkpoint`). Hugging Face
+exports live in `peftlab.hf`.
 
 Typical use from a notebook::
 
@@ -11,53 +13,54 @@ Typical use from a notebook::
     print(parameter_report(model))
 """
 
-from peftlab.peft.checkpoint import load_adapter, read_adapter_config, save_adapter
-from peftlab.peft.export import convert_linear_to_conv1d, export_merged, export_peft, merged_hf_model
-from peftlab.peft.inject import (
-    EXTRA_TRAINABLE,
-    METHODS,
-    ROLES,
-    ParameterReport,
-    adapter_state_dict,
-    apply_adapters,
-    apply_method,
-    mark_trainable,
-    parameter_report,
-)
-from peftlab.peft.lora import (
-    FusedLoRALinear,
-    LoRALayer,
-    LoRALinear,
+from peftlab.peft.base import (
+    AdapterMethod,
+    AdapterModule,
+    MethodSettings,
+    adapter_modules,
     disable_adapters,
-    lora_layers,
     merge_adapters,
     merge_and_strip,
     unmerge_adapters,
 )
+from peftlab.peft.checkpoint import load_adapter, read_adapter_config, save_adapter
+from peftlab.peft.lora import FusedLoRALinear, LoRALayer, LoRALinear, apply_adapters, lora_layers
+from peftlab.peft.methods import METHODS, get_method
+from peftlab.peft.prepare import (
+    EXTRA_TRAINABLE,
+    ParameterReport,
+    adapter_state_dict,
+    apply_method,
+    mark_trainable,
+    parameter_report,
+)
+from peftlab.peft.targets import ROLES, resolve_targets
 
 __all__ = [
     "EXTRA_TRAINABLE",
     "METHODS",
     "ROLES",
+    "AdapterMethod",
+    "AdapterModule",
     "FusedLoRALinear",
     "LoRALayer",
     "LoRALinear",
+    "MethodSettings",
     "ParameterReport",
+    "adapter_modules",
     "adapter_state_dict",
     "apply_adapters",
     "apply_method",
-    "convert_linear_to_conv1d",
     "disable_adapters",
-    "export_merged",
-    "export_peft",
+    "get_method",
     "load_adapter",
     "lora_layers",
     "mark_trainable",
     "merge_adapters",
     "merge_and_strip",
-    "merged_hf_model",
     "parameter_report",
     "read_adapter_config",
+    "resolve_targets",
     "save_adapter",
     "unmerge_adapters",
 ]

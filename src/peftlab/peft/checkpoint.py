@@ -1,12 +1,15 @@
-"""Adapter checkpoints: the fine-tuned tensors only (LoRA A/B + trained head, biases, norms), never the base.
+"""Adapter checkpoints: the fine-tuned tensors only (adapter modules + trained head, biases, norms), never the base.
 
 A checkpoint directory holds
   peftlab_adapter.safetensors   the tensors, by canonical (adapter-free model) names
-  peftlab_adapter.json          base model name, the LoRA layers (module, slices, rank, alpha, dropout),
-                                which tensors train, every tensor's shape, and free-form metadata
-Names differ from Hugging Face peft's files (`adapter_model.safetensors`, `adapter_config.json`, see export.py),
-so both formats can sit in the same directory. Files are written to a temporary name and renamed into place;
-loading uses safetensors only (nothing is unpickled) and checks base model, layers and every shape first.
+  peftlab_adapter.json          base model name, the method, its adapter modules (module, kind = the method that
+                                builds it, and its `spec()`, e.g. LoRA's slices, rank, alpha, dropout), which
+                                tensors train, every tensor's shape, and free-form metadata
+Format version 2 records the method; version 1 (LoRA-shaped, written before methods were plug-ins) still loads:
+its adapter entries are LoRA layers. Names differ from Hugging Face peft's files (`adapter_model.safetensors`,
+`adapter_config.json`, see peftlab.hf), so both formats can sit in the same directory. Files are written to a
+temporary name and renamed into place; loading uses safetensors only (nothing is unpickled) and checks base
+model, modules and every shape first.
 """
 
 from __future__ import annotations
@@ -24,22 +27,29 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.fileio import atomic_write_file
-from peftlab.peft.inject import AdapterSpec, adapter_specs, adapter_state_dict, apply_adapter_specs, canonical_parameter_names
-from peftlab.peft.lora import lora_layers, merge_and_strip
+from peftlab.peft.base import METHOD_ATTRIBUTE, adapter_modules, adapter_parameters
+from peftlab.peft.methods import get_method
+from peftlab.peft.prepare import adapter_state_dict, canonical_parameter_names
 
 TENSORS_FILE = "peftlab_adapter.safetensors"
 CONFIG_FILE = "peftlab_adapter.json"
 FORMAT = "peftlab-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def module_specs(model: nn.Module) -> list[dict]:
+    """The adapter modules of a model as plain data: {"module": name, "kind": method, **spec}."""
+    return [{"module": name, "kind": module.method, **module.spec()} for name, module in adapter_modules(model)]
 
 
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, base_model: str, metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Save the adapter of `model` (LoRA A/B and every trainable tensor) to `directory`; returns the directory.
+    """Save the adapter of `model` (its adapter modules and every trainable tensor) to `directory`.
 
     Args:
-        model: a model prepared with `apply_method` / `apply_adapters` + `mark_trainable`, merged or not.
+        model: a model prepared with `apply_method` (or the method's injection + `mark_trainable`), merged or not.
         directory: created if needed; existing peftlab adapter files are replaced atomically.
         base_model: the base model's name (e.g. "gpt2", "smollm2-135m"); `load_adapter` refuses other bases.
         metadata: JSON-serialisable extras to record (method, targets, training settings ...).
@@ -51,7 +61,8 @@ def save_adapter(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
-        "adapters": adapter_specs(model),
+        "method": getattr(model, METHOD_ATTRIBUTE, None),
+        "adapters": module_specs(model),
         "trainable": trainable,
         "shapes": {name: list(tensor.shape) for name, tensor in tensors.items()},
         "dtypes": {name: str(tensor.dtype).removeprefix("torch.") for name, tensor in tensors.items()},
@@ -71,20 +82,25 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except ValueError as error:
         raise PeftlabError(f"{path} is not valid JSON: {error}") from None
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+    if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
         raise PeftlabError(
-            f"{path}: expected format '{FORMAT}' version {FORMAT_VERSION}, "
+            f"{path}: expected format '{FORMAT}' version {' or '.join(map(str, READABLE_VERSIONS))}, "
             f"found '{config.get('format')}' version {config.get('format_version')}"
         )
+    if config["format_version"] == 1:  # LoRA layers only, without a kind
+        config["adapters"] = [{"module": item["module"], "kind": "lora", **{key: value for key, value in item.items()
+                                                                             if key != "module"}}
+                              for item in config["adapters"]]
+        config["method"] = "lora" if config["adapters"] else None
     return config
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str) -> dict:
     """Load a saved adapter into `model` (in place) and return its config.
 
-    A model without LoRA layers gets the saved ones; a model with LoRA layers must have exactly the saved ones.
-    The base model name and every tensor's name and shape are checked before anything changes; afterwards the
-    saved trainable tensors (and only those) require grad, so training can go on.
+    A model without adapter modules gets the saved ones (rebuilt by their method); a model with adapter modules
+    must have exactly the saved ones. The base model name and every tensor's name and shape are checked before
+    anything changes; afterwards the saved trainable tensors (and only those) require grad, so training can go on.
 
     Args:
         model: the base model, loaded the same way as for training (same task and head size).
@@ -98,68 +114,74 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
             f"the adapter in {directory} was trained on base model '{config['base_model']}', not '{base_model}'. "
             f"Fix: load it onto '{config['base_model']}'"
         )
-    saved_specs = [
-        (AdapterSpec(item["module"], tuple(item["slices"]) if item["slices"] else None), item)
-        for item in config["adapters"]
-    ]
-    present = adapter_specs(model)
+    saved = config["adapters"]
+    present = module_specs(model)
     if present:
-        if [_describe(item) for item in present] != [_describe(item) for _, item in saved_specs]:
+        if [_describe(item) for item in present] != [_describe(item) for item in saved]:
             raise PeftlabError(
-                f"the model's LoRA layers differ from the adapter's in {directory} "
-                f"(model: {_describe(present[0])}, ... {len(present)} layers; adapter: "
-                f"{_describe(saved_specs[0][1]) if saved_specs else 'none'}, ... {len(saved_specs)} layers). "
+                f"the model's adapter modules differ from the adapter's in {directory} "
+                f"(model: {_describe(present[0])}, ... {len(present)} modules; adapter: "
+                f"{_describe(saved[0]) if saved else 'none'}, ... {len(saved)} modules). "
                 "Fix: load it onto a model without adapters"
             )
-        added = False
     else:
-        _check_adaptable(model, saved_specs, directory)
-        added = True
+        _check_adaptable(model, saved, directory)
     try:
         tensors = load_file(directory / TENSORS_FILE)
     except (OSError, SafetensorError) as error:
         raise PeftlabError(f"cannot read {directory / TENSORS_FILE}: {error}") from None
 
-    if added:
-        for spec, item in saved_specs:
-            apply_adapter_specs(model, [spec], item["rank"], item["alpha"], item["dropout"])
+    if not present:
+        for kind in dict.fromkeys(item["kind"] for item in saved):  # each method rebuilds its own modules
+            get_method(kind).rebuild(model, [item for item in saved if item["kind"] == kind])
     try:
         _check_tensors(model, tensors, directory)
     except PeftlabError:
-        if added:
-            merge_and_strip(model)  # leave the model as it came: B is still zero, so merging adds exactly nothing
+        if not present:
+            _remove_adapter_modules(model)  # leave the model as it came
         raise
 
     parameters = canonical_parameter_names(model)
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = [layer.merged for layer in layers]
-    for layer in layers:
-        layer.unmerge()
+    mergeable = [module for _, module in adapter_modules(model) if module.mergeable]
+    merged = [module.merged for module in mergeable]
+    for module in mergeable:
+        module.unmerge()
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
-    for layer, was_merged in zip(layers, merged):
+    for module, was_merged in zip(mergeable, merged):
         if was_merged:
-            layer.merge()
+            module.merge()
     trainable = set(config["trainable"])
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in trainable)
+    if config["method"]:
+        setattr(model, METHOD_ATTRIBUTE, config["method"])
     return config
 
 
 def _describe(item: Mapping[str, Any]) -> str:
-    spec = AdapterSpec(item["module"], tuple(item["slices"]) if item["slices"] else None)
-    return f"{spec} rank={item['rank']} alpha={float(item['alpha']):g}"
+    """A module's identity for comparisons: its name, kind and shape settings (dropout only acts in training)."""
+    details = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                        for key, value in item.items() if key not in ("module", "kind", "dropout"))
+    return f"{item['module']} {item['kind']}({details})"
 
 
-def _check_adaptable(model: nn.Module, saved_specs, directory: Path) -> None:
+def _check_adaptable(model: nn.Module, saved: list[dict], directory: Path) -> None:
     modules = dict(model.named_modules())
-    missing = [str(spec) for spec, _ in saved_specs if not isinstance(modules.get(spec.module), nn.Linear)]
+    missing = [item["module"] for item in saved if item["module"] not in modules]
     if missing:
         raise PeftlabError(
             f"the adapter in {directory} targets layers this model does not have: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}. Is it the same base model and task (causal-lm / classification)?"
         )
+
+
+def _remove_adapter_modules(model: nn.Module) -> None:
+    """Put every (freshly rebuilt, untrained) adapter module's base layer back in its place."""
+    for name, module in list(adapter_modules(model)):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module.base)
 
 
 def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], directory: Path) -> None:
@@ -170,10 +192,10 @@ def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], direct
             f"the adapter in {directory} has tensors this model lacks: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}. "
             "Is it the same base model and task (causal-lm / classification)?"
         )
-    lora_ids = {id(p) for _, layer in lora_layers(model) for p in layer.lora_parameters()}
-    missing = sorted(name for name, parameter in parameters.items() if id(parameter) in lora_ids and name not in tensors)
+    adapter_ids = {id(p) for p in adapter_parameters(model)}
+    missing = sorted(name for name, parameter in parameters.items() if id(parameter) in adapter_ids and name not in tensors)
     if missing:
-        raise PeftlabError(f"the adapter in {directory} lacks LoRA tensors: {missing[:5]}")
+        raise PeftlabError(f"the adapter in {directory} lacks adapter tensors: {missing[:5]}")
     mismatched = [
         f"{name}: saved {tuple(tensor.shape)}, model {tuple(parameters[name].shape)}"
         for name, tensor in tensors.items()
@@ -185,4 +207,3 @@ def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], direct
             f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}). "
             "Fix: load it onto the base model (size, number of labels) it was trained on"
         )
-

@@ -12,21 +12,24 @@ course seeds ask, `model.eval()` merges and `model.train()` un-merges: `eval()` 
 is on `train(mode)` (loralib's `eval()` override is never called by `model.eval()`). Outputs agree merged or
 not to fp32 rounding; every merge/unmerge round trip adds at most an ulp-level rounding to W0.
 
-`disable_adapters(model)` turns every LoRA branch off (un-merging first where needed) so the same model serves
-as its own base/reference model, e.g. for DPO or for "before fine-tuning" numbers.
+`peftlab.peft.base.disable_adapters(model)` turns every LoRA branch off (un-merging first where needed).
+
+`LoRAMethod` is LoRA's implementation of the adapter-method protocol (`peftlab.peft.base`): it injects the layers
+into resolved targets (`peftlab.peft.targets`), trains their A and B, and rebuilds them from a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
+from peftlab.peft.targets import AdapterSpec, candidates, linear_modules, resolve_targets, slice_rows
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -57,12 +60,15 @@ class Dropout(nn.Module):
         return f"p={self.p:g}"
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(AdapterModule):
     """What every LoRA layer shares: the frozen base layer, scaling, dropout, merge/unmerge/disable.
 
     Subclasses define the update through `lora_weights()` returning (A, B) with A: (R, k) and B: (d, R), where
     the update is `scaling · B A`. That one pair drives the forward pass, merging and the Hugging Face export.
     """
+
+    method = "lora"
+    mergeable = True
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -80,7 +86,6 @@ class LoRALayer(nn.Module):
         self.scaling = self.alpha / rank
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True when base.weight holds W0 + scaling · B A
-        self.disabled = False  # True inside `disable_adapters`: the layer is exactly the base layer
         self.merge_on_eval = True  # `train(False)` merges, `train(True)` un-merges
         self._merged_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._merged_fingerprint: tuple[tuple[int, int], ...] | None = None
@@ -123,13 +128,12 @@ class LoRALayer(nn.Module):
     # changed re-merges itself on its next forward (detected through the parameters' version counters).
     # A half-precision base keeps its W0 while merged instead (one weight copy per layer, only while merged).
 
-    def lora_parameters(self) -> list[nn.Parameter]:
-        """The adapter's own parameters (A and B), not the base layer's."""
-        base_ids = {id(parameter) for parameter in self.base.parameters()}
-        return [parameter for parameter in self.parameters() if id(parameter) not in base_ids]
+    def spec(self) -> dict:
+        return {"slices": list(self.slices) if isinstance(self, FusedLoRALinear) else None, "rank": self.rank,
+                "alpha": self.alpha, "dropout": self.dropout_p}
 
     def _lora_fingerprint(self) -> tuple[tuple[int, int], ...]:
-        return tuple((parameter.data_ptr(), parameter._version) for parameter in self.lora_parameters())
+        return tuple((parameter.data_ptr(), parameter._version) for parameter in self.adapter_parameters())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -291,50 +295,75 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Merge every LoRA layer (idempotent). Inference then costs exactly what the base model costs."""
-    for _, layer in lora_layers(model):
-        layer.merge()
+def apply_adapter_specs(
+    model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
+    """Wrap exactly the given modules (resolved targets) in LoRA layers; returns their descriptions."""
+    if rank <= 0:
+        raise PeftlabError(f"LoRA rank must be a positive integer, got {rank} (rank 0 means --method full)")
+    linears = linear_modules(model)
+    # Check every layer first so an error leaves the model untouched.
+    for spec in specs:
+        if spec.module not in linears:
+            raise PeftlabError(f"'{spec.module}' is not an adaptable linear layer. Linear layers: {candidates(linears)}")
+        linear = linears[spec.module]
+        rows = slice_rows(spec.module, linear, spec.slices) if spec.slices else {"": (0, linear.out_features)}
+        limit = min([linear.in_features] + [end - start for start, end in rows.values()])
+        if rank > limit:
+            raise PeftlabError(
+                f"LoRA rank {rank} is larger than min(d, k) = {limit} of {spec} "
+                f"(Linear {linear.in_features} -> {linear.out_features}). Fix: use --rank <= {limit}"
+            )
+    for spec in specs:
+        linear = linears[spec.module]
+        if spec.slices:
+            layer: LoRALayer = FusedLoRALinear(linear, slice_rows(spec.module, linear, spec.slices), rank, alpha, dropout)
+        else:
+            layer = LoRALinear(linear, rank, alpha, dropout)
+        parent_name, _, child_name = spec.module.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer)
+    return [str(spec) for spec in specs]
 
 
-def unmerge_adapters(model: nn.Module) -> None:
-    """Un-merge every LoRA layer (idempotent)."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+def apply_adapters(
+    model: nn.Module, targets: str | Sequence[str], rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
+    """Add LoRA adapters to the targeted linear layers of `model` (in place).
 
+    Args:
+        model: any torch model; roles need a GPT-2 or Llama-family body (also inside `SequenceClassifier`).
+        targets: roles `q`, `k`, `v`, `o`, `mlp`, `all-linear` (every attention and MLP linear of each block,
+            never the LM head or the classifier); module names (exact, or dotted suffix: `c_attn`, `h.0.attn.c_attn`);
+            or regexes, recognised by a regex character (`*+?|()[]{}^$\\`) and matched in full against module names.
+            A comma-separated string works too ("q,v").
+        rank: r >= 1, at most min(d, k) of every adapted layer (of every slice for GPT-2 q/k/v slices).
+        alpha: the update is scaled by alpha / r.
+        dropout: dropout on the LoRA branch.
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model is its base model: every LoRA branch is off, merged ones are un-merged first.
+    Returns:
+        The adapted modules, e.g. `['transformer.h.0.attn.c_attn[q,v]', ...]` (slices in brackets).
 
-    On exit each layer is merged again if it follows `model.eval()` (merge_on_eval and not training) or, with
-    merge_on_eval off, if it was merged on entry. Nested use is fine.
+    Only creates the layers (their base weights frozen); `mark_trainable` decides what else trains.
     """
-    entered = []
-    for _, layer in lora_layers(model):
-        if layer.disabled:
-            continue
-        entered.append((layer, layer.merged))
-        layer.unmerge()
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, was_merged in entered:
-            layer.disabled = False
-            if (not layer.training) if layer.merge_on_eval else was_merged:
-                layer.merge()
+    return apply_adapter_specs(model, resolve_targets(model, targets), rank, alpha, dropout)
 
 
-def merge_and_strip(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer and replace it by its plain base `nn.Linear` (in place); returns the model.
+class LoRAMethod(AdapterMethod):
+    """LoRA (Hu et al., 2021) on the targeted linear layers: A and B train, the base stays frozen."""
 
-    The result has the base model's module structure and parameter names, and no adapter parameters.
-    """
-    for name, layer in list(lora_layers(model)):
-        if layer.disabled:
-            raise PeftlabError("cannot strip adapters inside disable_adapters(); leave the block first")
-        layer.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.base)
-    return model
+    name = "lora"
+    mergeable = True
+
+    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+        return apply_adapters(model, settings.targets, settings.rank, settings.alpha, settings.dropout)
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        layers = [layer for _, layer in lora_layers(model)]
+        if not layers:
+            raise PeftlabError("method 'lora' but the model has no LoRA layers. Fix: apply_adapters(model, ...) first")
+        return [parameter for layer in layers for parameter in layer.adapter_parameters()]
+
+    def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
+        for item in specs:
+            spec = AdapterSpec(item["module"], tuple(item["slices"]) if item["slices"] else None)
+            apply_adapter_specs(model, [spec], item["rank"], item["alpha"], item["dropout"])

@@ -1,4 +1,4 @@
-"""Exports for the Hugging Face ecosystem: a `peft` adapter, and a merged plain `transformers` model.
+"""Hugging Face interop in one place: a `peft` adapter export, a merged plain `transformers` model, Linear -> Conv1D.
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained`
 loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` layers) and reproduces our logits:
@@ -36,10 +36,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.fileio import replace_directory, write_text_atomic
-from peftlab.peft.inject import architecture, canonical_parameter_names, classifier_head, is_norm
-from peftlab.peft.lora import lora_layers, merge_and_strip
+from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
+from peftlab.peft.base import adapter_modules, merge_and_strip
+from peftlab.peft.lora import LoRALayer, lora_layers
+from peftlab.peft.prepare import canonical_parameter_names, is_norm
+from peftlab.peft.simple import classifier_head
+from peftlab.peft.targets import architecture
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -99,6 +102,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         record: extra facts for the export record (e.g. the run and checkpoint exported).
         overwrite: replace whatever is at `directory`.
     """
+    others = sorted({module.method for _, module in adapter_modules(model) if not isinstance(module, LoRALayer)})
+    if others:
+        raise PeftlabError(f"the peft export carries LoRA adapters; this model has {', '.join(others)} modules")
     layers = list(lora_layers(model))
     if not layers:
         raise PeftlabError("the model has no LoRA layers to export in peft format. Fix: use export_merged instead")
@@ -112,7 +118,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
         tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_A.weight"] = lora_a.detach()
         tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_B.weight"] = lora_b.detach()
-        lora_ids.update(id(p) for p in layer.lora_parameters())
+        lora_ids.update(id(p) for p in layer.adapter_parameters())
 
     # Trained tensors besides LoRA: the head and norms as modules_to_save, the rest (biases) as plain keys.
     parameters = canonical_parameter_names(model)

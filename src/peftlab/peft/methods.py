@@ -1,0 +1,21 @@
+"""The registry of adapter methods: a new method is one file implementing `AdapterMethod` and one line here."""
+
+from __future__ import annotations
+
+from peftlab.errors import PeftlabError
+from peftlab.peft.base import AdapterMethod
+from peftlab.peft.lora import LoRAMethod
+from peftlab.peft.simple import BitFitMethod, FullMethod, HeadMethod
+
+METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
+    LoRAMethod(),
+    FullMethod(),
+    BitFitMethod(),
+    HeadMethod(),
+)}
+
+
+def get_method(name: str) -> AdapterMethod:
+    if name not in METHODS:
+        raise PeftlabError(f"unknown method '{name}': expected one of {', '.join(METHODS)}")
+    return METHODS[name]
