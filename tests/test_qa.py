@@ -12,7 +12,8 @@ from peftlab.data.squad import read_squad
 from peftlab.tasks import get_task
 from peftlab.tasks.completion import IGNORE
 from peftlab.tasks.qa import exact_match, f1_score, normalize_answer
-from peftlab.train import evaluate_run, train, write_predictions
+from peftlab.engine import write_predictions
+from peftlab.train import evaluate_run, train
 
 FILLER = "Nothing of note happened on that day in the quiet town by the river."
 

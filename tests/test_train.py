@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.config import RunConfig
-from peftlab.train import epoch_batches, evaluate_run, lr_multiplier, process_share, train
+from peftlab.engine import epoch_batches, lr_multiplier, process_share
+from peftlab.train import evaluate_run, train
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "quickly", "big", "small", "a", "house"]
 

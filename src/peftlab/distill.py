@@ -39,9 +39,9 @@ from peftlab.config import DistillConfig, RunConfig, load_config
 from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import atomic_write_file, write_text_atomic
-from peftlab.runs import run_state
+from peftlab.runs import RunDir
 from peftlab.students import RNN_KINDS
-from peftlab.tasks import Encoded, StepOutput, right_pad
+from peftlab.tasks import Encoded, StepOutput, Task, right_pad
 from peftlab.tasks.classification import classification_metrics
 
 VOCABULARY_FILE = "student_vocabulary.json"
@@ -276,7 +276,7 @@ def needs_teacher(settings: DistillConfig) -> bool:
     return settings.alpha > 0 or settings.augment > 0 or bool(settings.transfer_file)
 
 
-class DistillationTask:
+class DistillationTask(Task):
     """The teacher's classification task seen by a student: same sentences and labels, student token ids,
     and for training the teacher's logits and the distillation loss."""
 
@@ -361,6 +361,12 @@ class DistillationTask:
         if examples[0].target.teacher_logits is not None:
             batch["teacher_logits"] = torch.tensor([example.target.teacher_logits for example in examples])
         return batch
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"])
+
+    def reference(self, example: Encoded) -> int:
+        return example.target.label
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, C)
@@ -525,9 +531,10 @@ def _share_teacher_logits(source_run: Path, target_run: Path) -> None:
 def _train_unless_done(config: RunConfig) -> None:
     from peftlab.train import train
 
-    state = run_state(Path(config.output_dir), config.train.epochs)
-    if state != "new" and load_config(Path(config.output_dir) / "config.yaml").to_dict() != config.to_dict():
-        raise PeftlabError(f"{config.output_dir} was trained with another configuration; choose another --output-dir")
+    run = RunDir(config.output_dir)
+    state = run.state(config.train.epochs)
+    if state != "new":
+        run.check_same_config(config)
     if state != "done":
         train(config, resume=state != "new")
 
@@ -535,7 +542,8 @@ def _train_unless_done(config: RunConfig) -> None:
 def evaluate_checkpoint(run_dir: str, checkpoint: str, batch_size: int) -> dict:
     """Validation metrics, inference speed (examples_per_second) and parameter count of a run's checkpoint."""
     from peftlab.models import count_parameters
-    from peftlab.train import evaluate, load_run
+    from peftlab.engine import evaluate
+    from peftlab.train import load_run
 
     _, task, model = load_run(run_dir, checkpoint)
     metrics = evaluate(model, task, task.encode("validation"), batch_size)

@@ -1,4 +1,5 @@
-"""A run directory's layout and its states: new, restart, resume or done, and recovery from a killed process.
+"""A run directory (`RunDir`): its layout, its states (new, restart, resume, done), its files and checkpoints
+(the training state codec included), and recovery from a killed process.
 
     <run>/config.yaml          the whole configuration (written first)
     <run>/metrics.jsonl        one JSON object per evaluation
@@ -9,16 +10,25 @@
 
 Every file is written atomically and every checkpoint folder is swapped in whole (`fileio.replace_directory`), so
 a process killed at any moment leaves at most a hidden staging folder or temporary file, or a checkpoint renamed
-to `.<name>.old` mid-swap; `recover_run` undoes each of these.
+to `.<name>.old` mid-swap; `RunDir.recover` undoes each of these.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.config import RunConfig, load_config, save_config
 from peftlab.errors import PeftlabError
-from peftlab.fileio import read_json, recover_directory, retired_path
+from peftlab.fileio import (finite_or_null, read_json, recover_directory, replace_directory, retired_path,
+                            write_json_lines, write_text_atomic)
+from peftlab.peft import load_adapter, save_adapter
 from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
 
 CONFIG = "config.yaml"
@@ -33,60 +43,136 @@ TRAINING_STATE_FILES = ("optimizer.safetensors", "optimizer.json", "training_sta
 STATES = ("new", "restart", "resume", "done")
 
 
-def checkpoint_dir(run: Path, name: str) -> Path:
-    return Path(run) / CHECKPOINTS / name
+class RunDir:
+    """One run directory: where each file is, its state, and reading/writing everything in it."""
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
-def run_state(run: Path, epochs: int) -> str:
-    """What training into `run` means now.
+    def __str__(self) -> str:
+        return str(self.path)
 
-    new: nothing of a run is there. done: summary.json records all `epochs`. resume: an epoch finished
-    (checkpoints/last, or its copy left mid-swap). restart: the run started but no epoch finished, so nothing
-    is resumable and it starts again from step 0 with its own config.yaml (the same steps are replayed).
-    """
-    run = Path(run)
-    if not (run / CONFIG).is_file():
-        return "new"
-    summary = run / SUMMARY
-    if summary.is_file() and read_json(summary, "run summary").get("epochs_completed") == epochs:
-        return "done"
-    last = checkpoint_dir(run, "last")
-    if last.is_dir() or retired_path(last).is_dir():
-        return "resume"
-    return "restart"
+    def checkpoint(self, name: str) -> Path:
+        return self.path / CHECKPOINTS / name
 
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS
 
-def check_new_run_dir(run: Path) -> None:
-    """A new run may go into a folder only if none of what it writes is there yet (nothing is overwritten)."""
-    run = Path(run)
-    present = [name for name in RUN_ENTRIES if (run / name).exists()]
-    if (run / CONFIG).is_file():
-        raise PeftlabError(f"{run} already holds a run. Fix: --resume {run} to continue it, or choose another --output-dir")
-    if present:
-        raise PeftlabError(f"{run} already has {', '.join(present)}, which a run would overwrite. "
-                           "Fix: choose another --output-dir")
+    # --- state -----------------------------------------------------------------------------------------------
 
+    def state(self, epochs: int) -> str:
+        """What training into the folder means now (see `STATES`).
 
-def recover_run(run: Path) -> list[str]:
-    """Clean up after a killed process (see the module docstring); returns one line per repair, for the log."""
-    run = Path(run)
-    done = []
-    for name in ("best", "last"):
-        done += [f"{CHECKPOINTS}/{line}" for line in recover_directory(checkpoint_dir(run, name), ADAPTER_MARKER)]
-    for folder, names in ((run, (CONFIG, METRICS, SUMMARY)), (run / PLOTS, ("loss.png", "accuracy.png"))):
-        for name in names:  # temporary files of atomic writes that never got renamed into place
-            for leftover in folder.glob(f".{name}.*"):
-                if re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}", leftover.name):
-                    leftover.unlink()
-                    done.append(f"removed the unfinished {leftover.relative_to(run)}")
-    return done
+        new: nothing of a run is there. done: summary.json records all `epochs`. resume: an epoch finished
+        (checkpoints/last, or its copy left mid-swap). restart: the run started but no epoch finished, so nothing
+        is resumable and it starts again from step 0 with its own config.yaml (the same steps are replayed).
+        """
+        if not (self.path / CONFIG).is_file():
+            return "new"
+        summary = self.path / SUMMARY
+        if summary.is_file() and self.read_summary().get("epochs_completed") == epochs:
+            return "done"
+        last = self.checkpoint("last")
+        return "resume" if last.is_dir() or retired_path(last).is_dir() else "restart"
 
+    def check_new(self) -> None:
+        """A new run may go into a folder only if none of what it writes is there yet (nothing is overwritten)."""
+        present = [name for name in RUN_ENTRIES if (self.path / name).exists()]
+        if (self.path / CONFIG).is_file():
+            raise PeftlabError(f"{self.path} already holds a run. Fix: --resume {self.path} to continue it, or choose "
+                               "another --output-dir")
+        if present:
+            raise PeftlabError(f"{self.path} already has {', '.join(present)}, which a run would overwrite. "
+                               "Fix: choose another --output-dir")
 
-def check_last_checkpoint(last: Path) -> None:
-    """checkpoints/last must be whole before a resume reads it; a missing file is named with the fix."""
-    missing = [name for name in (ADAPTER_MARKER, *TRAINING_STATE_FILES) if not (last / name).is_file()]
-    if missing:
-        raise damaged_checkpoint(last, f"{', '.join(missing)} missing")
+    def check_same_config(self, config: RunConfig) -> None:
+        """A run is continued only with the configuration it was started with."""
+        if load_config(self.path / CONFIG).to_dict() != config.to_dict():
+            raise PeftlabError(f"{self.path} was started with another configuration; choose another output folder "
+                               "(or delete that run)")
+
+    def recover(self) -> list[str]:
+        """Clean up after a killed process (see the module docstring); returns one line per repair, for the log."""
+        done = []
+        for name in ("best", "last"):
+            done += [f"{CHECKPOINTS}/{line}" for line in recover_directory(self.checkpoint(name), ADAPTER_MARKER)]
+        for folder, names in ((self.path, (CONFIG, METRICS, SUMMARY)), (self.plots, ("loss.png", "accuracy.png"))):
+            for name in names:  # temporary files of atomic writes that never got renamed into place
+                for leftover in folder.glob(f".{name}.*"):
+                    if re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}", leftover.name):
+                        leftover.unlink()
+                        done.append(f"removed the unfinished {leftover.relative_to(self.path)}")
+        return done
+
+    # --- files -----------------------------------------------------------------------------------------------
+
+    def read_config(self) -> RunConfig:
+        if not (self.path / CONFIG).is_file():
+            raise PeftlabError(f"{self.path} is not a run directory (no {CONFIG})")
+        config = load_config(self.path / CONFIG)
+        config.output_dir = str(self.path)  # where the run is now, whatever path it was trained under
+        return config
+
+    def write_config(self, config: RunConfig) -> None:
+        save_config(config, self.path / CONFIG)
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        write_json_lines(self.path / METRICS, rows)
+
+    def read_summary(self) -> dict:
+        return read_json(self.path / SUMMARY, "run summary")
+
+    def write_summary(self, summary: dict) -> None:
+        write_text_atomic(self.path / SUMMARY, json.dumps(finite_or_null(summary), indent=2, allow_nan=False) + "\n")
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def save_best(self, model: nn.Module, base_model: str, metadata: dict) -> None:
+        replace_directory(self.checkpoint("best"), lambda path: save_adapter(model, path, base_model, metadata),
+                          ADAPTER_MARKER)
+
+    def save_last(self, model: nn.Module, base_model: str, metadata: dict, optimizer_state: dict,
+                  training_state: dict) -> None:
+        """checkpoints/last: the adapter plus what resuming needs (optimizer, scheduler, RNG, history)."""
+        def fill(path: Path) -> None:
+            save_adapter(model, path, base_model, metadata)
+            save_state(path, "optimizer", optimizer_state)
+            save_state(path, "training_state", training_state)
+
+        replace_directory(self.checkpoint("last"), fill, ADAPTER_MARKER)
+
+    def load_checkpoint(self, model: nn.Module, name: str, base_model: str) -> dict:
+        """Load checkpoints/<name> (best or last) into `model`; returns the adapter's config."""
+        directory = self.checkpoint(name)
+        if not directory.is_dir():
+            raise PeftlabError(f"{self.path} has no checkpoint '{name}' (expected {directory})")
+        return load_adapter(model, directory, base_model)
+
+    def restore_last(self, accelerator, model, optimizer, scheduler, base_model: str) -> dict:
+        """Load checkpoints/last into the prepared objects; returns the saved history (as a dict). A damaged or
+        incomplete checkpoint is a clear error."""
+        last = self.checkpoint("last")
+        missing = [name for name in (ADAPTER_MARKER, *TRAINING_STATE_FILES) if not (last / name).is_file()]
+        if missing:
+            raise damaged_checkpoint(last, f"{', '.join(missing)} missing")
+        optimizer_state, state = load_state(last, "optimizer"), load_state(last, "training_state")
+        try:
+            written_by = state["num_processes"]
+            if written_by != accelerator.num_processes:
+                raise PeftlabError(f"{last} was written by {written_by} process(es); resume with the same number "
+                                   f"(now {accelerator.num_processes})")
+            load_adapter(accelerator.unwrap_model(model), last, base_model)
+            optimizer.load_state_dict(optimizer_state)
+            scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"][accelerator.process_index]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            return dict(state["history"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            raise damaged_checkpoint(last, f"its training state does not fit this run: {type(error).__name__}: "
+                                     f"{error}") from None
 
 
 def damaged_checkpoint(last: Path, problem: str) -> PeftlabError:
@@ -94,3 +180,50 @@ def damaged_checkpoint(last: Path, problem: str) -> PeftlabError:
     return PeftlabError(f"{last} is damaged ({problem}), so the run cannot continue from it. Fix: move {last} away "
                         f"and `--resume {run}` again (it starts over from step 0 with the run's config.yaml), or "
                         "train into another --output-dir")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state on disk (safetensors + JSON, never pickle)
+
+
+def _flatten(value, prefix: str, tensors: dict[str, torch.Tensor]):
+    """Split a nested state (dicts, lists, tensors, scalars) into a JSON skeleton and a flat tensor dict."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {"__dict__": [[_flatten(key, f"{prefix}/k{i}", tensors), _flatten(item, f"{prefix}/{i}", tensors)]
+                             for i, (key, item) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        return [_flatten(item, f"{prefix}/{i}", tensors) for i, item in enumerate(value)]
+    return value
+
+
+def _unflatten(skeleton, tensors: dict[str, torch.Tensor]):
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {_unflatten(key, tensors): _unflatten(item, tensors) for key, item in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [_unflatten(item, tensors) for item in skeleton]
+    return skeleton
+
+
+def save_state(directory: Path, name: str, state: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "s", tensors)
+    save_file(tensors, directory / f"{name}.safetensors")
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> dict:
+    """A state saved by `save_state`; an unreadable file is a `damaged_checkpoint` error naming it."""
+    try:
+        tensors = load_file(directory / f"{name}.safetensors")
+    except (OSError, SafetensorError) as error:
+        raise damaged_checkpoint(directory, f"{name}.safetensors cannot be read: {error}") from None
+    try:
+        skeleton = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+        return _unflatten(skeleton, tensors)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise damaged_checkpoint(directory, f"{name}.json cannot be read: {type(error).__name__}: {error}") from None

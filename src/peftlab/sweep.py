@@ -25,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from peftlab.config import RunConfig, load_config
+from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
-from peftlab.runs import run_state
+from peftlab.runs import RunDir
 
 
 def _set_dotted(values: dict, key: str, value, where: str) -> None:
@@ -124,9 +124,10 @@ def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = N
     folder, configs = load_sweep(path, list(sets), output_dir)
     print(f"sweep: {len(configs)} run(s) in {folder}")
     for index, config in enumerate(configs, start=1):
-        state = run_state(Path(config.output_dir), config.train.epochs)
-        if state != "new" and load_config(Path(config.output_dir) / "config.yaml").to_dict() != config.to_dict():
-            raise PeftlabError(f"{config.output_dir} was started with another configuration; delete it or rename the point")
+        run = RunDir(config.output_dir)
+        state = run.state(config.train.epochs)
+        if state != "new":
+            run.check_same_config(config)
         print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}", flush=True)
         if state != "done":
             train(config, resume=state != "new")

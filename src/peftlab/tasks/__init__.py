@@ -1,11 +1,12 @@
 """Tasks turn examples into batches, losses, predictions and metrics; the training engine knows them only
-through the small `Task` interface below. Tasks never import each other.
+through the `Task` protocol below. A task may build on a shared objective (instruct and qa on the causal-LM
+objective of `completion`), never on another task.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -42,22 +43,61 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-class Task(Protocol):
-    name: str
-    test_split: str | None  # evaluated with checkpoints/best when training ends (None: validation is the test)
-    model_task: str  # what `load_model(task=...)` must build: "classification" or "causal-lm"
-    select_metric_default: str
-    metric_names: tuple[str, ...]  # validation metrics that can pick checkpoints/best (higher is better); loss too
+class Task:
+    """What the training engine knows of a workload: the one protocol every task implements.
 
-    def encode(self, split: str) -> list[Encoded]: ...
+    A task owns its data (encode), batching (collate), loss (forward), predictions and metrics. The engine
+    normalises the summed loss by `count_targets` over the whole global batch, so gradient accumulation and
+    several processes give the gradients of the mean loss. Subclasses override what their workload needs; the
+    defaults below are for tasks that predict in `forward`, score examples as a whole, and skip nothing.
+    """
 
-    def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]: ...
+    name: str  # the dataset, e.g. "cola"
+    model_task: str  # what `load_model(task=...)` builds: "classification" or "causal-lm"
+    select_metric_default: str  # the validation metric that picks checkpoints/best
+    metric_names: tuple[str, ...]  # validation metrics that may pick checkpoints/best (higher is better); loss too
+    test_split: str | None = None  # scored with checkpoints/best when training ends (None: validation is the test)
 
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput: ...
+    def encode(self, split: str) -> list[Encoded]:
+        """Every usable example of a split; bad data is an error naming file and line."""
+        raise NotImplementedError
 
-    def metrics(self, predictions: list, examples: Sequence[Encoded]) -> dict: ...
+    def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """One padded batch: the model's inputs and whatever `forward` and `count_targets` need."""
+        raise NotImplementedError
 
-    def format_metrics(self, metrics: dict) -> str: ...
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """What `forward`'s loss_sum is a sum over in this batch (examples, or labelled tokens)."""
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Summed loss over the batch's targets, and predictions when they come from the same pass."""
+        raise NotImplementedError
+
+    def predict(self, model: torch.nn.Module, examples: Sequence[Encoded]) -> list:
+        """Predictions that need their own pass (generation); called when forward's predictions are None."""
+        raise NotImplementedError(f"{type(self).__name__} predicts in forward()")
+
+    def metrics(self, predictions: list, examples: Sequence[Encoded]) -> dict:
+        """The split's metrics from every example's prediction (the engine adds loss and examples/s)."""
+        raise NotImplementedError
+
+    def format_metrics(self, metrics: dict) -> str:
+        """One line for the log."""
+        raise NotImplementedError
+
+    def reference(self, example: Encoded) -> Any:
+        """What a prediction of `example` is compared with, for the predictions file."""
+        return example.target
+
+    def example_metrics(self, prediction: Any, example: Encoded) -> dict:
+        """Scores of one prediction (e.g. SQuAD's EM/F1), for the predictions file; none by default."""
+        return {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Per split, examples that could not be encoded and were left out (reported in summary.json)."""
+        return {}
 
 
 TASKS = {"cola": "classification", "rotten_tomatoes": "instruct", "squad": "qa"}  # task -> its default objective

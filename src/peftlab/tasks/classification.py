@@ -15,10 +15,10 @@ from sklearn.metrics import matthews_corrcoef
 
 from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Encoded, StepOutput, right_pad
+from peftlab.tasks import Encoded, StepOutput, Task, right_pad
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     model_task = "classification"
     select_metric_default = "mcc"
     metric_names = ("accuracy", "mcc")
@@ -61,6 +61,9 @@ class ClassificationTask:
         input_ids, attention_mask = right_pad([example.input_ids for example in examples], self.tokenizer.pad_token_id)
         labels = torch.tensor([example.target for example in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"])
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, num_labels)

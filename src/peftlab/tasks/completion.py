@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Encoded, StepOutput
+from peftlab.tasks import Encoded, StepOutput, Task
 
 LOSS_ON = ("answer", "all")
 IGNORE = -100  # label of a position that is not learned (cross_entropy's ignore_index)
@@ -56,7 +56,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-class CompletionTask:
+class CompletionTask(Task):
     """The causal-LM objective over `Completion`s. Subclasses provide `completions(split)`, `predict` and
     `metrics`; they may override `encode_one` (e.g. to shorten a context so that the answer fits)."""
 
@@ -66,7 +66,7 @@ class CompletionTask:
         if loss_on not in LOSS_ON:
             raise PeftlabError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{loss_on}'")
         self.name, self.tokenizer, self.max_length, self.loss_on = name, tokenizer, max_length, loss_on
-        self.skipped: dict[str, int] = {}  # split -> examples that could not be encoded (see encode_one)
+        self.skipped_per_split: dict[str, int] = {}  # split -> examples that could not be encoded (encode_one)
 
     def completions(self, split: str) -> list[Completion]:
         raise NotImplementedError
@@ -88,7 +88,7 @@ class CompletionTask:
     def encode(self, split: str) -> list[Encoded]:
         encoded = [self.encode_one(example) for example in self.completions(split)]
         kept = [example for example in encoded if example is not None]
-        self.skipped[split] = len(encoded) - len(kept)
+        self.skipped_per_split[split] = len(encoded) - len(kept)
         if not kept:
             raise PeftlabError(f"{self.name} {split}: no example could be encoded (all {len(encoded)} skipped)")
         return kept
@@ -102,6 +102,16 @@ class CompletionTask:
             start = width - example.length
             labels[row, start + first :] = torch.tensor(example.input_ids[first:], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.skipped_per_split)
+
+    def reference(self, example: Encoded) -> Any:
+        return example.target.reference
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE).sum())
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed next-token cross-entropy over the labelled tokens; predictions are left to `predict`."""

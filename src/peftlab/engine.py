@@ -1,0 +1,369 @@
+"""The one training engine every workload uses (on Hugging Face Accelerate); it knows tasks only through the `Task`
+protocol (`peftlab.tasks`) and run directories only through `peftlab.runs.RunDir`, and imports no workload.
+
+Per optimizer step the engine takes one *global* batch of `batch_size` examples, gives each process its share
+(examples p, p+P, p+2P, ...), splits that share into `grad_accum` micro-batches, and scales every micro-batch's
+summed loss by P / (targets in the whole global batch, `Task.count_targets`). Gradients therefore equal those of
+the mean loss over the global batch whatever the number of processes or accumulation steps, so a 2-process run
+follows the 1-process trajectory (tested).
+
+Batches are length-grouped (shuffled, then sorted by length within windows of 50 batches, then the batches are
+shuffled) and padded per batch. The order depends only on (seed, epoch), which is what makes `--resume`
+reproduce an uninterrupted run exactly.
+
+Callbacks (`Callback`) see every optimizer step, every evaluation and every epoch end, after the engine has saved
+what it saves; trackers, plots and sweeps hook in there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from peftlab.config import TrainConfig
+from peftlab.errors import PeftlabError
+from peftlab.fileio import write_text_atomic
+from peftlab.runs import RunDir
+from peftlab.tasks import Encoded, Task
+
+SCHEDULES = ("linear", "cosine", "constant")
+LENGTH_GROUP_WINDOW = 50  # batches per sorting window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching and schedule
+
+
+def epoch_batches(examples: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each global batch of one epoch: shuffled, length-grouped, deterministic in (seed, epoch)."""
+    generator = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(examples)))
+    generator.shuffle(order)
+    window = batch_size * LENGTH_GROUP_WINDOW
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda index: examples[index].length)
+        batches += [chunk[offset : offset + batch_size] for offset in range(0, len(chunk), batch_size)]
+    generator.shuffle(batches)
+    return batches
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up to 1, then linear decay to 0, cosine decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def process_share(batch: list[int], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch."""
+    mine = batch[process_index::num_processes]
+    size = math.ceil(len(mine) / grad_accum) if mine else 0
+    return [mine[offset : offset + size] for offset in range(0, len(mine), size)] if mine else []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class History:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+class Callback:
+    """Hooks into the loop; every method is optional. They run on every process, after the engine's own saving."""
+
+    def on_step(self, engine: "Engine", loss: float) -> None:
+        """After each optimizer step (`engine.history.step` counts it); `loss`: its mean training loss."""
+
+    def on_evaluation(self, engine: "Engine", row: dict) -> None:
+        """After each evaluation (mid-epoch or end of epoch); `row` is the line added to metrics.jsonl."""
+
+    def on_epoch_end(self, engine: "Engine", row: dict) -> None:
+        """After an epoch's own evaluation and checkpoints."""
+
+
+class Engine:
+    """Trains `model` on `task` into `run` with the settings of `train_config`.
+
+    Args:
+        task: the workload's task (the `Task` protocol).
+        model: the prepared model (its method applied, trainability set).
+        train_config: optimisation and evaluation settings.
+        run: the run directory (metrics.jsonl and checkpoints are written there).
+        base_model: the base model's name, recorded in the adapter checkpoints.
+        select: the validation metric that picks checkpoints/best ("loss" = lowest, others highest).
+        accelerator: an `accelerate.Accelerator`.
+        callbacks: `Callback`s, called in order.
+    """
+
+    def __init__(self, task: Task, model: torch.nn.Module, train_config: TrainConfig, run: RunDir, base_model: str,
+                 select: str, accelerator, callbacks: Sequence[Callback] = ()):
+        self.task, self.settings, self.run, self.base_model, self.select = task, train_config, run, base_model, select
+        self.accelerator, self.callbacks = accelerator, list(callbacks)
+        self.model, self.history = model, History()
+        self.saved_last: tuple[int, int] | None = None  # what checkpoints/last holds on disk (epoch, step)
+        self.optimizer = self.scheduler = None  # made by `fit`, which knows the number of steps
+
+    # --- the run ---------------------------------------------------------------------------------------------
+
+    def fit(self, train_examples: list[Encoded], val_examples: list[Encoded], resume: bool = False,
+            stop_after_epoch: int | None = None) -> History:
+        """Train every epoch not done yet (from checkpoints/last when `resume`); returns the history."""
+        settings = self.settings
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms: no decay
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr,
+        )
+        steps_per_epoch = math.ceil(len(train_examples) / settings.batch_size)
+        total_steps = steps_per_epoch * settings.epochs
+        warmup_steps = round(settings.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, settings.schedule)
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if resume:
+            self.history = History(**self.run.restore_last(self.accelerator, self.model, self.optimizer,
+                                                           self.scheduler, self.base_model))
+            self.saved_last = (self.history.epoch, self.history.step)
+            self.accelerator.print(f"Resumed from {self.run.checkpoint('last')} after epoch {self.history.epoch} "
+                                   f"(step {self.history.step})")
+        last_epoch = settings.epochs if stop_after_epoch is None else min(stop_after_epoch, settings.epochs)
+        for epoch in range(self.history.epoch, last_epoch):
+            self._run_epoch(epoch, train_examples, val_examples)
+        return self.history
+
+    def kept(self, how_to_continue: bool = True) -> str:
+        """What the run directory holds now, and (`how_to_continue`) how to go on from it."""
+        run, history = self.run.path, self.history
+        best = (f" checkpoints/best holds step {history.best_step} (validation {self.select} {history.best_value:.4f})."
+                if history.best_step is not None else "")
+        if self.saved_last:
+            epoch, step = self.saved_last
+            kept = f"{run}/checkpoints/last holds epoch {epoch} (step {step}).{best}"
+            return kept + (f" Continue with: peftlab train --resume {run}" if how_to_continue else "")
+        kept = f"No epoch had finished, so nothing is resumable.{best}"
+        return kept + (f" `peftlab train --resume {run}` starts the run again from step 0" if how_to_continue else "")
+
+    def best_row(self) -> dict | None:
+        history = self.history
+        return next((row for row in history.rows if row.get(f"val_{self.select}") == history.best_value and (
+            row["step"] == history.best_step if history.best_step is not None else row["epoch"] == history.best_epoch)),
+            None)  # training states written before best_step existed know the epoch only
+
+    def test_best(self, split: str) -> dict:
+        """Metrics of checkpoints/best on the held-out split, printed; the model keeps the best weights."""
+        self.run.load_checkpoint(self.accelerator.unwrap_model(self.model), "best", self.base_model)
+        metrics = evaluate(self.model, self.task, self.task.encode(split), self.settings.eval_batch_size, self.accelerator)
+        self.accelerator.print(f"Test ({split}, best checkpoint of epoch {self.history.best_epoch}): "
+                               f"Loss: {metrics['loss']:.4f}, {self.task.format_metrics(metrics)}")
+        return {"split": split, "epoch": self.history.best_epoch} | metrics
+
+    # --- one epoch, one step ---------------------------------------------------------------------------------
+
+    def _run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
+        settings, accelerator = self.settings, self.accelerator
+        batches = epoch_batches(train_examples, settings.batch_size, settings.seed, epoch)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct predictions
+        started = time.perf_counter()
+        self.model.train()
+        progress = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not accelerator.is_main_process,
+                        leave=False, dynamic_ncols=True, mininterval=2.0)
+        eval_seconds = 0.0  # mid-epoch evaluations, not counted as training time
+        for index, batch in enumerate(progress):
+            step_totals = self._step(batch, train_examples)
+            totals += step_totals
+            self.history.step += 1
+            loss = (step_totals[0] / step_totals[1]).item()
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            for callback in self.callbacks:
+                callback.on_step(self, loss)
+            last_of_epoch = index == len(batches) - 1  # the epoch's own evaluation follows
+            if settings.eval_every and self.history.step % settings.eval_every == 0 and not last_of_epoch:
+                eval_started = time.perf_counter()
+                self._evaluate_and_record(epoch, val_examples, None, None, final=False)
+                self.model.train()
+                eval_seconds += time.perf_counter() - eval_started
+        train_seconds = time.perf_counter() - started - eval_seconds
+        row = self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, row)
+
+    def _step(self, batch: list[int], examples: list[Encoded]) -> torch.Tensor:
+        accelerator, settings = self.accelerator, self.settings
+        micro_batches = process_share(batch, accelerator.process_index, accelerator.num_processes, settings.grad_accum)
+        collated = []
+        for micro in micro_batches or [batch[:1]]:  # a process with no examples still joins the all-reduce
+            inputs = {key: value.to(accelerator.device) for key, value in self.task.collate([examples[i] for i in micro]).items()}
+            collated.append(inputs)
+        # Targets of the whole global batch, over all processes: the normaliser of the summed loss.
+        count = sum(self.task.count_targets(inputs) for inputs in collated) if micro_batches else 0
+        global_targets = float(accelerator.reduce(torch.tensor(float(count), device=accelerator.device), "sum").item())
+        totals = torch.zeros(3, dtype=torch.float64)
+        for index, inputs in enumerate(collated):
+            sync = index == len(collated) - 1
+            with nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
+                output = self.task.forward(self.model, inputs)
+                weight = accelerator.num_processes / global_targets if micro_batches else 0.0
+                accelerator.backward(output.loss_sum * weight)
+            if micro_batches:
+                totals += torch.tensor([output.loss_sum.item(), output.num_targets, output.num_correct])
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+        step = self.history.step + 1
+        if not math.isfinite(totals[0].item()):
+            raise self._diverged(f"the training loss became {totals[0].item()} at step {step}")
+        # The norm of the gradients of all processes (clipped when --max-grad-norm > 0; inf only measures it).
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm or math.inf)
+        if not math.isfinite(float(grad_norm)):
+            raise self._diverged(f"the gradient norm became {float(grad_norm)} at step {step} (the loss was finite)")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def _diverged(self, what: str) -> PeftlabError:
+        return PeftlabError(f"{what}; stopped before saving anything from that state. {self.kept(False)} "
+                            "Fix: a new run with a lower --lr or clipped gradients (--max-grad-norm 1); resuming "
+                            "would replay the same steps")
+
+    # --- evaluation and checkpoints --------------------------------------------------------------------------
+
+    def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, final: bool) -> dict:
+        evaluation = evaluate(self.model, self.task, val_examples, self.settings.eval_batch_size, self.accelerator)
+        if not math.isfinite(evaluation["loss"]):
+            raise self._diverged(f"the validation loss became {evaluation['loss']} at step {self.history.step}")
+        if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
+            raise self._diverged(f"some trained weights are no longer finite at step {self.history.step}")
+        row = {"epoch": epoch + 1, "step": self.history.step, "final_of_epoch": final, "lr": self.scheduler.get_last_lr()[0]}
+        if train_totals is not None:
+            row |= {"train_loss": train_totals[0].item() / train_totals[1].item(),
+                    "train_accuracy": train_totals[2].item() / train_totals[1].item(),
+                    "train_seconds": train_seconds}
+        row |= {f"val_{key}": value for key, value in evaluation.items()}
+        self.history.rows.append(row)
+        value = evaluation[self.select]
+        best = self.history.best_value
+        improved = math.isfinite(value) and (best is None or (value < best if self.select == "loss" else value > best))
+        if improved:
+            self.history.best_value, self.history.best_epoch, self.history.best_step = value, epoch + 1, self.history.step
+        if final:
+            self.history.epoch = epoch + 1
+            self._print_epoch(row)
+        self._save(improved, final)
+        for callback in self.callbacks:
+            callback.on_evaluation(self, row)
+        return row
+
+    def _print_epoch(self, row: dict) -> None:
+        epochs = self.settings.epochs
+        say = self.accelerator.print
+        say(f"Train Epoch: [{row['epoch']}/{epochs}], Loss: {row['train_loss']:.4f}, Accuracy: {row['train_accuracy']:.4f}, "
+            f"Time: {row['train_seconds']:.1f}s")
+        metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
+        say(f"Val Epoch: [{row['epoch']}/{epochs}], Loss: {row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
+            f"{row['val_examples_per_second']:.1f} sentences/s")
+
+    def _save(self, improved: bool, final: bool) -> None:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(self.model)
+        rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+        rng_states = accelerator.gather_for_metrics([rng], use_gather_object=True) if accelerator.num_processes > 1 else [rng]
+        if accelerator.is_main_process:
+            metadata = {"epoch": self.history.epoch, "step": self.history.step, "history": self.history.rows[-1]}
+            if improved:
+                self.run.save_best(model, self.base_model, metadata)
+            if final:
+                training_state = {"scheduler": self.scheduler.state_dict(), "rng": rng_states,
+                                  "history": vars(self.history), "num_processes": accelerator.num_processes}
+                self.run.save_last(model, self.base_model, metadata, self.optimizer.state_dict(), training_state)
+            self.run.write_metrics(self.history.rows)
+        if final:
+            self.saved_last = (self.history.epoch, self.history.step)
+        accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accelerator=None,
+             predictions_file: str | Path | None = None) -> dict:
+    """Loss and task metrics on `examples`, with the model in eval mode (mergeable adapters merged).
+
+    Examples are sorted by length so batches carry little padding; with several processes each evaluates every
+    P-th example and the results are gathered, so every process returns the same metrics. `predictions_file`:
+    also write every example's prediction and reference there (JSON lines, in example order).
+    """
+    process_index = accelerator.process_index if accelerator else 0
+    num_processes = accelerator.num_processes if accelerator else 1
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    plain = accelerator.unwrap_model(model) if accelerator else model
+    plain.eval()
+    order = sorted(range(len(examples)), key=lambda index: examples[index].length)[process_index::num_processes]
+    results, loss_sum, targets = [], 0.0, 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for offset in range(0, len(order), batch_size):
+            indices = order[offset : offset + batch_size]
+            batch = [examples[i] for i in indices]
+            inputs = {key: value.to(device) for key, value in task.collate(batch).items()}
+            with accelerator.autocast() if accelerator else nullcontext():
+                output = task.forward(plain, inputs)
+                predictions = output.predictions if output.predictions is not None else task.predict(plain, batch)
+            loss_sum += output.loss_sum.item()
+            targets += output.num_targets
+            results += list(zip(indices, predictions))
+    seconds = time.perf_counter() - started
+    if num_processes > 1:
+        gathered = accelerator.gather_for_metrics([(results, loss_sum, targets, seconds)], use_gather_object=True)
+        results = [item for part in gathered for item in part[0]]
+        loss_sum, targets = sum(part[1] for part in gathered), sum(part[2] for part in gathered)
+        seconds = max(part[3] for part in gathered)
+    predictions = [prediction for _, prediction in sorted(results)]
+    metrics = task.metrics(predictions, examples)
+    if predictions_file:
+        write_predictions(Path(predictions_file), task, predictions, examples)
+    return {"loss": loss_sum / targets} | metrics | {"examples_per_second": len(examples) / seconds}
+
+
+def write_predictions(path: Path, task: Task, predictions: list, examples: Sequence[Encoded]) -> None:
+    """One JSON line per example: where it comes from, what was predicted, the reference, and the task's own
+    per-example scores (`Task.example_metrics`, e.g. SQuAD's EM/F1)."""
+    lines = []
+    for prediction, example in zip(predictions, examples):
+        record = {"origin": example.origin, "prediction": prediction, "reference": task.reference(example)}
+        record |= task.example_metrics(prediction, example)
+        lines.append(json.dumps(record, ensure_ascii=False, default=_json_value))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _json_value(value):
+    """What json cannot write itself: a reference dataclass (by field) or a tensor (as lists)."""
+    if is_dataclass(value):
+        return {member.name: getattr(value, member.name) for member in fields(value)}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
