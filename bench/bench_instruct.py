@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from peftlab.tasks.completion import left_pad
-from peftlab.tasks.instruct import parse_label
-from peftlab.train import export_run, load_run
+from peftlab.workloads.instruct import parse_label
+from peftlab.train import export_run
+from peftlab.workloads import load_run
 
 
 def peer_model(run_dir: str):

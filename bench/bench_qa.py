@@ -23,7 +23,7 @@ from bench_instruct import peer_model
 
 from peftlab.data import evenly_spaced
 from peftlab.tasks.completion import left_pad
-from peftlab.train import load_run
+from peftlab.workloads import load_run
 
 
 def peer_predict(model, task, batches) -> list[str]:

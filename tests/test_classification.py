@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peftlab.tasks.classification import classification_metrics
+from peftlab.tasks.metrics import classification_metrics
 
 
 def test_constant_predictor_has_majority_accuracy_and_zero_mcc():
@@ -19,7 +19,7 @@ def test_mcc_hand_computed():
 
 def test_collate_pads_right_and_masks(gpt2_tokenizer):
     from peftlab.tasks import Encoded
-    from peftlab.tasks.classification import ClassificationTask
+    from peftlab.workloads.classification import ClassificationTask
 
     task = ClassificationTask("t", ("a", "b"), lambda split: [], gpt2_tokenizer, 16)
     batch = task.collate([Encoded([5, 50256], 1, "x:1"), Encoded([7, 8, 9], 0, "x:2")])

@@ -11,30 +11,29 @@ from safetensors.torch import save_file
 from test_train import read_rows, tiny_config, write_cola
 
 from peftlab import PeftlabError
-from peftlab import distill as distill_module
+from peftlab.workloads.distill import task as distill_module
+from peftlab.workloads.distill import transfer as transfer_module
 from peftlab.cli import main
 from peftlab.config import RunConfig, save_config
-from peftlab.distill import (
+from peftlab.models import count_parameters, load_tokenizer
+from peftlab.tasks import Encoded
+from peftlab.train import evaluate_run, train
+from peftlab.workloads import get_task, load_run
+from peftlab.workloads.distill.compare import _seed_config, compare_students, distill
+from peftlab.workloads.distill.students import DistilRNN, build_student, principal_components
+from peftlab.workloads.distill.task import (
     CACHE_DIR,
     VOCABULARY_FILE,
     DistillationTask,
     StudentVocabulary,
-    _seed_config,
     augment_sentence,
     augmented_copies,
-    compare_students,
-    distill,
     distill_config,
     distillation_loss,
     edit_words,
     init_student_embedding,
     teacher_logits,
 )
-from peftlab.models import count_parameters, load_tokenizer
-from peftlab.students import DistilRNN, build_student, principal_components
-from peftlab.tasks import Encoded, get_task
-from peftlab.tasks import completion as completion_module
-from peftlab.train import evaluate_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +62,9 @@ def count_teacher_calls(monkeypatch) -> list[int]:
     calls = []
     original = distill_module.compute_teacher_logits
 
-    def counted(teacher, checkpoint, examples):
+    def counted(teacher, checkpoint, examples, load_run):
         calls.append(len(examples))
-        return original(teacher, checkpoint, examples)
+        return original(teacher, checkpoint, examples, load_run)
 
     monkeypatch.setattr(distill_module, "compute_teacher_logits", counted)
     return calls
@@ -225,14 +224,12 @@ def test_principal_components_keep_the_geometry_at_full_width_and_fix_signs():
 
 
 def test_student_embedding_starts_from_the_teachers_token_embeddings(teacher_run, tmp_path):
-    from peftlab.train import load_run
-
     teacher, data = teacher_run
     config = student_config(teacher, tmp_path / "student", embedding_init="teacher")
     config.task.data_dir = data
-    task = DistillationTask(get_task(config.task, load_tokenizer(config.model.name)), config)
+    task = DistillationTask(get_task(config.task, load_tokenizer(config.model.name)), config, load_run)
     student = build_student(config.distill, task.vocabulary, task.num_labels)
-    init_student_embedding(student, config.distill, task.vocabulary)
+    init_student_embedding(student, config.distill, task.vocabulary, load_run)
     _, _, teacher_model = load_run(teacher)
     table = teacher_model.backbone.get_input_embeddings().weight.detach()[list(task.vocabulary.teacher_ids)]
     weight = student.embedding.weight.detach()
@@ -260,26 +257,26 @@ def test_teacher_logits_are_cached_until_the_teacher_or_the_data_change(tmp_path
     examples = [Encoded([464, 3797, 3332], 1, f"{data}:1"), Encoded([21979, 262], 0, f"{data}:2")]
     calls = []
 
-    def fake_teacher(teacher_dir, checkpoint, batch):
+    def fake_teacher(teacher_dir, checkpoint, batch, load_run):
         calls.append(len(batch))
         return torch.full((len(batch), 2), float(len(calls)))
 
     monkeypatch.setattr(distill_module, "compute_teacher_logits", fake_teacher)
     cache = tmp_path / "run" / CACHE_DIR
-    first = teacher_logits(teacher, "best", "train", examples, cache)
-    assert torch.equal(teacher_logits(teacher, "best", "train", examples, cache), first) and calls == [2]
+    first = teacher_logits(teacher, "best", "train", examples, cache, load_run)
+    assert torch.equal(teacher_logits(teacher, "best", "train", examples, cache, load_run), first) and calls == [2]
     fingerprint = json.loads((cache / "train.json").read_text())
     assert fingerprint["split"] == "train" and set(fingerprint["data_files"]) == {"in_domain_train.tsv"}
     assert (cache / "train.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a length, then a JSON header
 
     save_file({"score.weight": torch.ones(2, 4)}, weights)  # a retrained teacher
-    assert teacher_logits(teacher, "best", "train", examples, cache)[0, 0] == 2 and len(calls) == 2
+    assert teacher_logits(teacher, "best", "train", examples, cache, load_run)[0, 0] == 2 and len(calls) == 2
     data.write_text("src\t1\t\tThe cat sat down.\nsrc\t0\t*\tCat the.\n")  # changed data
-    teacher_logits(teacher, "best", "train", examples, cache)
-    teacher_logits(teacher, "best", "train", examples[:1], cache)  # other inputs (e.g. augmentation)
+    teacher_logits(teacher, "best", "train", examples, cache, load_run)
+    teacher_logits(teacher, "best", "train", examples[:1], cache, load_run)  # other inputs (e.g. augmentation)
     assert len(calls) == 4
-    teacher_logits(teacher, "best", "validation", examples, cache)  # another split has its own cache file
-    teacher_logits(teacher, "best", "train", examples[:1], cache)
+    teacher_logits(teacher, "best", "validation", examples, cache, load_run)  # another split has its own cache file
+    teacher_logits(teacher, "best", "train", examples[:1], cache, load_run)
     assert len(calls) == 5 and (cache / "validation.safetensors").is_file()
 
 
@@ -347,7 +344,7 @@ def test_compare_prints_one_table_over_seeds(teacher_run, tmp_path, monkeypatch,
     assert not (tmp_path / "compare/no-kd-seed0" / CACHE_DIR).exists()
     assert "alpha: 0.0" in (tmp_path / "compare/no-kd-seed1/config.yaml").read_text()
     # Finished runs are reused: a second comparison only evaluates (same numbers; the speeds are measured anew).
-    monkeypatch.setattr("peftlab.train.train", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr("peftlab.sweep.train", lambda *args, **kwargs: pytest.fail("trained again"))
     again = compare_students(config, seeds=2).read_text().splitlines()
     assert [line.split("|")[:6] for line in again] == [line.split("|")[:6] for line in lines]
 
@@ -435,7 +432,7 @@ def test_the_teacher_labels_the_transfer_sentences_and_the_no_kd_student_never_s
     zebra = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
     assert set(zebra) <= set(vocabulary.teacher_ids)  # a word only the transfer set has is in the vocabulary
 
-    task = DistillationTask(get_task(config.task, tokenizer), config)
+    task = DistillationTask(get_task(config.task, tokenizer), config, load_run)
     examples = task.encode("train")
     logits = torch.tensor([example.target.teacher_logits for example in examples[-3:]])
     assert [example.target.label for example in examples[-3:]] == logits.argmax(-1).tolist()
@@ -464,7 +461,7 @@ def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_
         assert tokenizer.eos_token_id in stop_ids and tokenizer("\n")["input_ids"][0] in stop_ids
         return [next(samples) for _ in prompts]
 
-    monkeypatch.setattr(completion_module, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(transfer_module, "generate_batch", fake_generate_batch)
     output = tmp_path / "transfer.txt"
     assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "5", "--batch-size", "4",
                  "--max-new-tokens", "7"]) == 0

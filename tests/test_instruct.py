@@ -12,9 +12,9 @@ from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
-from peftlab.tasks import get_task
+from peftlab.workloads import get_task
 from peftlab.tasks.completion import IGNORE, generate_batch, score_choices
-from peftlab.tasks.instruct import UNPARSABLE, parse_label, resolve_template
+from peftlab.workloads.instruct import UNPARSABLE, parse_label, resolve_template
 from peftlab.train import evaluate_run, train
 
 WORDS = ["the", "film", "is", "a", "movie", "plot", "story", "with"]
@@ -233,7 +233,7 @@ def test_scoring_equals_hand_computed_log_likelihoods(make_tiny_llama):
 def test_predict_both_equals_generate_and_score_apart_and_reuses_the_prefill(verbalizers, make_tiny_gpt2,
                                                                               gpt2_tokenizer, rt_data, monkeypatch):
     from peftlab.models import convert_conv1d_to_linear
-    from peftlab.tasks import instruct
+    from peftlab.workloads import instruct
 
     model = make_tiny_gpt2(seed=4)
     convert_conv1d_to_linear(model)

@@ -9,9 +9,9 @@ from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.squad import read_squad
-from peftlab.tasks import get_task
+from peftlab.workloads import get_task
 from peftlab.tasks.completion import IGNORE
-from peftlab.tasks.qa import exact_match, f1_score, normalize_answer
+from peftlab.workloads.qa import exact_match, f1_score, normalize_answer
 from peftlab.engine import write_predictions
 from peftlab.train import evaluate_run, train
 

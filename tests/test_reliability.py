@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.fileio import replace_directory, write_text_atomic
-from peftlab.tasks.classification import ClassificationTask
+from peftlab.workloads.classification import ClassificationTask
 from peftlab.train import export_run, train
 
 

@@ -129,7 +129,7 @@ def test_an_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_a_message(tiny_model_dir, tmp_path, monkeypatch):
-    from peftlab.tasks.classification import ClassificationTask
+    from peftlab.workloads.classification import ClassificationTask
 
     data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
     original = ClassificationTask.forward
@@ -187,7 +187,8 @@ def test_export_run_merged_and_peft_reproduce_our_logits(tiny_model_dir, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from peftlab.train import export_run, load_run
+    from peftlab.train import export_run
+    from peftlab.workloads import load_run
 
     data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
     train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=1))

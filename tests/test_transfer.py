@@ -8,7 +8,8 @@ import torch
 
 from peftlab import PeftlabError
 from peftlab.tasks.completion import top_p_sampler
-from peftlab.transfer import SamplingSettings, complete_sentence, read_transfer_file, sample_sentences
+from peftlab.workloads.distill.task import read_transfer_file
+from peftlab.workloads.distill.transfer import SamplingSettings, complete_sentence, sample_sentences
 
 TRAINING = ["The cat sat.", "A dog ran home.", "Birds sing loudly."]
 

@@ -71,7 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "lines that end a sentence and are neither duplicates nor training sentences are kept.")
     transfer.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher run (its model and task data)")
     transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
-    from peftlab.transfer import SamplingSettings
+    from peftlab.workloads.distill.transfer import SamplingSettings
 
     defaults = SamplingSettings()
     for option, text in TRANSFER_OPTIONS:
@@ -291,7 +291,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 def _run_distill(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from peftlab.distill import compare_students, distill, distill_config
+    from peftlab.workloads.distill.compare import compare_students, distill
+    from peftlab.workloads.distill.task import distill_config
 
     config = distill_config(args.teacher, args.teacher_checkpoint or "best")
     _apply_options(config, args, DISTILL_OPTIONS, DISTILL_OPTIONS)
@@ -306,7 +307,7 @@ def _run_distill(args: argparse.Namespace) -> None:
 
 
 def _run_transfer_set(args: argparse.Namespace) -> None:
-    from peftlab.transfer import SamplingSettings, write_transfer_set
+    from peftlab.workloads.distill.transfer import SamplingSettings, write_transfer_set
 
     settings = SamplingSettings(**{option: getattr(args, option) for option, _ in TRANSFER_OPTIONS})
     write_transfer_set(args.teacher, args.output, settings)
@@ -360,10 +361,11 @@ def _run_report(args: argparse.Namespace) -> None:
 
 
 def _run_templates(args: argparse.Namespace) -> None:
-    from peftlab.tasks import OBJECTIVES
-    from peftlab.tasks.instruct import DEFAULT_VERBALIZERS, TEMPLATES
+    from peftlab.data.datasets import DATASETS
+    from peftlab.workloads.instruct import DEFAULT_VERBALIZERS, TEMPLATES
 
-    for task, objectives in OBJECTIVES.items():
+    for task, dataset in DATASETS.items():
+        objectives = dataset.objectives
         print(f"{task}: objectives {', '.join(objectives)} (default: {objectives[0]})")
         for index, (name, text) in enumerate(TEMPLATES.get(task, {}).items()):
             print(f"  template {name}{' (default)' if index == 0 else ''}: {text!r}")

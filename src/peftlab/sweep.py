@@ -28,7 +28,9 @@ import yaml
 from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
+from peftlab.report import print_report, write_report
 from peftlab.runs import RunDir
+from peftlab.train import train
 
 
 def _set_dotted(values: dict, key: str, value, where: str) -> None:
@@ -116,21 +118,26 @@ def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tup
     return folder, run_configs(base, folder, grid)
 
 
-def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
-    """Train every grid point not done yet, then write <folder>/report.md and <folder>/val_loss.png."""
-    from peftlab.report import print_report, write_report
-    from peftlab.train import train
-
-    folder, configs = load_sweep(path, list(sets), output_dir)
-    print(f"sweep: {len(configs)} run(s) in {folder}")
+def train_points(configs: list[RunConfig]) -> None:
+    """Train each configured run unless it is done: new runs start, interrupted ones resume (or restart when no
+    epoch finished); a folder holding a run of another configuration is an error. The one set of skip/resume
+    rules for `peftlab sweep` and the distillation comparison."""
     for index, config in enumerate(configs, start=1):
         run = RunDir(config.output_dir)
         state = run.state(config.train.epochs)
         if state != "new":
             run.check_same_config(config)
-        print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}", flush=True)
+        print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}",
+              flush=True)
         if state != "done":
             train(config, resume=state != "new")
+
+
+def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
+    """Train every grid point not done yet, then write <folder>/report.md and <folder>/val_loss.png."""
+    folder, configs = load_sweep(path, list(sets), output_dir)
+    print(f"sweep: {len(configs)} run(s) in {folder}")
+    train_points(configs)
     run_dirs = [config.output_dir for config in configs]
     print_report(*write_report(run_dirs, folder))
     return run_dirs

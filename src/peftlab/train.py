@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from peftlab.config import RunConfig
 from peftlab.data import evenly_spaced
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
@@ -16,51 +14,8 @@ from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
 from peftlab.report import plot_history
 from peftlab.runs import RunDir
-from peftlab.tasks import Task, get_task
-
-
-def build_model(config: RunConfig, task: Task, device: torch.device, dtype: torch.dtype, fresh: bool = False):
-    """The run's model before any checkpoint is loaded; `fresh`: a new training run, whose initial weights may
-    come from elsewhere (a student's embedding from its teacher) — a resumed or loaded run skips that work."""
-    from peftlab.models import load_model
-    from peftlab.peft import apply_method
-
-    if config.distill.teacher:  # a distillation run trains a small student, not the teacher's transformer
-        from peftlab.distill import init_student_embedding
-        from peftlab.students import build_student
-
-        student = build_student(config.distill, task.vocabulary, task.num_labels)
-        if fresh and config.distill.embedding_init == "teacher":
-            init_student_embedding(student, config.distill, task.vocabulary)
-        return student.to(device)
-    num_labels = getattr(task, "num_labels", 2)
-    model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, num_labels=num_labels, dtype=dtype)
-    adapter = config.adapter
-    apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
-                 adapter.extra_trainable or None)
-    head = getattr(model, "score", None)
-    if head is not None and not any(parameter.requires_grad for parameter in head.parameters()):
-        print("warning: the classifier head is frozen at its random initialisation; add 'head' to --extra-trainable")
-    return model.to(device)
-
-
-def build_task(config: RunConfig) -> Task:
-    from peftlab.models import load_tokenizer
-
-    task = get_task(config.task, load_tokenizer(config.model.name))
-    if config.distill.teacher:
-        from peftlab.distill import DistillationTask
-
-        task = DistillationTask(task, config)
-    return task
-
-
-def build_task_and_model(config: RunConfig, device: torch.device, fresh: bool = False) -> tuple[Task, torch.nn.Module]:
-    """The run's task and its prepared model (`fresh`: see `build_model`); the seed first, so a random-init base
-    is rebuilt exactly."""
-    task = build_task(config)
-    torch.manual_seed(config.train.seed)
-    return task, build_model(config, task, device, torch.float32, fresh)
+from peftlab.tasks import Task
+from peftlab.workloads import build_model, build_task, load_run, workload_for
 
 
 def validate(config: RunConfig) -> None:
@@ -123,8 +78,7 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         say(f"{run} has finished all {config.train.epochs} epochs already; nothing to do (its summary: "
             f"{run.path / 'summary.json'})")
         return run.read_summary()
-    torch.manual_seed(config.train.seed)
-    model = build_model(config, task, accelerator.device, torch.float32, fresh=state in ("new", "restart") and not dry_run)
+    model = build_model(config, task, accelerator.device, fresh=state in ("new", "restart") and not dry_run)
     report = parameter_report(model)
     say("\n".join(report.lines()))
     if dry_run:
@@ -195,20 +149,6 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) 
     return state
 
 
-def load_run(run_dir: str, checkpoint: str = "best"):
-    """Rebuild a run's model with its checkpoint (`best` or `last`) loaded; returns (config, task, model)."""
-    from peftlab.models import resolve_device
-
-    run = RunDir(run_dir)
-    config = run.read_config()
-    if not run.checkpoint(checkpoint).is_dir():
-        raise PeftlabError(f"{run} has no checkpoint '{checkpoint}' (expected {run.checkpoint(checkpoint)})")
-    device, _ = resolve_device(config.train.device)
-    task, model = build_task_and_model(config, device)
-    run.load_checkpoint(model, checkpoint, config.model.name)
-    return config, task, model
-
-
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
                  predict: str | None = None, limit: int = 0, config: RunConfig | None = None,
                  predictions_file: str | None = None) -> dict:
@@ -223,22 +163,25 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     if predictions_file:
         check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
-        config, task, model = load_run(run_dir, checkpoint)
+        config = RunDir(run_dir).read_config()
+    if predict:
+        if workload_for(config).name != "instruct":
+            raise PeftlabError(f"--predict applies to instruct tasks; {config.task.name} here is "
+                               f"{workload_for(config).name}")
+        config.task.predict = predict
+    if run_dir:
+        config, task, model = load_run(run_dir, checkpoint, config)
         label = f"{run_dir} [{checkpoint}]"
     else:
-        from peftlab.models import load_model, load_tokenizer, resolve_device
+        from peftlab.models import load_model, resolve_device
 
-        task = get_task(config.task, load_tokenizer(config.model.name))
+        task = build_task(config)
         if task.model_task != "causal-lm":
             raise PeftlabError(f"a {task.name} classifier without fine-tuning has a random head: give a RUN_DIR")
         device, dtype = resolve_device(config.train.device)
         model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, dtype=dtype)
         model.to(device)
         label = f"{config.model.name} (no fine-tuning)"
-    if predict:
-        if not hasattr(task, "predict_mode"):
-            raise PeftlabError(f"--predict applies to instruct tasks; {task.name} here is a classifier")
-        task.predict_mode = predict
     examples = evenly_spaced(task.encode(split), limit)
     metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size,
                        predictions_file=predictions_file)
@@ -266,9 +209,9 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
         raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
     check_export_target(Path(run_dir), Path(output_dir), overwrite)  # before the model loads
     config, task, model = load_run(run_dir, checkpoint)
-    if config.distill.teacher:
-        raise PeftlabError(f"{run_dir} is a distilled student (DistilRNN), not a Hugging Face model: nothing to export; "
-                           "its checkpoints are safetensors + JSON already")
+    refusal = workload_for(config).not_exportable
+    if refusal:
+        raise PeftlabError(f"{run_dir} is {refusal}: nothing to export; its checkpoints are safetensors + JSON already")
     record = {"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint}
     if export_format == "peft":
         path = export_peft(model, output_dir, hf_reference(config.model.name), record, overwrite)

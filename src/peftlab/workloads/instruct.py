@@ -17,11 +17,14 @@ import string
 from collections import Counter
 from typing import Callable, Sequence
 
+from peftlab.config import TaskConfig
 from peftlab.data import LabelledText
+from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
-from peftlab.tasks.classification import classification_metrics
 from peftlab.tasks.completion import Completion, CompletionTask, generate_batch, score_choices
+from peftlab.tasks.metrics import classification_metrics
+from peftlab.workloads.base import Workload
 
 PREDICT_MODES = ("generate", "score", "both")
 UNPARSABLE = -1
@@ -172,3 +175,17 @@ class InstructTask(CompletionTask):
         if "agreement" in metrics:
             text += f", score accuracy: {metrics['score_accuracy']:.4f}, agreement: {metrics['agreement']:.4f}"
         return text
+
+
+class InstructWorkload(Workload):
+    """Instruction tuning of a language model: a prompt template, the label's verbaliser as the answer (W3)."""
+
+    name = "instruct"
+
+    def task_for(self, settings: TaskConfig, tokenizer) -> InstructTask:
+        dataset = get_dataset(settings.name)
+        task = InstructTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
+                            tokenizer, settings.max_length or dataset.max_length, settings.loss_on, settings.template,
+                            settings.verbalizers, settings.predict)
+        task.test_split = dataset.test_split
+        return task

@@ -4,11 +4,11 @@ A distillation run is an ordinary run of the one training engine whose config ha
 * the task is `DistillationTask`, wrapping the teacher's classification task: the same sentences and tokenizer,
   with token ids renumbered into the student's own small vocabulary, and each training example carrying its
   teacher logits; a transfer set of unlabelled sentences (augmented copies, `augment`, or a file, `transfer_file`,
-  see `peftlab.transfer`) joins the training sentences with the teacher's predictions as labels;
-* the model is `peftlab.students.DistilRNN` (built by `train.build_model`);
+  see `transfer`) joins the training sentences with the teacher's predictions as labels;
+* the model is `students.DistilRNN` (built by `DistillWorkload.build_model`);
 * the training loss is alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student, y),
   averaged over examples (batchmean), in fp32.
-So checkpoints, resume, plots, metrics.jsonl, summary.json, `peftlab eval` and `load_run` work unchanged.
+So checkpoints, resume, plots, metrics.jsonl, summary.json, `peftlab eval` and `load_run` work as for any run.
 
 Validation and test splits are scored against the gold labels (cross-entropy): a student is evaluated without
 its teacher, and val_loss compares KD and no-KD students. train_loss is the objective above.
@@ -23,9 +23,7 @@ import copy
 import hashlib
 import json
 import random
-import shutil
-import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -34,15 +32,17 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from peftlab.config import DistillConfig, RunConfig, load_config
 from peftlab.data import evenly_spaced
+from peftlab.data.datasets import objective_of
 from peftlab.errors import PeftlabError
-from peftlab.fileio import atomic_write_file, write_text_atomic
-from peftlab.runs import RunDir
-from peftlab.students import RNN_KINDS
+from peftlab.fileio import atomic_write_file, read_text, write_text_atomic
 from peftlab.tasks import Encoded, StepOutput, Task, right_pad
-from peftlab.tasks.classification import classification_metrics
+from peftlab.tasks.metrics import classification_metrics
+from peftlab.workloads.base import RunLoader
+from peftlab.workloads.distill.students import RNN_KINDS, principal_components
 
 VOCABULARY_FILE = "student_vocabulary.json"
 CACHE_DIR = "teacher_logits"
@@ -173,13 +173,13 @@ def augmented_copies(sentences: Sequence[Encoded], texts: Sequence[str], tokeniz
     originals = [text.split() for text in texts]
     copies = [[edit_words(words, edit_generator) if edit_generator.random() < settings.edit_probability else words
                for words in originals] for _ in range(settings.augment)]
-    keys = sorted({(index == 0, word) for copy in copies for words in copy for index, word in enumerate(words)})
+    keys = sorted({(index == 0, word) for pass_ in copies for words in pass_ for index, word in enumerate(words)})
     ids = tokenizer([word if first else " " + word for first, word in keys], add_special_tokens=False)["input_ids"]
     pieces = dict(zip(keys, ids))
     mask_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
     augmented = []
-    for number, copy in enumerate(copies, start=1):
-        for sentence, words in zip(sentences, copy):
+    for number, pass_ in enumerate(copies, start=1):  # one pass over the sentences per copy
+        for sentence, words in zip(sentences, pass_):
             word_pieces = [pieces[index == 0, word] for index, word in enumerate(words)]
             augmented_ids = augment_sentence(word_pieces, generator, settings.mask_probability,
                                              settings.ngram_probability, mask_id)
@@ -213,12 +213,8 @@ def cache_fingerprint(teacher: Path, checkpoint: str, split: str, examples: Sequ
     }
 
 
-def compute_teacher_logits(teacher: Path, checkpoint: str, examples: Sequence[Encoded]) -> torch.Tensor:
+def compute_teacher_logits(teacher: Path, checkpoint: str, examples: Sequence[Encoded], load_run: RunLoader) -> torch.Tensor:
     """The teacher run's logits for teacher-tokenized examples: (N, num_labels), fp32, in the examples' order."""
-    from tqdm.auto import tqdm
-
-    from peftlab.train import load_run
-
     config, task, model = load_run(str(teacher), checkpoint)
     model.eval()
     device = next(model.parameters()).device
@@ -235,7 +231,8 @@ def compute_teacher_logits(teacher: Path, checkpoint: str, examples: Sequence[En
     return logits
 
 
-def teacher_logits(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded], cache_dir: Path) -> torch.Tensor:
+def teacher_logits(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded], cache_dir: Path,
+                   load_run: RunLoader) -> torch.Tensor:
     """The teacher's logits for `examples` (N, num_labels): read from `cache_dir` when they were computed for the
     same fingerprint (`cache_fingerprint`), else computed and cached (safetensors + the fingerprint as JSON)."""
     read_teacher_config(str(teacher), checkpoint)  # a clear error for a missing or unfit teacher
@@ -244,7 +241,7 @@ def teacher_logits(teacher: Path, checkpoint: str, split: str, examples: Sequenc
     cached = _read_cache(tensors_path, fingerprint_path, fingerprint, len(examples))
     if cached is not None:
         return cached
-    logits = compute_teacher_logits(teacher, checkpoint, examples)
+    logits = compute_teacher_logits(teacher, checkpoint, examples, load_run)
     fingerprint_path.unlink(missing_ok=True)  # written last: a crash in between leaves no valid-looking cache
     atomic_write_file(tensors_path, lambda path: save_file({"teacher_logits": logits.contiguous()}, path))
     write_text_atomic(fingerprint_path, json.dumps(fingerprint, indent=2) + "\n")
@@ -282,11 +279,13 @@ class DistillationTask(Task):
 
     model_task = "classification"
 
-    def __init__(self, base, config: RunConfig):
+    def __init__(self, base: Task, config: RunConfig, load_run: RunLoader):
+        """`base`: the teacher's classification task (its sentences, labels, tokenizer); `load_run` loads the
+        teacher run for its logits."""
         check_settings(config)
-        if base.model_task != "classification" or not hasattr(base, "label_names"):
+        if base.model_task != "classification":
             raise PeftlabError(f"distillation needs a classification task; {base.name} here is {base.model_task}")
-        self.base, self.config = base, config
+        self.base, self.config, self.load_run = base, config, load_run
         self.name, self.test_split = base.name, base.test_split
         self.select_metric_default, self.metric_names = base.select_metric_default, base.metric_names
         self.run_dir = Path(config.output_dir)
@@ -320,7 +319,7 @@ class DistillationTask(Task):
             raise PeftlabError(f"the student's model.name '{self.config.model.name}' must be its teacher's, "
                                f"'{teacher_model}': the student reads the teacher tokenizer's ids")
         logits = teacher_logits(Path(settings.teacher), settings.teacher_checkpoint, "train", examples,
-                                self.run_dir / CACHE_DIR)
+                                self.run_dir / CACHE_DIR, self.load_run)
         # Augmented copies and transfer sentences have no gold label: the teacher's prediction is theirs.
         labels = [example.target for example in sentences] + logits[len(sentences):].argmax(-1).tolist()
         return [self._student_example(example, label, tuple(row))
@@ -338,8 +337,6 @@ class DistillationTask(Task):
         """The transfer file's sentences in the teacher tokenizer's ids (target: a placeholder, the teacher labels them)."""
         if not self.config.distill.transfer_file:
             return []
-        from peftlab.transfer import read_transfer_file
-
         sentences = read_transfer_file(self.config.distill.transfer_file)
         token_ids = self.base.tokenizer([text for text, _ in sentences], add_special_tokens=False)["input_ids"]
         encoded = []
@@ -402,9 +399,7 @@ def read_teacher_config(teacher: str, checkpoint: str = "best") -> RunConfig:
     config = load_config(run / "config.yaml")
     if config.distill.teacher:
         raise PeftlabError(f"teacher {run} is itself a distilled student; give the fine-tuned transformer's run")
-    from peftlab.tasks import TASKS
-
-    objective = config.task.objective or TASKS.get(config.task.name, "")
+    objective = objective_of(config.task.name, config.task.objective)
     if objective != "classification":
         raise PeftlabError(
             f"teacher {run} is a {config.task.name} run with objective '{objective}'; distillation needs a classification "
@@ -459,105 +454,13 @@ def distill_config(teacher: str, checkpoint: str = "best") -> RunConfig:
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training and comparing
 
-
-def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
-    """Train the student a run configuration describes (see `distill_config`); returns the run's summary."""
-    from peftlab.train import train
-
-    if not config.distill.teacher:
-        raise PeftlabError("no teacher: set distill.teacher to the teacher's run directory (peftlab distill --teacher RUN_DIR)")
-    return train(config, resume=resume, stop_after_epoch=stop_after_epoch, dry_run=dry_run)
-
-
-def compare_students(config: RunConfig, seeds: int = 3) -> Path:
-    """Teacher vs KD student vs no-KD student, over `seeds` seeds (the config's seed, +1, ...).
-
-    Trains the students not trained yet into <output_dir>/kd-seed<S> and <output_dir>/no-kd-seed<S> (the no-KD
-    student: alpha 0, no augmentation), evaluates the teacher and every student's best checkpoint on the validation
-    split, prints one table and writes it to <output_dir>/comparison.md (plot: comparison.png). Returns the table's path.
-    """
-    from peftlab.report import plot_comparison
-
-    if seeds < 1:
-        raise PeftlabError(f"--seeds must be >= 1, got {seeds}")
-    folder = Path(config.output_dir)
-    settings, batch_size = config.distill, config.train.eval_batch_size
-    teacher = evaluate_checkpoint(settings.teacher, settings.teacher_checkpoint, batch_size)
-    transfer = f", transfer {Path(settings.transfer_file).name}" if settings.transfer_file else ""
-    edits = f", edits {settings.edit_probability:g}" if settings.augment and settings.edit_probability else ""
-    embedding = ", teacher embeddings" if settings.embedding_init == "teacher" else ""
-    kd_name = (f"KD student ({settings.student}{embedding}, alpha {settings.alpha:g}, T {settings.temperature:g}, "
-               f"augment {settings.augment}{edits}{transfer})")
-    no_kd_name = f"no-KD student ({settings.student}{embedding}, alpha 0)"
-    results = {f"teacher {Path(settings.teacher).name} ({config.model.name})": [teacher], kd_name: [], no_kd_name: []}
-    first_kd_run = Path(_seed_config(config, config.train.seed, "kd").output_dir)
-    for seed in range(config.train.seed, config.train.seed + seeds):
-        for name, kind in ((kd_name, "kd"), (no_kd_name, "no-kd")):
-            run_config = _seed_config(config, seed, kind)
-            if kind == "kd":
-                _share_teacher_logits(first_kd_run, Path(run_config.output_dir))
-            print(f"{run_config.output_dir}:", flush=True)
-            _train_unless_done(run_config)
-            results[name].append(evaluate_checkpoint(run_config.output_dir, "best", batch_size))
-    table = comparison_table(results)
-    path, plot = folder / "comparison.md", folder / "comparison.png"
-    write_text_atomic(path, table)
-    plot_comparison(results, plot)
-    print(f"\n{table}\ntable: {path}\nplot: {plot}")
-    return path
-
-
-def _seed_config(config: RunConfig, seed: int, kind: str) -> RunConfig:
-    run_config = copy.deepcopy(config)
-    run_config.train.seed = seed
-    run_config.output_dir = str(Path(config.output_dir) / f"{kind}-seed{seed}")
-    if kind == "no-kd":  # the same student without its teacher: no soft targets, no transfer set of any kind
-        defaults = DistillConfig()
-        run_config.distill = replace(
-            run_config.distill, alpha=0.0, **{field: getattr(defaults, field) for field in TRANSFER_SET_FIELDS})
-    return run_config
-
-
-def _share_teacher_logits(source_run: Path, target_run: Path) -> None:
-    """Seed a run's logit cache with another run's; its fingerprint decides whether the copy is used."""
-    source, target = source_run / CACHE_DIR, target_run / CACHE_DIR
-    if source_run != target_run and source.is_dir() and not target.exists():
-        shutil.copytree(source, target)
-
-
-def _train_unless_done(config: RunConfig) -> None:
-    from peftlab.train import train
-
-    run = RunDir(config.output_dir)
-    state = run.state(config.train.epochs)
-    if state != "new":
-        run.check_same_config(config)
-    if state != "done":
-        train(config, resume=state != "new")
-
-
-def evaluate_checkpoint(run_dir: str, checkpoint: str, batch_size: int) -> dict:
-    """Validation metrics, inference speed (examples_per_second) and parameter count of a run's checkpoint."""
-    from peftlab.models import count_parameters
-    from peftlab.engine import evaluate
-    from peftlab.train import load_run
-
-    _, task, model = load_run(run_dir, checkpoint)
-    metrics = evaluate(model, task, task.encode("validation"), batch_size)
-    return metrics | {"parameters": count_parameters(model)}
-
-
-def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vocabulary: StudentVocabulary) -> None:
+def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vocabulary: StudentVocabulary,
+                           load_run: RunLoader) -> None:
     """Start the student's embedding from the teacher's (`embedding_init: teacher`): each known token's row is the
     teacher's input embedding of that token reduced to the student's width by PCA (`principal_components`);
     padding and unknown rows are zero, the mean. Tang et al. 2019 started their BiLSTM from word2vec vectors; here
     the teacher's own table is at hand."""
-    from peftlab.students import principal_components
-    from peftlab.train import load_run
-
     _, _, teacher = load_run(settings.teacher, settings.teacher_checkpoint)
     table = teacher.backbone.get_input_embeddings().weight.detach()[list(vocabulary.teacher_ids)]  # (known, width)
     with torch.no_grad():
@@ -566,19 +469,14 @@ def init_student_embedding(student: torch.nn.Module, settings: DistillConfig, vo
         student.embedding.weight[rows] = principal_components(table, student.embedding.embedding_dim)
 
 
-def _mean_std(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
-
-
-def comparison_table(results: dict[str, list[dict]]) -> str:
-    """Markdown: a row per model (the first is the reference for the speed-up) with mean ± std over its runs."""
-    lines = ["| model | runs | parameters | accuracy | MCC | sentences/s | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    reference = None
-    for name, runs in results.items():
-        speed = statistics.fmean(run["examples_per_second"] for run in runs)
-        reference = reference or speed
-        lines.append(f"| {name} | {len(runs)} | {runs[0]['parameters']:,} | {_mean_std([run['accuracy'] for run in runs])} | "
-                     f"{_mean_std([run['mcc'] for run in runs])} | {speed:,.1f} | {speed / reference:.1f}× |")
-    return "\n".join(lines) + "\n"
+def read_transfer_file(path: str | Path) -> list[tuple[str, str]]:
+    """The sentences of a transfer file as (text, origin "file:line") pairs."""
+    file = Path(path)
+    if not file.is_file():
+        raise PeftlabError(f"transfer file {file} not found. Fix: write one with `peftlab transfer-set --teacher RUN_DIR "
+                           f"--output {file}`, or pass an existing file (one sentence per line)")
+    lines = read_text(file, "transfer file").splitlines()
+    sentences = [(line.strip(), f"{file}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
+    if not sentences:
+        raise PeftlabError(f"transfer file {file} has no sentences (expected one sentence per line)")
+    return sentences

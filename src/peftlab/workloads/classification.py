@@ -6,16 +6,18 @@ on the dev set but MCC 0, and the predicted-label counts make that visible.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import matthews_corrcoef
 
+from peftlab.config import TaskConfig
 from peftlab.data import LabelledText
+from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded, StepOutput, Task, right_pad
+from peftlab.tasks.metrics import classification_metrics
+from peftlab.workloads.base import Workload
 
 
 class ClassificationTask(Task):
@@ -79,15 +81,23 @@ class ClassificationTask(Task):
         return f"Accuracy: {metrics['accuracy']:.4f}, MCC: {metrics['mcc']:.4f}, predicted [{counts}]"
 
 
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int], label_names: Sequence[str]) -> dict:
-    """Accuracy, Matthews correlation and how often each label was predicted."""
-    if len(predictions) != len(labels) or not labels:
-        raise ValueError(f"need as many predictions as labels (>0), got {len(predictions)} and {len(labels)}")
-    correct = sum(int(p == y) for p, y in zip(predictions, labels))
-    counts = Counter(predictions)
-    return {
-        "accuracy": correct / len(labels),
-        # sklearn defines MCC as 0 when a confusion-matrix margin is empty (e.g. a constant predictor).
-        "mcc": float(matthews_corrcoef(labels, predictions)),
-        "predicted_counts": {name: counts.get(index, 0) for index, name in enumerate(label_names)},
-    }
+class ClassificationWorkload(Workload):
+    """A classifier head on the last real token of a transformer (CoLA, W1; Rotten Tomatoes as a classifier)."""
+
+    name = "classification"
+
+    def task_for(self, settings: TaskConfig, tokenizer) -> ClassificationTask:
+        dataset = get_dataset(settings.name)
+        task = ClassificationTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
+                                  tokenizer, settings.max_length or dataset.max_length)
+        task.test_split = dataset.test_split
+        return task
+
+    def build_model(self, config, task, device, fresh, context):
+        model = super().build_model(config, task, device, fresh, context)
+        if not any(parameter.requires_grad for parameter in model.score.parameters()):
+            print("warning: the classifier head is frozen at its random initialisation; add 'head' to --extra-trainable")
+        return model
+
+    def model_options(self, task: ClassificationTask) -> dict:
+        return {"num_labels": task.num_labels}

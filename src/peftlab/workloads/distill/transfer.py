@@ -17,24 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
-from peftlab.fileio import read_text, write_text_atomic
+from peftlab.fileio import write_text_atomic
+from peftlab.models import load_model
+from peftlab.tasks.completion import generate_batch, line_stop_ids, top_p_sampler
+from peftlab.workloads.distill.task import read_teacher_config
 
 SENTENCE_ENDS = (".", "?", "!")
 MAX_WORDS = 40
-
-
-def read_transfer_file(path: str | Path) -> list[tuple[str, str]]:
-    """The sentences of a transfer file as (text, origin "file:line") pairs."""
-    file = Path(path)
-    if not file.is_file():
-        raise PeftlabError(f"transfer file {file} not found. Fix: write one with `peftlab transfer-set --teacher RUN_DIR "
-                           f"--output {file}`, or pass an existing file (one sentence per line)")
-    lines = read_text(file, "transfer file").splitlines()
-    sentences = [(line.strip(), f"{file}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
-    if not sentences:
-        raise PeftlabError(f"transfer file {file} has no sentences (expected one sentence per line)")
-    return sentences
 
 
 def complete_sentence(prefix: str, continuation: str) -> tuple[str | None, str]:
@@ -109,16 +100,10 @@ def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], tr
 
 def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSettings) -> Path:
     """Sample a transfer set with the teacher run's base model (no adapter) from its task's training sentences."""
-    from peftlab.distill import read_teacher_config
-    from peftlab.models import load_model
-    from peftlab.tasks import get_task
-    from peftlab.tasks.completion import generate_batch, line_stop_ids, top_p_sampler
-
     check_sampling_settings(settings)
     config = read_teacher_config(teacher)
     model, tokenizer = load_model(config.model.name, task="causal-lm", init=config.model.init)
-    task = get_task(config.task, tokenizer)
-    training = [example.text for example in task.read_split("train")]
+    training = [example.text for example in get_dataset(config.task.name).read("train", config.task.data_dir)]
     if settings.shots >= len(training):
         raise PeftlabError(f"--shots {settings.shots} needs more training sentences than the {len(training)} there are")
 

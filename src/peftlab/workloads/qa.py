@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
+from peftlab.config import TaskConfig
+from peftlab.data.datasets import get_dataset
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, generate_batch, line_stop_ids
+from peftlab.workloads.base import Workload
 
 PROMPT_PREFIX = "Context:"
 PROMPT_SUFFIX = "\nQuestion: {question}\nAnswer:"
@@ -134,7 +137,13 @@ def _answer_span(offsets, start_char: int, end_char: int) -> tuple[int, int]:
     return tokens[0], tokens[-1] + 1
 
 
-def squad_task(tokenizer, config, max_length: int) -> QATask:
-    if config.template or config.verbalizers:
-        raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/--verbalizers")
-    return QATask(tokenizer, config.data_dir, max_length, config.loss_on)
+class QAWorkload(Workload):
+    """Generative extractive QA: the model writes the answer after the context and question (SQuAD, W4)."""
+
+    name = "qa"
+
+    def task_for(self, settings: TaskConfig, tokenizer) -> QATask:
+        if settings.template or settings.verbalizers:
+            raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/--verbalizers")
+        return QATask(tokenizer, settings.data_dir, settings.max_length or get_dataset(settings.name).max_length,
+                      settings.loss_on)

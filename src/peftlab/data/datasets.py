@@ -1,0 +1,49 @@
+"""The datasets peftlab knows, one row each: adding a dataset is a reader module and one row here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from peftlab.data import cola, rotten_tomatoes, squad
+from peftlab.errors import PeftlabError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    read: Callable[[str, str | os.PathLike | None], list]  # (split, data_dir) -> examples
+    splits: tuple[str, ...]
+    objectives: tuple[str, ...]  # the workloads it can be trained with; the first is the default
+    max_length: int  # tokens per example when --max-length is not given
+    test_split: str | None = None  # held-out split scored with checkpoints/best after training
+    label_names: tuple[str, ...] | None = None  # classification datasets: label index -> name
+
+    @property
+    def default_objective(self) -> str:
+        return self.objectives[0]
+
+
+DATASETS: dict[str, Dataset] = {dataset.name: dataset for dataset in (
+    Dataset("cola", cola.read_cola, tuple(cola.SPLIT_FILES), ("classification", "instruct"), 128,
+            label_names=cola.LABEL_NAMES),
+    Dataset("rotten_tomatoes", rotten_tomatoes.read_rotten_tomatoes, tuple(rotten_tomatoes.SPLIT_SIZES),
+            ("instruct", "classification"), 128, test_split="test", label_names=rotten_tomatoes.LABEL_NAMES),
+    Dataset("squad", squad.read_squad, tuple(squad.SPLIT_FILES), ("qa",), 384),
+)}
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise PeftlabError(f"unknown task '{name}': expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def objective_of(name: str, objective: str) -> str:
+    """The objective a run trains `name` with: `objective`, or the dataset's default when it is empty."""
+    dataset = get_dataset(name)
+    chosen = objective or dataset.default_objective
+    if chosen not in dataset.objectives:
+        raise PeftlabError(f"task {name} has no objective '{chosen}': expected one of {', '.join(dataset.objectives)}")
+    return chosen

@@ -1,0 +1,59 @@
+"""What a workload is: a plug-in that builds a run's task and model from its configuration.
+
+The registry (`peftlab.workloads.WORKLOADS`) maps an objective to its workload; `peftlab.data.datasets` says which
+objectives each dataset offers. A workload never imports another one: what two of them share lives a floor
+below (the causal-LM objective in `peftlab.tasks.completion`, metrics in `peftlab.tasks.metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.config import RunConfig, TaskConfig
+from peftlab.models import load_model, load_tokenizer
+from peftlab.peft import apply_method
+from peftlab.tasks import Task
+
+# (run_dir, checkpoint) -> (config, task, model): how a workload reaches another run (a distillation's teacher).
+RunLoader = Callable[[str, str], tuple[RunConfig, Task, nn.Module]]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the registry gives a workload that builds on other runs or tasks (workloads never import each other)."""
+
+    load_run: RunLoader
+    task_for: Callable[[TaskConfig, object], Task]  # (task settings, tokenizer) -> the dataset's task
+
+
+class Workload:
+    """A kind of training. The defaults fine-tune a transformer from `models.load_model` with the run's method."""
+
+    name: ClassVar[str]  # the objective, e.g. "classification"
+    not_exportable: ClassVar[str] = ""  # why `peftlab export` cannot write its models ("" = it can)
+
+    def task_for(self, settings: TaskConfig, tokenizer) -> Task:
+        """The task of a dataset trained with this objective."""
+        raise NotImplementedError
+
+    def build_task(self, config: RunConfig, context: Context) -> Task:
+        return self.task_for(config.task, load_tokenizer(config.model.name))
+
+    def build_model(self, config: RunConfig, task: Task, device: torch.device, fresh: bool,
+                    context: Context) -> nn.Module:
+        """The run's model before any checkpoint is loaded. `fresh`: a new run, whose initial weights may come
+        from elsewhere (a student's embedding from its teacher); a resumed or reloaded run skips that work."""
+        model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init,
+                              dtype=torch.float32, **self.model_options(task))
+        adapter = config.adapter
+        apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
+                     adapter.extra_trainable or None)
+        return model.to(device)
+
+    def model_options(self, task: Task) -> dict:
+        """Extra arguments of `load_model` for this workload's tasks (a classifier's number of labels)."""
+        return {}
