@@ -193,9 +193,11 @@ def test_augmented_copies_with_edits_are_edited_training_sentences(tiny_model_di
         words, original = tokenizer.decode(copy.input_ids).split(), source.split()
         if len(original) == 1:
             assert words == original
-        else:
-            assert words != original or sorted(words) == sorted(original)  # a swap/move may give the same order
-            assert len(words) in (len(original), len(original) - 1) and set(words) <= set(original)
+        elif len(words) == len(original):  # a swap or a move keeps every word
+            assert sorted(words) == sorted(original)
+        else:  # a deletion drops exactly one word and keeps the order of the others
+            assert len(words) == len(original) - 1
+            assert any(original[:index] + original[index + 1:] == words for index in range(len(original)))
             assert copy.input_ids == tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
     assert sum(copy.input_ids != row for copy, row in zip(edited, ids * 4)) >= 6  # most multi-word copies change
     settings.mask_probability, settings.edit_probability = 0.5, 0.0
@@ -474,7 +476,8 @@ def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_
     monkeypatch.undo()  # the real tiny (random) model: it rarely ends a sentence, and says so
     assert main(["transfer-set", "--teacher", teacher, "--output", str(tmp_path / "random.txt"), "--size", "2",
                  "--batch-size", "4", "--max-new-tokens", "4"]) == 0
-    assert "warning: asked for 2 sentences" in capsys.readouterr().out or len(read_lines(tmp_path / "random.txt")) == 2
+    written = read_lines(tmp_path / "random.txt")
+    assert len(written) <= 2 and ("warning: asked for 2 sentences" in capsys.readouterr().out) == (len(written) < 2)
 
 
 def read_lines(path: Path) -> list[str]:

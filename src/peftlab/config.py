@@ -39,13 +39,13 @@ class TaskConfig:
     name: str = "cola"
     data_dir: str | None = None  # else $PEFTLAB_DATA
     max_length: int = 0  # tokens per example (0 = the task's: 128, squad 384); longer is an error, except squad
-    train_limit: int = 0  # use only the first N training examples (0 = all); for quick experiments
+    train_limit: int = 0  # use only N evenly spaced training examples (0 = all); for quick experiments
     objective: str = ""  # classification | instruct; "" = the task's own (see `peftlab templates`)
     template: str = ""  # instruct prompt: a template name or a format string with {text}; "" = the task's default
     verbalizers: list[str] = field(default_factory=list)  # instruct: the answer text per label; [] = label names
     loss_on: str = "answer"  # instruct: learn the answer tokens only, or all tokens
     predict: str = "generate"  # instruct: generate | score | both (both: also the agreement)
-    eval_limit: int = 0  # evaluate on the first N validation examples only (0 = all); for quick experiments
+    eval_limit: int = 0  # evaluate on N evenly spaced validation examples only (0 = all); for quick experiments
 
 
 @dataclass

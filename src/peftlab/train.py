@@ -7,11 +7,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from peftlab.config import RunConfig
 from peftlab.data import evenly_spaced
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
+from peftlab.hf import export_merged, export_peft, read_export_record
+from peftlab.models import hf_reference, load_model, resolve_device
+from peftlab.peft import parameter_report
 from peftlab.report import plot_history
 from peftlab.runs import RunDir
 from peftlab.tasks import Task
@@ -61,11 +66,6 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         stop_after_epoch: stop after this many epochs as if interrupted (to be resumed later).
         dry_run: build the model, print the parameter report and stop.
     """
-    from accelerate import Accelerator
-
-    from peftlab.models import resolve_device
-    from peftlab.peft import parameter_report
-
     validate(config)
     run = RunDir(config.output_dir)
     device, _ = resolve_device(config.train.device)
@@ -173,8 +173,6 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         config, task, model = load_run(run_dir, checkpoint, config)
         label = f"{run_dir} [{checkpoint}]"
     else:
-        from peftlab.models import load_model, resolve_device
-
         task = build_task(config)
         if task.model_task != "causal-lm":
             raise PeftlabError(f"a {task.name} classifier without fine-tuning has a random head: give a RUN_DIR")
@@ -202,9 +200,6 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
     `output_dir` must not exist, be empty, or hold an earlier export of this run; `overwrite` replaces anything
     else there, except the run itself, a folder holding it, or a part of it.
     """
-    from peftlab.models import hf_reference
-    from peftlab.hf import export_merged, export_peft
-
     if export_format not in EXPORT_FORMATS:
         raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
     check_export_target(Path(run_dir), Path(output_dir), overwrite)  # before the model loads
@@ -223,8 +218,6 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
 
 def check_export_target(run: Path, target: Path, overwrite: bool) -> None:
     """Refuse an export path whose replacement would lose something (see `export_run`)."""
-    from peftlab.hf import read_export_record
-
     run_path, target_path = run.resolve(), target.resolve()
     fix = f"Fix: choose a path outside the run, e.g. {run.resolve().name}-export beside it"
     if target_path == run_path:
