@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from peftlab.tasks.completion import left_pad
+from peftlab.generation import left_pad
 from peftlab.workloads.instruct import parse_label
 from peftlab.train import export_run
 from peftlab.workloads import load_run

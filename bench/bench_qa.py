@@ -22,7 +22,7 @@ import torch
 from bench_instruct import peer_model
 
 from peftlab.data import evenly_spaced
-from peftlab.tasks.completion import left_pad
+from peftlab.generation import left_pad
 from peftlab.workloads import load_run
 
 

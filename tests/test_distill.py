@@ -463,7 +463,7 @@ def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_
         assert tokenizer.eos_token_id in stop_ids and tokenizer("\n")["input_ids"][0] in stop_ids
         return [next(samples) for _ in prompts]
 
-    monkeypatch.setattr(transfer_module, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(transfer_module, "decode", fake_generate_batch)
     output = tmp_path / "transfer.txt"
     assert main(["transfer-set", "--teacher", teacher, "--output", str(output), "--size", "5", "--batch-size", "4",
                  "--max-new-tokens", "7"]) == 0

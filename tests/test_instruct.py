@@ -13,7 +13,8 @@ from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.workloads import get_task
-from peftlab.tasks.completion import IGNORE, generate_batch, score_choices
+from peftlab.generation import decode
+from peftlab.tasks.completion import IGNORE, score_choices
 from peftlab.workloads.instruct import UNPARSABLE, parse_label, resolve_template
 from peftlab.train import evaluate_run, train
 
@@ -201,7 +202,7 @@ def test_greedy_generation_with_cache_equals_a_naive_argmax_loop(make_tiny_llama
     model = make_tiny_llama()
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
     stop = {17}
-    generated = generate_batch(model, prompts, max_new_tokens=6, stop_ids=stop, pad_id=0)
+    generated = decode(model, prompts, max_new_tokens=6, stop_ids=stop, pad_id=0)
     for prompt, tokens in zip(prompts, generated):
         sequence, expected = list(prompt), []
         for _ in range(6):
@@ -270,7 +271,8 @@ def test_metrics_count_unparsable_as_wrong_and_report_agreement(gpt2_tokenizer, 
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
-def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpoint(tiny_model_dir, rt_data, tmp_path):
+def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpoint(tiny_model_dir, rt_data, tmp_path,
+                                                                                    capsys):
     config = instruct_config(tiny_model_dir, rt_data, tmp_path / "run", predict="both")
     config.adapter.method = "full"  # the tiny random model needs its LM head trained to learn the words
     config.train.lr, config.train.epochs = 1e-2, 3
@@ -282,6 +284,16 @@ def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpo
     assert summary["test"]["score_accuracy"] > 0.6  # chance is 0.5: "great" vs "awful" is being learnt
     again = evaluate_run(str(tmp_path / "run"), split="test", predict="score")
     assert again["accuracy"] == pytest.approx(summary["test"]["score_accuracy"])
+
+    # `peftlab generate --model RUN_DIR` is the run's fine-tuned model: a review prompt gets a learnt label word,
+    # which the untrained base model (same prompt, same greedy decoding) does not write.
+    prompt = "Review: the film is great .\nSentiment:"
+    arguments = ["generate", "--prompt", prompt, "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(arguments + ["--model", str(tmp_path / "run")]) == 0
+    tuned = capsys.readouterr().out.split("---\n", 1)[1]
+    assert main(arguments + ["--model", tiny_model_dir]) == 0
+    base = capsys.readouterr().out.split("---\n", 1)[1]
+    assert tuned.startswith(prompt + " positive") and not base.startswith(prompt + " positive")
 
 
 def test_zero_shot_eval_from_the_command_line(tiny_model_dir, rt_data, capsys):

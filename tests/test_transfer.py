@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftlab import PeftlabError
-from peftlab.tasks.completion import top_p_sampler
+from peftlab.generation import Sampling
 from peftlab.workloads.distill.task import read_transfer_file
 from peftlab.workloads.distill.transfer import SamplingSettings, complete_sentence, sample_sentences
 
@@ -74,10 +74,10 @@ def test_transfer_file_lines_keep_their_origin_and_bad_files_are_clear_errors(tm
 
 def test_top_p_sampling_keeps_the_smallest_set_reaching_p_and_is_seeded():
     logits = torch.tensor([0.5, 0.3, 0.2]).log().repeat(4000, 1)
-    assert set(top_p_sampler(1.0, 0.5, seed=0)(logits).tolist()) == {0}  # 0.5 alone reaches p = 0.5
-    draws = top_p_sampler(1.0, 0.7, seed=0)(logits)
+    assert set(Sampling(1.0, 0, 0.5, 0).picker()(logits).tolist()) == {0}  # 0.5 alone reaches p = 0.5
+    draws = Sampling(1.0, 0, 0.7, 0).picker()(logits)
     assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03
-    hot = top_p_sampler(100.0, 1.0, seed=0)(logits)  # a high temperature flattens the distribution
+    hot = Sampling(100.0, 0, 1.0, 0).picker()(logits)  # a high temperature flattens the distribution
     assert abs((hot == 2).float().mean().item() - 1 / 3) < 0.03
-    assert set(top_p_sampler(100.0, 1.0, seed=0, top_k=2)(logits).tolist()) == {0, 1}
-    assert torch.equal(top_p_sampler(1.0, 0.9, seed=3)(logits), top_p_sampler(1.0, 0.9, seed=3)(logits))
+    assert set(Sampling(100.0, 2, 1.0, 0).picker()(logits).tolist()) == {0, 1}
+    assert torch.equal(Sampling(1.0, 0, 0.9, 3).picker()(logits), Sampling(1.0, 0, 0.9, 3).picker()(logits))

@@ -11,7 +11,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from peftlab.models import DEFAULT_MODEL, INITS
 
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"known model name (see `peftlab models`) or local Hugging Face directory (default: {DEFAULT_MODEL})"
+        "--model", default=DEFAULT_MODEL, help=f"known model name (see `peftlab models`), local Hugging Face directory, or (generate) a run directory of an instruct/qa run (default: {DEFAULT_MODEL})"
     )
     parser.add_argument("--init", choices=INITS, default="pretrained", help="pretrained weights, or the architecture with random weights (default: pretrained)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto = cuda if available)")
@@ -35,6 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default: 1)")
     generate.add_argument("--seed", type=int, default=1337, help="random seed; same seed, same text (default: 1337)")
     generate.add_argument("--stream", action="store_true", help="print the text token by token as it is generated")
+    generate.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                          help="with --model RUN_DIR: which checkpoint of the run (default: best)")
     generate.set_defaults(handler=_run_generate)
 
     train = commands.add_parser(
@@ -320,15 +322,20 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from peftlab.generate import generate, print_samples, read_prompt_file
     from peftlab.models import load_model, model_summary, resolve_device
 
     prompts = list(args.prompt) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise PeftlabError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    device, dtype = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, init=args.init, dtype=dtype)
-    model.to(device)
+    if (Path(args.model) / "config.yaml").is_file():  # a run: its base model with its adapter
+        model, tokenizer = _run_language_model(args.model, args.checkpoint)
+    else:
+        device, dtype = resolve_device(args.device)
+        model, tokenizer = load_model(args.model, init=args.init, dtype=dtype)
+        model.to(device)
     print(model_summary(args.model, model), flush=True)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
@@ -344,6 +351,17 @@ def _run_generate(args: argparse.Namespace) -> None:
             generate(model, tokenizer, [prompt], stream=sys.stdout, **settings)
         return
     print_samples(prompts, generate(model, tokenizer, prompts, **settings))
+
+
+def _run_language_model(run_dir: str, checkpoint: str):
+    """A run's language model (base + adapter) and tokenizer, for `peftlab generate --model RUN_DIR`."""
+    from peftlab.workloads import load_run
+
+    _, task, model = load_run(run_dir, checkpoint)
+    if task.model_task != "causal-lm":
+        raise PeftlabError(f"{run_dir} trained a {task.model_task} model; generate needs a language-model run "
+                           "(instruct or qa)")
+    return model, task.tokenizer
 
 
 def _run_sweep(args: argparse.Namespace) -> None:

@@ -1,19 +1,19 @@
-"""Text generation (W0): a thin layer over transformers' `generate` (KV cache, sampling) with peftlab's checks.
+"""Text generation (W0): prompts in, continuations out, on peftlab's one decoding loop (`peftlab.generation`).
 
-What this layer adds: prompt validation against the model's context, left padding for batches of prompts,
-temperature 0 meaning greedy, seeded reproducibility, and streaming to a text stream.
+What this layer adds: prompt validation against the model's context, temperature 0 meaning greedy, several
+samples per prompt, seeded reproducibility, and streaming to a text stream.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
+from peftlab.generation import Sampling, decode
 
 
 def context_length(model) -> int:
@@ -26,42 +26,16 @@ def context_length(model) -> int:
     raise PeftlabError(f"cannot tell the context length of {type(model).__name__}: its config has no max_position_embeddings")
 
 
-def sampling_arguments(temperature: float, top_k: int | None, top_p: float | None) -> dict:
-    """Keyword arguments for `model.generate`: greedy when temperature is 0, else sampling with the filters."""
-    if temperature < 0:
-        raise PeftlabError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise PeftlabError(f"--top-k must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise PeftlabError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
-    if temperature == 0:
-        return {"do_sample": False}
-    # top_k=0 / top_p=1 disable the filter; transformers' own defaults must not sneak in either.
-    return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
-
-
-def _encode(tokenizer, prompts: list[str], device: torch.device) -> dict:
-    """Left-padded batch: generation appends on the right, so every prompt must end at the same column."""
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        texts = [prompt if prompt else tokenizer.eos_token for prompt in prompts]  # empty prompt: start from EOS
-        return tokenizer(texts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = previous_side
-
-
-def _check_lengths(model, batch, max_new_tokens: int) -> None:
+def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise PeftlabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     limit = context_length(model)
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    for index, length in enumerate(lengths):
-        if length + max_new_tokens > limit:
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > limit:
             raise PeftlabError(
-                f"prompt {index + 1} is {length} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
+                f"prompt {index + 1} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
                 f"model's context of {limit} tokens. Fix: shorten the prompt to at most {limit - max_new_tokens} "
-                f"tokens or lower --max-new-tokens to at most {max(limit - length, 0)}."
+                f"tokens or lower --max-new-tokens to at most {max(limit - len(ids), 0)}."
             )
 
 
@@ -82,13 +56,13 @@ def generate(
     Args:
         model: a causal LM (e.g. from `peftlab.models.load_model`).
         tokenizer: its tokenizer (with a pad token).
-        prompts: one prompt or a list of prompts, generated as one left-padded batch.
+        prompts: one prompt or a list of prompts, generated as one batch (every sample of every prompt).
         max_new_tokens: tokens to generate at most (generation also stops at EOS).
         temperature: softmax temperature; 0 means greedy decoding.
         top_k: keep only the k most likely tokens before sampling (0 or None = off).
         top_p: nucleus sampling threshold (1 or None = off).
         num_samples: continuations per prompt.
-        seed: seeds torch's generator first, so the same seed gives the same text.
+        seed: the sampler's seed: the same seed gives the same text (None: a fresh one).
         stream: if given, generate prompt by prompt and sample by sample and write the text to this stream
             token by token (e.g. `sys.stdout`). The same seed again gives the same streamed text, which may
             differ from the batched result because the random draws happen in another order.
@@ -98,48 +72,47 @@ def generate(
         raise PeftlabError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
     if num_samples < 1:
         raise PeftlabError(f"--num-samples must be >= 1, got {num_samples}")
-    arguments = sampling_arguments(temperature, top_k, top_p)
-    if num_samples > 1 and not arguments["do_sample"]:
+    sampling = Sampling(temperature, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p,
+                        seed if seed is not None else random.SystemRandom().randrange(2**63))
+    if num_samples > 1 and sampling.greedy:
         raise PeftlabError(
             f"--num-samples {num_samples} with --temperature 0: greedy decoding gives the same text every time. "
             "Fix: sample with --temperature > 0, or ask for one sample."
         )
-    device = next(model.parameters()).device
-    batch = _encode(tokenizer, prompt_list, device)
-    _check_lengths(model, batch, max_new_tokens)
-    if seed is not None:
-        torch.manual_seed(seed)
-    arguments.update(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    texts = [prompt if prompt else tokenizer.eos_token for prompt in prompt_list]  # empty prompt: start from EOS
+    prompt_ids = tokenizer(texts)["input_ids"]
+    _check_lengths(model, prompt_ids, max_new_tokens)
     model.eval()
+    pick_next, stops = sampling.picker(), {tokenizer.eos_token_id}
     if stream is not None:
-        return [_stream_one(model, tokenizer, prompt, num_samples, arguments, stream) for prompt in prompt_list]
-    with torch.inference_mode():
-        output = model.generate(**batch, num_return_sequences=num_samples, **arguments)  # (P*S, T_prompt+T_new)
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [texts[index * num_samples : (index + 1) * num_samples] for index in range(len(prompt_list))]
+        return [[_stream_one(model, tokenizer, ids, max_new_tokens, pick_next, stream) for _ in range(num_samples)]
+                for ids in prompt_ids]
+    rows = [ids for ids in prompt_ids for _ in range(num_samples)]  # prompt-major, like num_return_sequences
+    generated = decode(model, rows, max_new_tokens, stops, tokenizer.pad_token_id, pick_next)
+    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [decoded[index * num_samples : (index + 1) * num_samples] for index in range(len(prompt_list))]
 
 
-def _stream_one(model, tokenizer, prompt: str, num_samples: int, arguments: dict, stream: TextIO) -> list[str]:
-    from transformers import TextStreamer
+def _stream_one(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, pick_next, stream: TextIO) -> str:
+    """One continuation, written to `stream` as it is generated; returns its text."""
+    tokens: list[int] = []
+    written = 0
 
-    class _Streamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stream.write(text + ("\n" if stream_end else ""))
+    def write_new_text(row: int, token: int) -> None:
+        nonlocal written
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # a character whose bytes are still incomplete waits for the next token
+            stream.write(text[written:])
             stream.flush()
+            written = len(text)
 
-    batch = _encode(tokenizer, [prompt], next(model.parameters()).device)
-    samples = []
-    for _ in range(num_samples):
-        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
-            output = model.generate(**batch, streamer=streamer, **arguments)
-        samples.append(tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
-    return samples
+    decode(model, [prompt_ids], max_new_tokens, {tokenizer.eos_token_id}, tokenizer.pad_token_id, pick_next,
+           on_token=write_new_text)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stream.write(text[written:] + "\n")
+    stream.flush()
+    return text
 
 
 def read_prompt_file(path: str) -> list[str]:

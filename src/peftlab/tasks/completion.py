@@ -8,8 +8,8 @@ Shared here, once, by both:
 - batches are left-padded with position ids from the attention mask, so every completion ends in the last
   column: the LM head (the largest single matrix of a small model) then runs only on the last columns that hold
   labels (`logits_to_keep`), not on the whole sequence;
-- prediction: batched greedy generation with the KV cache (`generate_batch`) and exact likelihood scoring of a
-  fixed set of answers (`score_choices`).
+- prediction: generation through `peftlab.generation.decode` and exact likelihood scoring of a fixed set of
+  answers (`score_choices`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
+from peftlab.generation import left_pad
 from peftlab.tasks import Encoded, StepOutput, Task
 
 LOSS_ON = ("answer", "all")
@@ -41,19 +42,6 @@ class Completion:
 class CompletionTarget:
     prompt_length: int  # tokens of the prompt; the completion and EOS follow
     reference: Any
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) of left-padded rows; positions count real tokens from 0."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        if row:
-            input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, width - len(row) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
 class CompletionTask(Task):
@@ -137,57 +125,6 @@ def line_stop_ids(tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} | {
         index for token, index in vocabulary.items() if "\n" in tokenizer.convert_tokens_to_string([token])
     }
-
-
-def top_p_sampler(temperature: float, top_p: float, seed: int, top_k: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A `pick_next` for `generate_batch`: sample from softmax(logits / temperature) among the `top_k` most likely
-    tokens (0 = all), keeping the most likely ones up to probability mass `top_p` (nucleus sampling), with its own
-    seeded generator. A top-k cut first also spares sorting the whole vocabulary at every step."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float() / temperature
-        if 0 < top_k < logits.shape[-1]:
-            logits, order = logits.topk(top_k, dim=-1)  # sorted, most likely first
-        else:
-            logits, order = logits.sort(dim=-1, descending=True)
-        probabilities = torch.softmax(logits, dim=-1)
-        outside = probabilities.cumsum(-1) - probabilities >= top_p  # the mass before it already reaches top_p
-        choice = torch.multinomial(probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
-        return order.gather(-1, choice.to(order.device)).squeeze(-1)
-
-    return pick
-
-
-@torch.inference_mode()
-def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int,
-                   pick_next: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
-    """Continue each prompt as one left-padded batch with the KV cache; greedy unless `pick_next` is given.
-
-    `pick_next` maps the (batch, vocabulary) logits of the last position to the next token ids (e.g. sampling).
-    A row stops after emitting a token in `stop_ids` (included in its output); the batch stops when every row
-    has stopped or after `max_new_tokens`. Only the last position's logits are computed at each step.
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, logits_to_keep=1)
-    generated: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        logits = output.logits[:, -1]
-        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)
-        for row, token in enumerate(next_tokens.tolist()):
-            if not stopped[row]:
-                generated[row].append(token)
-                stopped[row] = token in stop_ids
-        if all(stopped) or step == max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
-    return generated
 
 
 @torch.inference_mode()

@@ -22,7 +22,8 @@ from peftlab.data import LabelledText
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
-from peftlab.tasks.completion import Completion, CompletionTask, generate_batch, score_choices
+from peftlab.generation import decode
+from peftlab.tasks.completion import Completion, CompletionTask, score_choices
 from peftlab.tasks.metrics import classification_metrics
 from peftlab.workloads.base import Workload
 
@@ -138,7 +139,7 @@ class InstructTask(CompletionTask):
 
             longest = max(len(tokens) for tokens in self.answer_tokens)
             eos = self.tokenizer.eos_token_id
-            generated = generate_batch(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy)
+            generated = decode(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy)
             for result, tokens in zip(results, generated):
                 text = self.tokenizer.decode([t for t in tokens if t != eos])
                 result.update(generate=parse_label(text, self.verbalizers), text=text)

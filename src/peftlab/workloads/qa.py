@@ -24,7 +24,8 @@ from peftlab.data.datasets import get_dataset
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
-from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, generate_batch, line_stop_ids
+from peftlab.generation import decode
+from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, line_stop_ids
 from peftlab.workloads.base import Workload
 
 PROMPT_PREFIX = "Context:"
@@ -106,8 +107,7 @@ class QATask(CompletionTask):
         return line_stop_ids(self.tokenizer)
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
-        generated = generate_batch(model, self.prompts(examples), self.max_new_tokens, self.stop_ids,
-                                    self.tokenizer.pad_token_id)
+        generated = decode(model, self.prompts(examples), self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
 
     def metrics(self, predictions: list[str], examples: Sequence[Encoded]) -> dict:

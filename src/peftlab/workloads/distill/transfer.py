@@ -21,7 +21,8 @@ from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.models import load_model
-from peftlab.tasks.completion import generate_batch, line_stop_ids, top_p_sampler
+from peftlab.generation import Sampling, decode
+from peftlab.tasks.completion import line_stop_ids
 from peftlab.workloads.distill.task import read_teacher_config
 
 SENTENCE_ENDS = (".", "?", "!")
@@ -112,8 +113,8 @@ def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSetti
     def continue_prompts(prompts: list[str], seed: int) -> list[str]:
         nonlocal sampled
         token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        generated = generate_batch(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
-                                   top_p_sampler(settings.temperature, settings.top_p, seed, settings.top_k))
+        sampling = Sampling(settings.temperature, settings.top_k, settings.top_p, seed)
+        generated = decode(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id, sampling.picker())
         sampled += len(prompts)
         print(f"sampled {sampled} continuations", flush=True)
         return tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -1,0 +1,156 @@
+"""The one decoding loop, for W0's `peftlab generate` and every task that generates (instruct, qa, transfer sets).
+
+`decode` continues a batch of token-id prompts with the KV cache:
+- the prompts are left-padded, with position ids counted from the attention mask, so each row's next token is
+  the last column and padding never shifts a position;
+- greedy, or sampled through a `pick_next` function (`Sampling.picker`: temperature, top-k, top-p, own seeded
+  generator, so a seed gives the same text whatever else draws random numbers);
+- each row stops at its own stop tokens (one set for all rows, or one per row) and, optionally, stop strings;
+  a row that stopped leaves the batch (its cache rows are dropped), so a long straggler costs only its own row;
+- `on_token(row, token)` sees every generated token as it comes (streaming);
+- `prefix_cache` (with `prefix_length` tokens) continues every prompt after an already computed shared prefix:
+  the cache is repeated over the batch and the prompts' positions start after the prefix.
+transformers' `generate` is used only in the tests, as the reference this loop must match.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from peftlab.errors import PeftlabError
+
+TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of left-padded rows; positions count real tokens from 0."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when temperature is 0, else sampled from softmax(logits / temperature)
+    among the `top_k` most likely tokens (0 = all) up to probability mass `top_p` (1 = all)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise PeftlabError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise PeftlabError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise PeftlabError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def picker(self) -> TokenPicker | None:
+        """A fresh `pick_next` with its own generator (None when greedy: argmax)."""
+        if self.greedy:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            logits = logits.float() / temperature
+            if 0 < top_k < logits.shape[-1]:
+                logits, order = logits.topk(top_k, dim=-1)  # sorted, most likely first; spares a full sort
+            else:
+                logits, order = logits.sort(dim=-1, descending=True)
+            probabilities = torch.softmax(logits, dim=-1)
+            outside = probabilities.cumsum(-1) - probabilities >= top_p  # the mass before it already reaches top_p
+            choice = torch.multinomial(probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
+            return order.gather(-1, choice.to(order.device)).squeeze(-1)
+
+        return pick
+
+
+@torch.inference_mode()
+def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int] | Sequence[set[int]],
+           pad_id: int, pick_next: TokenPicker | None = None, on_token: Callable[[int, int], None] | None = None,
+           stop_strings: Sequence[str] = (), detokenize: Callable[[list[int]], str] | None = None,
+           prefix_cache=None, prefix_length: int = 0) -> list[list[int]]:
+    """Continue each prompt (token ids) as one batch with the KV cache; returns each row's new tokens.
+
+    Args:
+        model: a causal LM taking input_ids, attention_mask, position_ids, cache, logits_to_keep.
+        prompts: token ids per row (may be empty when a prefix cache holds the context).
+        max_new_tokens: tokens generated per row at most.
+        stop_ids: a row stops after emitting one of these (included in its output); one set, or one per row.
+        pad_id: the id written into padding (never attended to).
+        pick_next: (rows, vocabulary) logits -> next ids; None = greedy.
+        on_token: called as on_token(row, token) for every generated token, in order (streaming).
+        stop_strings: a row also stops once its generated text (`detokenize(tokens)`) contains one of these.
+        prefix_cache: a KV cache of a shared prefix (batch 1) computed by the same model; `prefix_length` tokens.
+    """
+    if max_new_tokens < 1:
+        raise PeftlabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if stop_strings and detokenize is None:
+        raise ValueError("stop_strings need a detokenize function")
+    if not prefix_cache and any(len(prompt) == 0 for prompt in prompts):
+        raise PeftlabError("an empty prompt has nothing to continue; give it at least one token")
+    device = next(model.parameters()).device
+    row_stops = [stop_ids] * len(prompts) if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
+    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(prompts))
+        prefix_mask = attention_mask.new_ones((len(prompts), prefix_length))
+        attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+        position_ids = position_ids + prefix_length
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   cache=cache, use_cache=True, logits_to_keep=1)
+    generated: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # the original row of each batch row
+    for step in range(max_new_tokens):
+        logits = output.logits[:, -1]  # (active rows, vocabulary)
+        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)
+        keep = []
+        for batch_row, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+            generated[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            stopped = token in row_stops[row] or (stop_strings and any(
+                stop in detokenize(generated[row]) for stop in stop_strings))
+            if not stopped:
+                keep.append(batch_row)
+        if not keep or step == max_new_tokens - 1:
+            break
+        cache = output.cache
+        if len(keep) < len(active):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, position_ids, next_tokens = attention_mask[index], position_ids[index], next_tokens[index]
+            active = [active[batch_row] for batch_row in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=True, logits_to_keep=1)
+    return generated
+
+
+@torch.inference_mode()
+def prefill(model, prefix: Sequence[int]):
+    """The KV cache of one shared prefix, for `decode(..., prefix_cache=..., prefix_length=len(prefix))`."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prefix)], device=device)
+    output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
+    return output.cache
