@@ -14,7 +14,7 @@ from peftlab import PeftlabError
 from peftlab.workloads.distill import task as distill_module
 from peftlab.workloads.distill import transfer as transfer_module
 from peftlab.cli import main
-from peftlab.config import RunConfig, save_config
+from peftlab.config import DistillConfig, RunConfig, save_config
 from peftlab.models import count_parameters, load_tokenizer
 from peftlab.tasks import Encoded
 from peftlab.train import evaluate_run, train
@@ -181,7 +181,7 @@ def test_augmented_copies_with_edits_are_edited_training_sentences(tiny_model_di
     texts = ["The cat sat on the mat.", "Mary gave John a book.", "Go!"]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sentences = [Encoded(row, label, f"train:{index}") for index, (row, label) in enumerate(zip(ids, [1, 1, 0]))]
-    settings = RunConfig().distill
+    settings = DistillConfig()
     settings.augment, settings.mask_probability, settings.ngram_probability = 4, 0.0, 0.0
     unchanged = augmented_copies(sentences, texts, tokenizer, settings, seed=0)
     assert [copy.input_ids for copy in unchanged] == ids * 4  # no edit, no mask, no n-gram: the sentence itself

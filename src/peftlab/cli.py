@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
+from dataclasses import dataclass
 
+from peftlab.config import DISTILL_TRAIN_DEFAULTS, RunConfig, section_type
 from peftlab.errors import Interrupted, PeftlabError
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "The run directory is an ordinary run: `peftlab eval` it, resume it with `peftlab train --resume RUN_DIR`.")
     distill.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher: a classification run of `peftlab train`")
     distill.add_argument("--output-dir", help="run directory (default: runs/distill-<teacher>; with --compare: a folder of runs)")
-    for option, (_, _, kind, text) in DISTILL_OPTIONS.items():
-        name = f"--{option.replace('_', '-')}"
-        if kind is bool:
-            distill.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            distill.add_argument(name, type=kind, choices=DISTILL_CHOICES.get(option), help=text)
+    _add_options(distill, DISTILL_OPTIONS, DISTILL_TRAIN_DEFAULTS)
     distill.add_argument("--compare", action="store_true",
                          help="train KD and no-KD students for --seeds seeds, evaluate them and the teacher, write one table")
     distill.add_argument("--seeds", type=int, default=3, help="with --compare: seeds per student, from --seed on (default: 3)")
@@ -73,13 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "lines that end a sentence and are neither duplicates nor training sentences are kept.")
     transfer.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher run (its model and task data)")
     transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
-    from peftlab.workloads.distill.transfer import SamplingSettings
-
-    defaults = SamplingSettings()
-    for option, text in TRANSFER_OPTIONS:
-        default = getattr(defaults, option)
-        transfer.add_argument(f"--{option.replace('_', '-')}", type=type(default), default=default,
-                              help=f"{text} (default: {default})")
+    _add_options(transfer, transfer_options())
     transfer.set_defaults(handler=_run_transfer_set)
 
     evaluate = commands.add_parser(
@@ -95,10 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="also write each example's prediction and reference to FILE (JSON lines)")
-    for option in EVAL_BASE_OPTIONS:
-        section, name, kind, text = TRAIN_OPTIONS[option]
-        evaluate.add_argument(f"--{option.replace('_', '-')}", type=str if kind == "list" else kind,
-                              help=f"without RUN_DIR: {text}")
+    _add_options(evaluate, EVAL_BASE_OPTIONS, prefix="without RUN_DIR: ")
     evaluate.set_defaults(handler=_run_eval)
 
     export = commands.add_parser("export", help="export a run's adapter for Hugging Face peft, or a merged model")
@@ -140,117 +131,110 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# option -> (config section, field, parser); every option defaults to None so only given ones override --config
-TRAIN_OPTIONS = {
-    "task": ("task", "name", str, "task to train on: cola, rotten_tomatoes, squad (default: cola)"),
-    "objective": ("task", "objective", str, "classification (a head on the last token) | instruct (generated labels) | qa (squad); "
-                  "default: the task's own (see `peftlab templates`)"),
-    "template": ("task", "template", str, "instruct prompt: a name from `peftlab templates` or a format string "
-                 "with {text} (\\n = newline); default: the task's first"),
-    "verbalizers": ("task", "verbalizers", "list", "instruct: comma-separated answer text per label, in label order "
-                    "(default: the label names)"),
-    "loss_on": ("task", "loss_on", str, "instruct, qa: learn the answer tokens only, or all tokens: answer | all "
-                "(default: answer)"),
-    "predict": ("task", "predict", str, "instruct: generate (greedy, parse the text) | score (likelihood of each "
-                "verbalizer) | both (default: generate)"),
-    "eval_limit": ("task", "eval_limit", int, "evaluate on N evenly spaced validation examples (default: all)"),
-    "data_dir": ("task", "data_dir", str, "data directory (default: $PEFTLAB_DATA)"),
-    "max_length": ("task", "max_length", int, "tokens per example at most; longer is an error, except squad contexts, which are cut (default: 128, squad 384)"),
-    "train_limit": ("task", "train_limit", int, "use only N evenly spaced training examples (default: all)"),
-    "model": ("model", "name", str, "model name or local directory (default: smollm2-135m)"),
-    "init": ("model", "init", str, "pretrained | random (default: pretrained)"),
-    "method": ("adapter", "method", str, "lora | full | bitfit | head (default: lora)"),
-    "targets": ("adapter", "targets", "list", "comma-separated roles (q,k,v,o,mlp,all-linear), module names or regex (default: q,v)"),
-    "rank": ("adapter", "rank", int, "LoRA rank; 0 = full fine-tuning (default: 8)"),
-    "alpha": ("adapter", "alpha", float, "LoRA alpha; scaling = alpha/rank (default: 16)"),
-    "lora_dropout": ("adapter", "dropout", float, "dropout on the LoRA branch (default: 0)"),
-    "extra_trainable": ("adapter", "extra_trainable", "list", "also train: comma-separated head,biases,norms (default: the head of a classifier)"),
-    "epochs": ("train", "epochs", int, "epochs (default: 3)"),
-    "lr": ("train", "lr", float, "peak learning rate (default: 5e-4)"),
-    "batch_size": ("train", "batch_size", int, "examples per optimizer step (default: 32)"),
-    "grad_accum": ("train", "grad_accum", int, "micro-batches per optimizer step (default: 1)"),
-    "eval_batch_size": ("train", "eval_batch_size", int, "evaluation batch size (default: 64)"),
-    "warmup_ratio": ("train", "warmup_ratio", float, "share of steps for linear warm-up (default: 0.06)"),
-    "schedule": ("train", "schedule", str, "linear | cosine | constant decay after warm-up (default: linear)"),
-    "weight_decay": ("train", "weight_decay", float, "AdamW weight decay on matrices (default: 0.01)"),
-    "max_grad_norm": ("train", "max_grad_norm", float, "gradient clipping norm; 0 = off (default: 1.0)"),
-    "seed": ("train", "seed", int, "random seed (default: 0)"),
-    "eval_every": ("train", "eval_every", int, "also evaluate every N steps (default: per epoch only)"),
-    "select_metric": ("train", "select_metric", str, "validation metric choosing checkpoints/best; loss = lowest (default: the task's: mcc, accuracy or f1)"),
-    "device": ("train", "device", str, "auto | cpu | cuda (default: auto)"),
-}
+# ----------------------------------------------------------------------------------------------------------
+# Options generated from the settings dataclasses (peftlab.config): each field's name (or its `option`), type,
+# default and one-line help become one command-line option, so none of these is written twice.
 
 
-# `peftlab distill`: the student and the loss, then the training options that make sense for a student
-DISTILL_OPTIONS = {
-    "teacher_checkpoint": ("distill", "teacher_checkpoint", str, "the teacher's checkpoint: best | last (default: best)"),
-    "student": ("distill", "student", str, "rnn | gru | lstm (default: lstm)"),
-    "layers": ("distill", "layers", int, "stacked RNN layers (default: 1)"),
-    "hidden_size": ("distill", "hidden_size", int, "RNN state size per direction (default: 256)"),
-    "embedding_size": ("distill", "embedding_size", int, "token embedding size (default: 128)"),
-    "bidirectional": ("distill", "bidirectional", bool, "read both directions (default: yes)"),
-    "dropout": ("distill", "dropout", float, "dropout on embeddings, between layers, before the classifier (default: 0.2)"),
-    "alpha": ("distill", "alpha", float, "weight of the distillation term; 0 = no distillation (default: 0.5)"),
-    "temperature": ("distill", "temperature", float, "softmax temperature T of the distillation term (default: 2)"),
-    "augment": ("distill", "augment", int, "Tang et al. 2019 transfer set: N augmented copies per training sentence "
-                "(word masking, n-gram sampling; seeded), labelled by the teacher (default: 0)"),
-    "mask_probability": ("distill", "mask_probability", float, "augmentation: chance of masking a word (default: 0.1)"),
-    "ngram_probability": ("distill", "ngram_probability", float, "augmentation: chance of keeping an n-gram only (default: 0.25)"),
-    "edit_probability": ("distill", "edit_probability", float, "augmentation: chance of one word-order edit per copy "
-                         "(swap neighbours, delete or move a word; default: 0)"),
-    "embedding_init": ("distill", "embedding_init", str, "student embedding: random | teacher (PCA of the teacher's "
-                       "token embeddings to --embedding-size; default: random)"),
-    "transfer_file": ("distill", "transfer_file", str, "transfer set: a file of unlabelled sentences, one per line, "
-                      "labelled by the teacher (see `peftlab transfer-set`; default: none)"),
-    "epochs": ("train", "epochs", int, "epochs (default: 10)"),
-    "lr": ("train", "lr", float, "peak learning rate (default: 2e-3)"),
-} | {option: TRAIN_OPTIONS[option] for option in (
-    "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm", "seed", "eval_every",
-    "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
-DISTILL_CHOICES = {"teacher_checkpoint": ("best", "last"), "student": ("rnn", "gru", "lstm"),
-                   "embedding_init": ("random", "teacher")}
+@dataclass(frozen=True)
+class Option:
+    section: str | None  # the RunConfig section the field lives in; None: a flat settings dataclass
+    field: dataclasses.Field
+    hint: object
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.field.metadata.get("option") or self.field.name.replace("_", "-"))
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def kind(self):
+        """The field's type without `| None`."""
+        if typing.get_origin(self.hint) in (typing.Union, types.UnionType):
+            return next(item for item in typing.get_args(self.hint) if item is not type(None))
+        return self.hint
+
+    def default_text(self, default=dataclasses.MISSING) -> str:
+        if default is dataclasses.MISSING:
+            factory = self.field.default_factory
+            default = factory() if factory is not dataclasses.MISSING else self.field.default
+        if default is None:
+            return self.field.metadata.get("default_text") or "none"
+        if isinstance(default, bool):
+            return "yes" if default else "no"
+        if isinstance(default, list):
+            return ",".join(default) or "none"
+        return f"{default:g}" if isinstance(default, float) else (str(default) or "none")
 
 
-TRANSFER_OPTIONS = (  # defaults: peftlab.transfer.SamplingSettings
-    ("size", "sentences to write"),
-    ("shots", "training sentences shown before each prefix"),
-    ("prefix_words", "words of a training sentence that start each sample"),
-    ("temperature", "sampling temperature"),
-    ("top_p", "nucleus sampling threshold"),
-    ("top_k", "sample among the k most likely tokens; 0 = all"),
-    ("max_new_tokens", "tokens sampled per sentence at most"),
-    ("batch_size", "prompts sampled together"),
-    ("seed", "random seed; same seed, same sentences"),
-)
+def _documented_fields(cls, section: str | None) -> dict[str, Option]:
+    hints = typing.get_type_hints(cls)
+    options = [Option(section, item, hints[item.name]) for item in dataclasses.fields(cls) if "help" in item.metadata]
+    return {option.dest: option for option in options}
 
 
-EVAL_BASE_OPTIONS = ("task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")
+def settings_options(sections: tuple[str, ...]) -> dict[str, Option]:
+    """dest -> Option for every documented field of these RunConfig sections, in order."""
+    hints = typing.get_type_hints(RunConfig)
+    return {dest: option for section in sections
+            for dest, option in _documented_fields(section_type(hints[section]), section).items()}
+
+
+def transfer_options() -> dict[str, Option]:
+    from peftlab.workloads.distill.transfer import SamplingSettings
+
+    return _documented_fields(SamplingSettings, None)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: dict[str, Option], defaults: dict | None = None,
+                 prefix: str = "") -> None:
+    """One argument per option; every default is None so only given options change a configuration."""
+    for dest, option in options.items():
+        default = (defaults or {}).get(option.field.name, dataclasses.MISSING)
+        text = f"{prefix}{option.field.metadata['help']} (default: {option.default_text(default)})"
+        if option.kind is bool:
+            parser.add_argument(option.flag, dest=dest, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(option.kind) is list:
+            parser.add_argument(option.flag, dest=dest, metavar="A,B", help=text)
+        else:
+            parser.add_argument(option.flag, dest=dest, type=option.kind, help=text)
+
+
+def _apply_options(target, args: argparse.Namespace, options: dict[str, Option]) -> None:
+    """Set every given option on `target` (a RunConfig, or the flat settings object the options come from)."""
+    for dest, option in options.items():
+        value = getattr(args, dest)
+        if value is not None:
+            if typing.get_origin(option.kind) is list:
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            setattr(getattr(target, option.section) if option.section else target, option.field.name, value)
+
+
+TRAIN_OPTIONS = settings_options(("task", "model", "adapter", "train"))
+# `peftlab distill`: the student and the loss (its teacher is --teacher), then the training settings of a student
+DISTILL_OPTIONS = {dest: option for dest, option in settings_options(("distill",)).items() if dest != "teacher"} | {
+    dest: TRAIN_OPTIONS[dest] for dest in (
+        "epochs", "lr", "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm",
+        "seed", "eval_every", "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
+EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
+    "task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")}
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run configuration (e.g. a run's config.yaml); options override it")
     parser.add_argument("--output-dir", help="run directory (default: runs/<task>-<model>-<method>)")
-    for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
-        parser.add_argument(f"--{option.replace('_', '-')}", type=str if kind == "list" else kind, help=text)
+    _add_options(parser, TRAIN_OPTIONS)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints/last")
     parser.add_argument("--stop-after-epoch", type=int, help="stop after this epoch as if interrupted (resume later)")
     parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
 
 
-def _apply_options(config, args: argparse.Namespace, options, table: dict = TRAIN_OPTIONS) -> None:
-    """Set every given option of `options` (names in `table`) on the run configuration."""
-    for option in options:
-        section, name, kind, _ = table[option]
-        value = getattr(args, option)
-        if value is not None:
-            if kind == "list":
-                value = [item.strip() for item in value.split(",") if item.strip()]
-            setattr(getattr(config, section), name, value)
-
-
 def train_config_from_args(args: argparse.Namespace):
     """The run configuration: --resume's config.yaml, else --config, else defaults; then the given options."""
-    from peftlab.config import RunConfig, load_config
+    from peftlab.config import load_config
 
     if args.resume:
         config = load_config(f"{args.resume}/config.yaml")
@@ -276,7 +260,6 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from peftlab.config import RunConfig
     from peftlab.train import evaluate_run
 
     given = [option for option in EVAL_BASE_OPTIONS if getattr(args, option) is not None]
@@ -297,7 +280,7 @@ def _run_distill(args: argparse.Namespace) -> None:
     from peftlab.workloads.distill.task import distill_config
 
     config = distill_config(args.teacher, args.teacher_checkpoint or "best")
-    _apply_options(config, args, DISTILL_OPTIONS, DISTILL_OPTIONS)
+    _apply_options(config, args, DISTILL_OPTIONS)
     if args.output_dir:
         config.output_dir = args.output_dir
     elif args.compare:
@@ -311,7 +294,8 @@ def _run_distill(args: argparse.Namespace) -> None:
 def _run_transfer_set(args: argparse.Namespace) -> None:
     from peftlab.workloads.distill.transfer import SamplingSettings, write_transfer_set
 
-    settings = SamplingSettings(**{option: getattr(args, option) for option, _ in TRANSFER_OPTIONS})
+    settings = SamplingSettings()
+    _apply_options(settings, args, transfer_options())
     write_transfer_set(args.teacher, args.output, settings)
 
 

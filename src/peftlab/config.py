@@ -1,13 +1,19 @@
-"""Run configuration: typed dataclasses that are both the YAML schema of `config.yaml` and the CLI's options.
+"""Run configuration: typed, documented dataclasses that are both the YAML schema of `config.yaml` and, through
+their field metadata (`setting`), the command line's options (generated in cli.py: no name, default or help
+text is written twice).
 
-`RunConfig.from_dict` / `load_config` reject unknown keys and wrong types with the offending key named, so a
-typo in a YAML file is an error instead of a silently ignored setting.
+None means "the task's own" for a few fields; `peftlab.workloads.resolve_config` fills them in when a run
+starts, so a run's config.yaml records the values it actually used. Files written before that used "", 0 or []
+for the same fields; loading maps those to None (`LEGACY_UNSET`). `RunConfig.from_dict` / `load_config` reject
+unknown keys and wrong types with the offending key named, so a typo in a YAML file is an error instead of a
+silently ignored setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,74 +24,103 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 
 
+def setting(default, help: str, option: str | None = None, default_text: str | None = None):
+    """A documented field: `help` is its one line on the command line and `option` its CLI name when that is not
+    the field's own (`--lora-dropout` for adapter.dropout). `default_text` describes a None default (resolved per
+    task when the run starts, see `peftlab.workloads.resolve_config`)."""
+    metadata = {"help": help, "option": option, "default_text": default_text}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  # known model name or local Hugging Face directory
-    init: str = "pretrained"  # pretrained | random
+    name: str = setting("smollm2-135m", "known model name (see `peftlab models`) or a local Hugging Face directory",
+                        option="model")
+    init: str = setting("pretrained", "pretrained | random (the architecture with random weights)")
 
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"  # lora | full | bitfit | head (rank 0 with lora means full fine-tuning)
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # roles (q,k,v,o,mlp,all-linear), names or regex
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the LoRA branch only
-    extra_trainable: list[str] = field(default_factory=list)  # head, biases, norms; [] = the head of a classifier
+    method: str = setting("lora", "lora | full | bitfit | head (rank 0 with lora is full fine-tuning)")
+    targets: list[str] = setting(["q", "v"], "comma-separated roles (q,k,v,o,mlp,all-linear), module names or regexes")
+    rank: int = setting(8, "LoRA rank; 0 = full fine-tuning")
+    alpha: float = setting(16.0, "LoRA alpha; scaling = alpha/rank")
+    dropout: float = setting(0.0, "dropout on the LoRA branch", option="lora-dropout")
+    extra_trainable: list[str] | None = setting(None, "also train: comma-separated head,biases,norms",
+                                                default_text="the head of a classifier, else nothing")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "cola"
-    data_dir: str | None = None  # else $PEFTLAB_DATA
-    max_length: int = 0  # tokens per example (0 = the task's: 128, squad 384); longer is an error, except squad
-    train_limit: int = 0  # use only N evenly spaced training examples (0 = all); for quick experiments
-    objective: str = ""  # classification | instruct; "" = the task's own (see `peftlab templates`)
-    template: str = ""  # instruct prompt: a template name or a format string with {text}; "" = the task's default
-    verbalizers: list[str] = field(default_factory=list)  # instruct: the answer text per label; [] = label names
-    loss_on: str = "answer"  # instruct: learn the answer tokens only, or all tokens
-    predict: str = "generate"  # instruct: generate | score | both (both: also the agreement)
-    eval_limit: int = 0  # evaluate on N evenly spaced validation examples only (0 = all); for quick experiments
+    name: str = setting("cola", "task to train on: cola, rotten_tomatoes, squad", option="task")
+    data_dir: str | None = setting(None, "data directory", default_text="$PEFTLAB_DATA")
+    max_length: int | None = setting(None, "tokens per example at most; longer is an error, except squad contexts, "
+                                     "which are cut", default_text="the task's: 128, squad 384")
+    train_limit: int = setting(0, "use only N evenly spaced training examples; 0 = all")
+    objective: str | None = setting(None, "classification (a head on the last token) | instruct (generated labels) | "
+                                    "qa (squad)", default_text="the task's own, see `peftlab templates`")
+    template: str | None = setting(None, "instruct prompt: a name from `peftlab templates` or a format string with "
+                                   "{text} (\\n = newline)", default_text="the task's first")
+    verbalizers: list[str] | None = setting(None, "instruct: comma-separated answer text per label, in label order",
+                                            default_text="the task's, else the label names")
+    loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
+    predict: str = setting("generate", "instruct: generate (greedy, parse the text) | score (likelihood of each "
+                           "verbalizer) | both")
+    eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    lr: float = 5e-4
-    batch_size: int = 32  # examples per optimizer step (split over processes and accumulation steps)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_batch_size: int = 64
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
-    eval_every: int = 0  # also evaluate every N optimizer steps (0 = once per epoch)
-    select_metric: str = ""  # validation metric that picks checkpoints/best ("" = the task's; loss = lowest)
-    device: str = "auto"  # auto | cpu | cuda
+    epochs: int = setting(3, "epochs")
+    lr: float = setting(5e-4, "peak learning rate")
+    batch_size: int = setting(32, "examples per optimizer step (split over processes and accumulation steps)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    eval_batch_size: int = setting(64, "evaluation batch size")
+    warmup_ratio: float = setting(0.06, "share of steps for linear warm-up")
+    schedule: str = setting("linear", "linear | cosine | constant decay after warm-up")
+    weight_decay: float = setting(0.01, "AdamW weight decay on matrices")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 = off")
+    seed: int = setting(0, "random seed")
+    eval_every: int = setting(0, "also evaluate every N optimizer steps; 0 = once per epoch only")
+    select_metric: str | None = setting(None, "validation metric choosing checkpoints/best; loss = lowest",
+                                        default_text="the task's: mcc, accuracy or f1")
+    device: str = setting("auto", "auto | cpu | cuda[:N] (auto = cuda if available)")
 
 
 @dataclass
 class DistillConfig:
     """Knowledge distillation into a small student (W2); `peftlab distill` fills it from a teacher run."""
 
-    teacher: str = ""  # the teacher's run directory (a classification run); "" = not a distillation run
-    teacher_checkpoint: str = "best"  # best | last
-    student: str = "lstm"  # rnn | gru | lstm
-    layers: int = 1
-    hidden_size: int = 256  # per direction
-    embedding_size: int = 128
-    bidirectional: bool = True
-    dropout: float = 0.2
-    alpha: float = 0.5  # weight of the distillation term; 0 = the student learns from the labels only (no KD)
-    temperature: float = 2.0
-    augment: int = 0  # Tang et al. 2019 transfer set: augmented copies per training sentence, labelled by the teacher
-    mask_probability: float = 0.1  # augmentation: chance of masking each word
-    ngram_probability: float = 0.25  # augmentation: chance of keeping only a random n-gram (n = 1..5) of a copy
-    augment_seed: int = 0  # the transfer set is fixed across student seeds, so its teacher logits are computed once
-    transfer_file: str = ""  # unlabelled sentences, one per line, labelled by the teacher (`peftlab transfer-set`)
-    edit_probability: float = 0.0  # augmentation: chance of one word-order edit per copy (swap, delete or move a word)
-    embedding_init: str = "random"  # random | teacher (PCA of the teacher's token embeddings)
+    teacher: str = setting("", "the teacher: a classification run of `peftlab train`; empty = not a distillation")
+    teacher_checkpoint: str = setting("best", "the teacher's checkpoint: best | last")
+    student: str = setting("lstm", "rnn | gru | lstm")
+    layers: int = setting(1, "stacked RNN layers")
+    hidden_size: int = setting(256, "RNN state size per direction")
+    embedding_size: int = setting(128, "token embedding size")
+    bidirectional: bool = setting(True, "read both directions")
+    dropout: float = setting(0.2, "dropout on embeddings, between layers, before the classifier")
+    alpha: float = setting(0.5, "weight of the distillation term; 0 = no distillation")
+    temperature: float = setting(2.0, "softmax temperature T of the distillation term")
+    augment: int = setting(0, "Tang et al. 2019 transfer set: N augmented copies per training sentence (word masking, "
+                           "n-gram sampling; seeded), labelled by the teacher")
+    mask_probability: float = setting(0.1, "augmentation: chance of masking a word")
+    ngram_probability: float = setting(0.25, "augmentation: chance of keeping an n-gram only")
+    augment_seed: int = setting(0, "augmentation seed; fixed across student seeds, so the teacher labels the "
+                                "transfer set once")
+    transfer_file: str = setting("", "transfer set: a file of unlabelled sentences, one per line, labelled by the "
+                                 "teacher (see `peftlab transfer-set`); empty = none")
+    edit_probability: float = setting(0.0, "augmentation: chance of one word-order edit per copy (swap neighbours, "
+                                      "delete or move a word)")
+    embedding_init: str = setting("random", "student embedding: random | teacher (PCA of the teacher's token "
+                                  "embeddings to --embedding-size)")
+
+
+DISTILL_TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3}  # a student's own defaults (`peftlab distill`)
+CONFIG_VERSION = 2  # 2: None for "the task's own" (resolved when the run starts); 1 (no version key): "", 0, []
+LEGACY_UNSET = {("task", "max_length"): 0, ("task", "objective"): "", ("task", "template"): "",
+                ("task", "verbalizers"): [], ("adapter", "extra_trainable"): [], ("train", "select_metric"): ""}
 
 
 @dataclass
@@ -95,14 +130,43 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig | None = None  # only a distillation run has this section (the distill workload's)
+    version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return values if self.distill is not None else {key: value for key, value in values.items() if key != "distill"}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        return _build(cls, values, "config")
+        return _build(cls, _upgrade(values), "config")
+
+
+RESOLVED_LATER = tuple(LEGACY_UNSET)  # the (section, key) settings whose None a run resolves
+
+
+def same_run(recorded: RunConfig, config: RunConfig) -> bool:
+    """Whether `config` describes the run `recorded` (a config.yaml) is: equal everywhere, a None of `config`
+    matching whatever the run resolved it to; where the run lives (output_dir) does not count."""
+    mine, theirs = config.to_dict(), recorded.to_dict()
+    for section, key in RESOLVED_LATER:
+        if mine[section][key] is None:
+            mine[section][key] = theirs[section][key]
+    mine["output_dir"] = theirs["output_dir"]
+    return mine == theirs
+
+
+def _upgrade(values):
+    """A version-1 mapping (no `version` key: old run directories, hand-written YAML) in today's terms."""
+    if not isinstance(values, dict) or "version" in values:
+        return values
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    if isinstance(values.get("distill"), dict) and not values["distill"].get("teacher"):
+        del values["distill"]  # every run carried an idle distill section; only a distillation has one now
+    for (section, key), unset in LEGACY_UNSET.items():
+        if isinstance(values.get(section), dict) and values[section].get(key, None) == unset:
+            values[section][key] = None
+    return values | {"version": CONFIG_VERSION}
 
 
 def _build(cls, values, where: str):
@@ -115,28 +179,48 @@ def _build(cls, values, where: str):
         raise PeftlabError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
     built = {}
     for key, value in values.items():
-        hint = hints[key]
+        hint = section_type(hints[key])
         if dataclasses.is_dataclass(hint):
-            built[key] = _build(hint, value, f"{where}.{key}")
+            built[key] = None if value is None else _build(hint, value, f"{where}.{key}")
         else:
             built[key] = _check_type(value, hint, f"{where}.{key}")
     return cls(**built)
 
 
 def _check_type(value, hint, where: str):
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    base = typing.get_origin(hint)
-    if base is list:
+    options = [item for item in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                 else (hint,)) if item is not type(None)]
+    if value is None:
+        if len(options) < len(typing.get_args(hint) or (hint,)):  # Optional
+            return None
+        raise PeftlabError(f"{where}: expected {_type_name(options[0])}, found nothing (null)")
+    expected = options[0]
+    if typing.get_origin(expected) is list:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise PeftlabError(f"{where}: expected a list of strings, found {value!r}")
         return value
-    expected = next(item for item in (typing.get_args(hint) or (hint,)) if item is not type(None))
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise PeftlabError(f"{where}: expected {expected.__name__}, found {value!r}")
+        raise PeftlabError(f"{where}: expected {_type_name(expected)}, found {value!r}")
     return value
+
+
+def section_type(hint):
+    """A section's dataclass, also when the section is optional (`DistillConfig | None`)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes = [item for item in typing.get_args(hint) if dataclasses.is_dataclass(item)]
+        return classes[0] if classes else hint
+    return hint
+
+
+def _type_name(hint) -> str:
+    return "a list of strings" if typing.get_origin(hint) is list else hint.__name__
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
@@ -144,7 +228,7 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         values = yaml.safe_load(read_text(Path(path), "config"))
     except yaml.YAMLError as error:
         raise PeftlabError(f"{path}: not valid YAML: {error}") from None
-    return _build(RunConfig, values or {}, str(path))
+    return _build(RunConfig, _upgrade(values or {}), str(path))
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.config import RunConfig, load_config, save_config
+from peftlab.config import RunConfig, load_config, same_run, save_config
 from peftlab.errors import PeftlabError
 from peftlab.fileio import (finite_or_null, read_json, recover_directory, replace_directory, retired_path,
                             write_json_lines, write_text_atomic)
@@ -88,7 +88,7 @@ class RunDir:
 
     def check_same_config(self, config: RunConfig) -> None:
         """A run is continued only with the configuration it was started with."""
-        if load_config(self.path / CONFIG).to_dict() != config.to_dict():
+        if not same_run(load_config(self.path / CONFIG), config):
             raise PeftlabError(f"{self.path} was started with another configuration; choose another output folder "
                                "(or delete that run)")
 

@@ -39,7 +39,7 @@ def validate(config: RunConfig) -> None:
         (train.eval_every >= 0, f"--eval-every must be >= 0 (0 = once per epoch), got {train.eval_every}"),
         (task.train_limit >= 0, f"--train-limit must be >= 0 (0 = all examples), got {task.train_limit}"),
         (task.eval_limit >= 0, f"--eval-limit must be >= 0 (0 = all examples), got {task.eval_limit}"),
-        (task.max_length >= 0, f"--max-length must be >= 0 (0 = the task's), got {task.max_length}"),
+        (task.max_length is None or task.max_length >= 1, f"--max-length must be >= 1, got {task.max_length}"),
     ]
     for ok, message in checks:
         if not ok:

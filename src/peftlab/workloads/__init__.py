@@ -1,6 +1,6 @@
 """The workload registry: which workload trains a run, and building a run's task and model (new or saved).
 
-A run is a distillation when its config names a teacher (`distill.teacher`); otherwise its dataset and objective
+A run is a distillation when its config has a `distill` section (its teacher); otherwise its dataset and objective
 (`peftlab.data.datasets`) choose the workload. Adding a workload is one module with a `Workload` subclass and one
 entry in `WORKLOADS`.
 """
@@ -31,7 +31,7 @@ WORKLOADS: dict[str, Workload] = {workload.name: workload for workload in (
 
 
 def workload_for(config: RunConfig) -> Workload:
-    if config.distill.teacher:
+    if config.distill is not None:
         return WORKLOADS["distill"]
     return WORKLOADS[objective_of(config.task.name, config.task.objective)]
 
@@ -42,7 +42,11 @@ def get_task(settings: TaskConfig, tokenizer) -> Task:
 
 
 def build_task(config: RunConfig) -> Task:
-    return workload_for(config).build_task(config, CONTEXT)
+    """The run's task; the config's settings left at None are then resolved to the values it uses (in place)."""
+    workload = workload_for(config)
+    task = workload.build_task(config, CONTEXT)
+    workload.resolve(config, task)
+    return task
 
 
 def build_model(config: RunConfig, task: Task, device: torch.device, fresh: bool = False) -> nn.Module:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftlab.config import RunConfig, TaskConfig
+from peftlab.data.datasets import get_dataset, objective_of
 from peftlab.models import load_model, load_tokenizer
 from peftlab.peft import apply_method
 from peftlab.tasks import Task
@@ -35,6 +36,7 @@ class Workload:
 
     name: ClassVar[str]  # the objective, e.g. "classification"
     not_exportable: ClassVar[str] = ""  # why `peftlab export` cannot write its models ("" = it can)
+    default_extra_trainable: ClassVar[tuple[str, ...]] = ()  # what trains besides the method when not given
 
     def task_for(self, settings: TaskConfig, tokenizer) -> Task:
         """The task of a dataset trained with this objective."""
@@ -51,8 +53,17 @@ class Workload:
                               dtype=torch.float32, **self.model_options(task))
         adapter = config.adapter
         apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
-                     adapter.extra_trainable or None)
+                     adapter.extra_trainable)
         return model.to(device)
+
+    def resolve(self, config: RunConfig, task: Task) -> None:
+        """Fill in the settings left at None ("the task's own") with the values this run uses, in place."""
+        settings = config.task
+        settings.objective = objective_of(settings.name, settings.objective)
+        settings.max_length = settings.max_length or get_dataset(settings.name).max_length
+        config.train.select_metric = config.train.select_metric or task.select_metric_default
+        if config.adapter.extra_trainable is None:
+            config.adapter.extra_trainable = list(self.default_extra_trainable)
 
     def model_options(self, task: Task) -> dict:
         """Extra arguments of `load_model` for this workload's tasks (a classifier's number of labels)."""

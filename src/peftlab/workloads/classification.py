@@ -85,6 +85,7 @@ class ClassificationWorkload(Workload):
     """A classifier head on the last real token of a transformer (CoLA, W1; Rotten Tomatoes as a classifier)."""
 
     name = "classification"
+    default_extra_trainable = ("head",)  # a random head must learn
 
     def task_for(self, settings: TaskConfig, tokenizer) -> ClassificationTask:
         dataset = get_dataset(settings.name)

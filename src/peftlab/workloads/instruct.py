@@ -103,7 +103,7 @@ class InstructTask(CompletionTask):
         self.label_names = tuple(label_names)
         self.read_split = read_split
         self.template = resolve_template(name, template)
-        self.verbalizers = tuple(verbalizers) or DEFAULT_VERBALIZERS.get(name, self.label_names)
+        self.verbalizers = tuple(verbalizers or ()) or DEFAULT_VERBALIZERS.get(name, self.label_names)
         if len(self.verbalizers) != len(self.label_names):
             raise PeftlabError(
                 f"{len(self.verbalizers)} verbalizers ({', '.join(self.verbalizers)}) for {len(self.label_names)} "
@@ -182,6 +182,10 @@ class InstructWorkload(Workload):
     """Instruction tuning of a language model: a prompt template, the label's verbaliser as the answer (W3)."""
 
     name = "instruct"
+
+    def resolve(self, config, task: InstructTask) -> None:
+        super().resolve(config, task)
+        config.task.template, config.task.verbalizers = task.template, list(task.verbalizers)
 
     def task_for(self, settings: TaskConfig, tokenizer) -> InstructTask:
         dataset = get_dataset(settings.name)

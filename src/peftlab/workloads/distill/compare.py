@@ -23,7 +23,7 @@ from peftlab.workloads.distill.task import CACHE_DIR, TRANSFER_SET_FIELDS
 
 def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
     """Train the student a run configuration describes (see `distill_config`); returns the run's summary."""
-    if not config.distill.teacher:
+    if config.distill is None or not config.distill.teacher:
         raise PeftlabError("no teacher: set distill.teacher to the teacher's run directory (peftlab distill --teacher RUN_DIR)")
     return train(config, resume=resume, stop_after_epoch=stop_after_epoch, dry_run=dry_run)
 

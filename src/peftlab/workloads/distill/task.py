@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from peftlab.config import DistillConfig, RunConfig, load_config
+from peftlab.config import DISTILL_TRAIN_DEFAULTS, DistillConfig, RunConfig, load_config
 from peftlab.data import evenly_spaced
 from peftlab.data.datasets import objective_of
 from peftlab.errors import PeftlabError
@@ -397,7 +397,7 @@ def read_teacher_config(teacher: str, checkpoint: str = "best") -> RunConfig:
             "e.g. `peftlab train --task cola` or `python run.py LoRA SEED`, and pass its directory to --teacher"
         )
     config = load_config(run / "config.yaml")
-    if config.distill.teacher:
+    if config.distill is not None:
         raise PeftlabError(f"teacher {run} is itself a distilled student; give the fine-tuned transformer's run")
     objective = objective_of(config.task.name, config.task.objective)
     if objective != "classification":
@@ -448,7 +448,7 @@ def distill_config(teacher: str, checkpoint: str = "best") -> RunConfig:
     config.model = copy.deepcopy(teacher_config.model)
     config.task = copy.deepcopy(teacher_config.task)
     config.adapter.method = "full"
-    config.train.epochs, config.train.lr = 10, 2e-3
+    config.train.epochs, config.train.lr = DISTILL_TRAIN_DEFAULTS["epochs"], DISTILL_TRAIN_DEFAULTS["lr"]
     config.train.device = teacher_config.train.device
     config.distill = DistillConfig(teacher=teacher, teacher_checkpoint=checkpoint)
     return config

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from peftlab.config import setting
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
@@ -41,15 +42,15 @@ def complete_sentence(prefix: str, continuation: str) -> tuple[str | None, str]:
 
 @dataclass
 class SamplingSettings:
-    size: int = 8000  # sentences to write
-    shots: int = 2  # training sentences shown before the prefix, so the model writes in their style
-    prefix_words: int = 2  # words of a training sentence that start each new sentence
-    temperature: float = 0.9
-    top_p: float = 0.95
-    top_k: int = 200
-    max_new_tokens: int = 32
-    batch_size: int = 64
-    seed: int = 0
+    size: int = setting(8000, "sentences to write")
+    shots: int = setting(2, "training sentences shown before each prefix, so the model writes in their style")
+    prefix_words: int = setting(2, "words of a training sentence that start each sample")
+    temperature: float = setting(0.9, "sampling temperature")
+    top_p: float = setting(0.95, "nucleus sampling threshold")
+    top_k: int = setting(200, "sample among the k most likely tokens; 0 = all")
+    max_new_tokens: int = setting(32, "tokens sampled per sentence at most")
+    batch_size: int = setting(64, "prompts sampled together")
+    seed: int = setting(0, "random seed; same seed, same sentences")
 
 
 def check_sampling_settings(settings: SamplingSettings) -> None:
