@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from peftlab.errors import PeftlabError  # noqa: E402
-from peftlab.fileio import atomic_write_file, read_json, read_text, write_text_atomic  # noqa: E402
+from peftlab.fileio import atomic_write_file, read_text, write_text_atomic  # noqa: E402
+from peftlab.runs import METRICS, SUMMARY, RunDir  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -56,24 +55,14 @@ def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """A finished or interrupted run's config, history and summary (if written yet), for comparison."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
-        raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and metrics.jsonl)")
-    metrics = run / "metrics.jsonl"
-    rows = []
-    for number, line in enumerate(read_text(metrics, "metrics file").splitlines(), start=1):
-        try:
-            rows += [json.loads(line)] if line.strip() else []
-        except ValueError as error:
-            raise PeftlabError(f"{metrics}:{number}: not valid JSON ({error})") from None
-    summary_path = run / "summary.json"
-    summary = read_json(summary_path, "run summary") if summary_path.is_file() else {}
-    try:
-        config = yaml.safe_load(read_text(run / "config.yaml", "run config"))
-    except yaml.YAMLError as error:
-        raise PeftlabError(f"{run / 'config.yaml'}: not valid YAML: {error}") from None
-    return {"name": run.name, "path": str(run), "config": config, "rows": rows, "summary": summary}
+    """A finished or interrupted run's config (as a dict), history and summary (if written yet), for comparison."""
+    run = RunDir(run_dir)
+    if not (run.path / METRICS).is_file():
+        raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and {METRICS})")
+    config = run.read_config()
+    summary = run.read_summary() if (run.path / SUMMARY).is_file() else {}
+    return {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": run.read_metrics(),
+            "summary": summary}
 
 
 def _number(value, digits: int = 4) -> str:

@@ -26,8 +26,8 @@ from torch import nn
 
 from peftlab.config import RunConfig, load_config, same_run, save_config
 from peftlab.errors import PeftlabError
-from peftlab.fileio import (finite_or_null, read_json, recover_directory, replace_directory, retired_path,
-                            write_json_lines, write_text_atomic)
+from peftlab.fileio import (finite_or_null, read_json, read_text, recover_directory, replace_directory,
+                            retired_path, write_json_lines, write_text_atomic)
 from peftlab.peft import load_adapter, save_adapter
 from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
 
@@ -119,6 +119,16 @@ class RunDir:
 
     def write_metrics(self, rows: list[dict]) -> None:
         write_json_lines(self.path / METRICS, rows)
+
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl's rows; a line that is not JSON is an error naming file and line."""
+        path, rows = self.path / METRICS, []
+        for number, line in enumerate(read_text(path, "metrics file").splitlines(), start=1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except ValueError as error:
+                raise PeftlabError(f"{path}:{number}: not valid JSON ({error})") from None
+        return rows
 
     def read_summary(self) -> dict:
         return read_json(self.path / SUMMARY, "run summary")
