@@ -7,7 +7,9 @@ import pytest
 import yaml
 from test_train import read_rows, write_cola
 
-from peftlab.cli import DISTILL_OPTIONS, TRAIN_OPTIONS, _build_parser, main, train_config_from_args
+from peftlab.cli import _build_parser, main, train_config_from_args
+from peftlab.options import TRAIN_OPTIONS
+from peftlab.workloads.distill.commands import DISTILL_OPTIONS
 from peftlab.config import RunConfig
 
 

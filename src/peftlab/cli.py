@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import types
-import typing
-from dataclasses import dataclass
 
-from peftlab.config import DISTILL_TRAIN_DEFAULTS, RunConfig, section_type
+from peftlab.config import RunConfig
 from peftlab.errors import Interrupted, PeftlabError
+from peftlab.options import EVAL_BASE_OPTIONS, TRAIN_OPTIONS, add_options, apply_options
+from peftlab.workloads.distill.commands import add_distill_commands
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from peftlab.models import DEFAULT_MODEL, INITS
@@ -52,29 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
 
-    distill = commands.add_parser(
-        "distill", help="distil a fine-tuned classifier run into a small RNN student (W2)",
-        description="Train a DistilRNN student (embedding -> RNN/GRU/LSTM -> linear) on the teacher run's task with "
-        "loss alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE; --alpha 0 is the student without distillation. "
-        "The run directory is an ordinary run: `peftlab eval` it, resume it with `peftlab train --resume RUN_DIR`.")
-    distill.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher: a classification run of `peftlab train`")
-    distill.add_argument("--output-dir", help="run directory (default: runs/distill-<teacher>; with --compare: a folder of runs)")
-    _add_options(distill, DISTILL_OPTIONS, DISTILL_TRAIN_DEFAULTS)
-    distill.add_argument("--compare", action="store_true",
-                         help="train KD and no-KD students for --seeds seeds, evaluate them and the teacher, write one table")
-    distill.add_argument("--seeds", type=int, default=3, help="with --compare: seeds per student, from --seed on (default: 3)")
-    distill.add_argument("--dry-run", action="store_true", help="build the student, print its parameter count, stop")
-    distill.set_defaults(handler=_run_distill)
-
-    transfer = commands.add_parser(
-        "transfer-set", help="sample unlabelled sentences for distillation with the teacher's base model (W2)",
-        description="Write a transfer set for `peftlab distill --transfer-file`: the teacher run's base language model "
-        "(without its adapter) continues the first words of a training sentence after a few other training sentences; "
-        "lines that end a sentence and are neither duplicates nor training sentences are kept.")
-    transfer.add_argument("--teacher", required=True, metavar="RUN_DIR", help="the teacher run (its model and task data)")
-    transfer.add_argument("--output", required=True, help="the file to write, one sentence per line")
-    _add_options(transfer, transfer_options())
-    transfer.set_defaults(handler=_run_transfer_set)
+    add_distill_commands(commands)
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split",
@@ -89,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="also write each example's prediction and reference to FILE (JSON lines)")
-    _add_options(evaluate, EVAL_BASE_OPTIONS, prefix="without RUN_DIR: ")
+    add_options(evaluate, EVAL_BASE_OPTIONS, prefix="without RUN_DIR: ")
     evaluate.set_defaults(handler=_run_eval)
 
     export = commands.add_parser("export", help="export a run's adapter for Hugging Face peft, or a merged model")
@@ -131,102 +107,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Options generated from the settings dataclasses (peftlab.config): each field's name (or its `option`), type,
-# default and one-line help become one command-line option, so none of these is written twice.
-
-
-@dataclass(frozen=True)
-class Option:
-    section: str | None  # the RunConfig section the field lives in; None: a flat settings dataclass
-    field: dataclasses.Field
-    hint: object
-
-    @property
-    def flag(self) -> str:
-        return "--" + (self.field.metadata.get("option") or self.field.name.replace("_", "-"))
-
-    @property
-    def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
-
-    @property
-    def kind(self):
-        """The field's type without `| None`."""
-        if typing.get_origin(self.hint) in (typing.Union, types.UnionType):
-            return next(item for item in typing.get_args(self.hint) if item is not type(None))
-        return self.hint
-
-    def default_text(self, default=dataclasses.MISSING) -> str:
-        if default is dataclasses.MISSING:
-            factory = self.field.default_factory
-            default = factory() if factory is not dataclasses.MISSING else self.field.default
-        if default is None:
-            return self.field.metadata.get("default_text") or "none"
-        if isinstance(default, bool):
-            return "yes" if default else "no"
-        if isinstance(default, list):
-            return ",".join(default) or "none"
-        return f"{default:g}" if isinstance(default, float) else (str(default) or "none")
-
-
-def _documented_fields(cls, section: str | None) -> dict[str, Option]:
-    hints = typing.get_type_hints(cls)
-    options = [Option(section, item, hints[item.name]) for item in dataclasses.fields(cls) if "help" in item.metadata]
-    return {option.dest: option for option in options}
-
-
-def settings_options(sections: tuple[str, ...]) -> dict[str, Option]:
-    """dest -> Option for every documented field of these RunConfig sections, in order."""
-    hints = typing.get_type_hints(RunConfig)
-    return {dest: option for section in sections
-            for dest, option in _documented_fields(section_type(hints[section]), section).items()}
-
-
-def transfer_options() -> dict[str, Option]:
-    from peftlab.workloads.distill.transfer import SamplingSettings
-
-    return _documented_fields(SamplingSettings, None)
-
-
-def _add_options(parser: argparse.ArgumentParser, options: dict[str, Option], defaults: dict | None = None,
-                 prefix: str = "") -> None:
-    """One argument per option; every default is None so only given options change a configuration."""
-    for dest, option in options.items():
-        default = (defaults or {}).get(option.field.name, dataclasses.MISSING)
-        text = f"{prefix}{option.field.metadata['help']} (default: {option.default_text(default)})"
-        if option.kind is bool:
-            parser.add_argument(option.flag, dest=dest, action=argparse.BooleanOptionalAction, help=text)
-        elif typing.get_origin(option.kind) is list:
-            parser.add_argument(option.flag, dest=dest, metavar="A,B", help=text)
-        else:
-            parser.add_argument(option.flag, dest=dest, type=option.kind, help=text)
-
-
-def _apply_options(target, args: argparse.Namespace, options: dict[str, Option]) -> None:
-    """Set every given option on `target` (a RunConfig, or the flat settings object the options come from)."""
-    for dest, option in options.items():
-        value = getattr(args, dest)
-        if value is not None:
-            if typing.get_origin(option.kind) is list:
-                value = [item.strip() for item in value.split(",") if item.strip()]
-            setattr(getattr(target, option.section) if option.section else target, option.field.name, value)
-
-
-TRAIN_OPTIONS = settings_options(("task", "model", "adapter", "train"))
-# `peftlab distill`: the student and the loss (its teacher is --teacher), then the training settings of a student
-DISTILL_OPTIONS = {dest: option for dest, option in settings_options(("distill",)).items() if dest != "teacher"} | {
-    dest: TRAIN_OPTIONS[dest] for dest in (
-        "epochs", "lr", "batch_size", "eval_batch_size", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm",
-        "seed", "eval_every", "select_metric", "device", "data_dir", "train_limit", "eval_limit")}
-EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
-    "task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")}
-
-
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run configuration (e.g. a run's config.yaml); options override it")
     parser.add_argument("--output-dir", help="run directory (default: runs/<task>-<model>-<method>)")
-    _add_options(parser, TRAIN_OPTIONS)
+    add_options(parser, TRAIN_OPTIONS)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints/last")
     parser.add_argument("--stop-after-epoch", type=int, help="stop after this epoch as if interrupted (resume later)")
     parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
@@ -241,7 +125,7 @@ def train_config_from_args(args: argparse.Namespace):
         config.output_dir = args.resume
         return config
     config = load_config(args.config) if args.config else RunConfig()
-    _apply_options(config, args, TRAIN_OPTIONS)
+    apply_options(config, args, TRAIN_OPTIONS)
     if args.output_dir:
         config.output_dir = args.output_dir
     elif not args.config:
@@ -268,35 +152,9 @@ def _run_eval(args: argparse.Namespace) -> None:
     config = None
     if not args.run_dir:
         config = RunConfig()
-        _apply_options(config, args, EVAL_BASE_OPTIONS)
+        apply_options(config, args, EVAL_BASE_OPTIONS)
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config,
                  args.predictions)
-
-
-def _run_distill(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from peftlab.workloads.distill.compare import compare_students, distill
-    from peftlab.workloads.distill.task import distill_config
-
-    config = distill_config(args.teacher, args.teacher_checkpoint or "best")
-    _apply_options(config, args, DISTILL_OPTIONS)
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    elif args.compare:
-        config.output_dir = f"runs/distill-compare-{Path(args.teacher).name}"
-    if args.compare:
-        compare_students(config, args.seeds)
-    else:
-        distill(config, dry_run=args.dry_run)
-
-
-def _run_transfer_set(args: argparse.Namespace) -> None:
-    from peftlab.workloads.distill.transfer import SamplingSettings, write_transfer_set
-
-    settings = SamplingSettings()
-    _apply_options(settings, args, transfer_options())
-    write_transfer_set(args.teacher, args.output, settings)
 
 
 def _run_export(args: argparse.Namespace) -> None:

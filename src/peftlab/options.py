@@ -1,0 +1,89 @@
+"""Command-line options generated from the settings dataclasses (`peftlab.config.setting`): each documented field's
+name (or its `option`), type, default and one-line help become one option, so none of these is written twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+from peftlab.config import RunConfig, section_type
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str | None  # the RunConfig section the field lives in; None: a flat settings dataclass
+    field: dataclasses.Field
+    hint: object
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.field.metadata.get("option") or self.field.name.replace("_", "-"))
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def kind(self):
+        """The field's type without `| None`."""
+        if typing.get_origin(self.hint) in (typing.Union, types.UnionType):
+            return next(item for item in typing.get_args(self.hint) if item is not type(None))
+        return self.hint
+
+    def default_text(self, default=dataclasses.MISSING) -> str:
+        if default is dataclasses.MISSING:
+            factory = self.field.default_factory
+            default = factory() if factory is not dataclasses.MISSING else self.field.default
+        if default is None:
+            return self.field.metadata.get("default_text") or "none"
+        if isinstance(default, bool):
+            return "yes" if default else "no"
+        if isinstance(default, list):
+            return ",".join(default) or "none"
+        return f"{default:g}" if isinstance(default, float) else (str(default) or "none")
+
+
+def documented_fields(cls, section: str | None) -> dict[str, Option]:
+    hints = typing.get_type_hints(cls)
+    options = [Option(section, item, hints[item.name]) for item in dataclasses.fields(cls) if "help" in item.metadata]
+    return {option.dest: option for option in options}
+
+
+def settings_options(sections: tuple[str, ...]) -> dict[str, Option]:
+    """dest -> Option for every documented field of these RunConfig sections, in order."""
+    hints = typing.get_type_hints(RunConfig)
+    return {dest: option for section in sections
+            for dest, option in documented_fields(section_type(hints[section]), section).items()}
+
+
+def add_options(parser: argparse.ArgumentParser, options: dict[str, Option], defaults: dict | None = None,
+                 prefix: str = "") -> None:
+    """One argument per option; every default is None so only given options change a configuration."""
+    for dest, option in options.items():
+        default = (defaults or {}).get(option.field.name, dataclasses.MISSING)
+        text = f"{prefix}{option.field.metadata['help']} (default: {option.default_text(default)})"
+        if option.kind is bool:
+            parser.add_argument(option.flag, dest=dest, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(option.kind) is list:
+            parser.add_argument(option.flag, dest=dest, metavar="A,B", help=text)
+        else:
+            parser.add_argument(option.flag, dest=dest, type=option.kind, help=text)
+
+
+def apply_options(target, args: argparse.Namespace, options: dict[str, Option]) -> None:
+    """Set every given option on `target` (a RunConfig, or the flat settings object the options come from)."""
+    for dest, option in options.items():
+        value = getattr(args, dest)
+        if value is not None:
+            if typing.get_origin(option.kind) is list:
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            setattr(getattr(target, option.section) if option.section else target, option.field.name, value)
+
+
+TRAIN_OPTIONS = settings_options(("task", "model", "adapter", "train"))
+EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
+    "task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")}
