@@ -482,3 +482,15 @@ def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_
 
 def read_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_comparison_table_by_hand():
+    from peftlab.workloads.distill.compare import comparison_table
+
+    results = {"teacher": [{"accuracy": 0.8, "mcc": 0.5, "examples_per_second": 10.0, "parameters": 1_000}],
+               "student": [{"accuracy": 0.7, "mcc": 0.3, "examples_per_second": 100.0, "parameters": 10},
+                           {"accuracy": 0.6, "mcc": 0.1, "examples_per_second": 300.0, "parameters": 10}]}
+    lines = comparison_table(results).splitlines()
+    assert lines[2] == "| teacher | 1 | 1,000 | 0.8000 | 0.5000 | 10.0 | 1.0× |"
+    # mean ± sample std over the two runs; speed-up = mean speed / the first row's
+    assert lines[3] == "| student | 2 | 10 | 0.6500 ± 0.0707 | 0.2000 ± 0.1414 | 200.0 | 20.0× |"

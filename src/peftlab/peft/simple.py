@@ -44,7 +44,8 @@ class BitFitMethod(AdapterMethod):
     def check_model(self, model: nn.Module) -> None:
         if not bias_parameters(model):
             raise PeftlabError("method 'bitfit' trains the bias terms, and this model has none (Llama-family models "
-                               "such as SmolLM2 have bias-free linear layers). Fix: use --method lora (or ia3, head)")
+                               "such as SmolLM2 have bias-free linear layers). Fix: use --method lora, or --method "
+                               "head for a classifier")
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return bias_parameters(model)
