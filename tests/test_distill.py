@@ -229,7 +229,7 @@ def test_student_embedding_starts_from_the_teachers_token_embeddings(teacher_run
     teacher, data = teacher_run
     config = student_config(teacher, tmp_path / "student", embedding_init="teacher")
     config.task.data_dir = data
-    task = DistillationTask(get_task(config.task, load_tokenizer(config.model.name)), config, load_run)
+    task = DistillationTask(get_task(config, load_tokenizer(config.model.name)), config, load_run)
     student = build_student(config.distill, task.vocabulary, task.num_labels)
     init_student_embedding(student, config.distill, task.vocabulary, load_run)
     _, _, teacher_model = load_run(teacher)
@@ -434,7 +434,7 @@ def test_the_teacher_labels_the_transfer_sentences_and_the_no_kd_student_never_s
     zebra = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
     assert set(zebra) <= set(vocabulary.teacher_ids)  # a word only the transfer set has is in the vocabulary
 
-    task = DistillationTask(get_task(config.task, tokenizer), config, load_run)
+    task = DistillationTask(get_task(config, tokenizer), config, load_run)
     examples = task.encode("train")
     logits = torch.tensor([example.target.teacher_logits for example in examples[-3:]])
     assert [example.target.label for example in examples[-3:]] == logits.argmax(-1).tolist()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from peftlab import PeftlabError
 from peftlab.cli import main
-from peftlab.config import RunConfig
+from peftlab.config import InstructConfig, RunConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.workloads import get_task
 from peftlab.generation import decode
@@ -40,8 +40,9 @@ def instruct_config(model_dir, data_dir, output_dir, **task_overrides) -> RunCon
     config.task.train_limit, config.task.eval_limit = 256, 64
     config.adapter.targets, config.adapter.rank, config.adapter.alpha = ["all-linear"], 4, 8
     config.train.epochs, config.train.batch_size, config.train.lr, config.train.device = 2, 16, 3e-3, "cpu"
+    config.instruct = InstructConfig()
     for key, value in task_overrides.items():
-        setattr(config.task, key, value)
+        setattr(config.instruct if key in ("template", "verbalizers", "predict") else config.task, key, value)
     return config
 
 
@@ -111,11 +112,11 @@ def test_the_longest_matching_verbalizer_wins():
 
 
 def test_verbalizers_must_match_the_labels(gpt2_tokenizer, rt_data):
-    config = RunConfig().task
-    config.name, config.data_dir, config.verbalizers = "rotten_tomatoes", rt_data, ["bad"]
+    config = RunConfig(instruct=InstructConfig(verbalizers=["bad"]))
+    config.task.name, config.task.data_dir = "rotten_tomatoes", rt_data
     with pytest.raises(PeftlabError, match="1 verbalizers"):
         get_task(config, gpt2_tokenizer)
-    config.verbalizers = ["good", "Good"]
+    config.instruct.verbalizers = ["good", "Good"]
     with pytest.raises(PeftlabError, match="distinct"):
         get_task(config, gpt2_tokenizer)
 
@@ -124,10 +125,10 @@ def test_verbalizers_must_match_the_labels(gpt2_tokenizer, rt_data):
 
 
 def rt_task(tokenizer, data, **overrides):
-    config = RunConfig().task
-    config.name, config.data_dir = "rotten_tomatoes", data
+    config = RunConfig(instruct=InstructConfig())
+    config.task.name, config.task.data_dir = "rotten_tomatoes", data
     for key, value in overrides.items():
-        setattr(config, key, value)
+        setattr(config.instruct if key in ("template", "verbalizers", "predict") else config.task, key, value)
     return get_task(config, tokenizer)
 
 

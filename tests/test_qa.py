@@ -110,7 +110,7 @@ def test_the_official_file_names_are_accepted(tmp_path):
 
 def test_prompt_format_and_answer_only_labels(gpt2_tokenizer, tmp_path):
     data = write_squad(tmp_path, colour_paragraphs(4), colour_paragraphs(2, offset=5))
-    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    task = get_task(squad_config(data), gpt2_tokenizer)
     examples = task.encode("train")
     text = gpt2_tokenizer.decode(examples[1].input_ids)
     assert text == "Context: Ben painted the door yellow.\nQuestion: What colour did Ben paint the door?\nAnswer: yellow<|endoftext|>"
@@ -124,7 +124,7 @@ def test_long_training_contexts_keep_a_window_around_the_answer(gpt2_tokenizer, 
     long_context = " ".join([FILLER] * 20) + " The treasure is buried under the old oak. " + " ".join([FILLER] * 20)
     question = [("t1", "Where is the treasure buried?", "under the old oak")]
     data = write_squad(tmp_path, [(long_context, question)], [(long_context, question)])
-    task = get_task(squad_config(data, max_length=64).task, gpt2_tokenizer)
+    task = get_task(squad_config(data, max_length=64), gpt2_tokenizer)
     (example,) = task.encode("train")
     assert example.length <= 64
     text = gpt2_tokenizer.decode(example.input_ids)
@@ -134,14 +134,14 @@ def test_long_training_contexts_keep_a_window_around_the_answer(gpt2_tokenizer, 
     assert evaluated.length <= 64 and evaluated.target.reference.answer_cut
     assert "under the old oak" not in gpt2_tokenizer.decode(evaluated.input_ids).split("\nQuestion:")[0]
     assert task.metrics([""], [evaluated])["answer_cut"] == 1  # counted in the evaluation metrics
-    tiny = get_task(squad_config(data, max_length=19).task, gpt2_tokenizer)  # no room for the 4 answer tokens
+    tiny = get_task(squad_config(data, max_length=19), gpt2_tokenizer)  # no room for the 4 answer tokens
     with pytest.raises(PeftlabError, match="all 1 skipped"):
         tiny.encode("train")
 
 
 def test_answers_stop_at_eos_or_a_newline(gpt2_tokenizer, tmp_path):
     data = write_squad(tmp_path, colour_paragraphs(2), colour_paragraphs(2))
-    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    task = get_task(squad_config(data), gpt2_tokenizer)
     newline_tokens = [gpt2_tokenizer.encode(text)[0] for text in ("\n", "\n\n")]
     assert gpt2_tokenizer.eos_token_id in task.stop_ids and set(newline_tokens) <= task.stop_ids
     assert gpt2_tokenizer.encode(" red")[0] not in task.stop_ids
@@ -177,7 +177,7 @@ def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_pat
 
 def test_predictions_file_gives_each_question_its_answers_and_own_em_f1(gpt2_tokenizer, tmp_path):
     data = write_squad(tmp_path, colour_paragraphs(2), colour_paragraphs(3, offset=5))
-    task = get_task(squad_config(data).task, gpt2_tokenizer)
+    task = get_task(squad_config(data), gpt2_tokenizer)
     examples = task.encode("validation")
     gold = [example.target.reference.answers[0] for example in examples]
     predictions = [gold[0], f"the {gold[1]} door", "nothing"]

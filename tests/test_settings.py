@@ -68,3 +68,18 @@ def test_options_land_in_their_fields_and_lists_split_on_commas():
     assert config.adapter.dropout == 0.3 and config.adapter.targets == ["q", "v", "o"]
     assert config.adapter.extra_trainable == [] and config.model.name == "gpt2" and config.train.lr == 1e-3
     assert config.task.max_length is None  # not given: resolved when the run starts
+
+
+def test_the_same_run_rule_matches_resolved_values_but_not_other_settings():
+    from peftlab.config import InstructConfig, same_run
+
+    recorded = RunConfig(instruct=InstructConfig(template="Review: {text}\nSentiment:", verbalizers=["bad", "good"]))
+    recorded.task.name, recorded.task.objective, recorded.task.max_length = "rotten_tomatoes", "instruct", 128
+    recorded.adapter.extra_trainable, recorded.train.select_metric = [], "accuracy"
+    given = RunConfig()
+    given.task.name = "rotten_tomatoes"
+    assert same_run(recorded, given)  # every difference is a None the run resolved
+    given.instruct = InstructConfig(predict="both")
+    assert not same_run(recorded, given)  # the run predicted by generation
+    given.instruct, given.train.lr = None, 1e-3
+    assert not same_run(recorded, given)

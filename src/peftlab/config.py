@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from peftlab.data.datasets import DATASETS
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 
@@ -61,14 +62,20 @@ class TaskConfig:
     train_limit: int = setting(0, "use only N evenly spaced training examples; 0 = all")
     objective: str | None = setting(None, "classification (a head on the last token) | instruct (generated labels) | "
                                     "qa (squad)", default_text="the task's own, see `peftlab templates`")
+    loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
+    eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
+
+
+@dataclass
+class InstructConfig:
+    """The instruct workload's own settings: how a label becomes a prompt and an answer, and how it is predicted."""
+
     template: str | None = setting(None, "instruct prompt: a name from `peftlab templates` or a format string with "
                                    "{text} (\\n = newline)", default_text="the task's first")
     verbalizers: list[str] | None = setting(None, "instruct: comma-separated answer text per label, in label order",
                                             default_text="the task's, else the label names")
-    loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
     predict: str = setting("generate", "instruct: generate (greedy, parse the text) | score (likelihood of each "
                            "verbalizer) | both")
-    eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
 
 
 @dataclass
@@ -119,8 +126,10 @@ class DistillConfig:
 
 DISTILL_TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3}  # a student's own defaults (`peftlab distill`)
 CONFIG_VERSION = 2  # 2: None for "the task's own" (resolved when the run starts); 1 (no version key): "", 0, []
-LEGACY_UNSET = {("task", "max_length"): 0, ("task", "objective"): "", ("task", "template"): "",
-                ("task", "verbalizers"): [], ("adapter", "extra_trainable"): [], ("train", "select_metric"): ""}
+LEGACY_UNSET = {("task", "max_length"): 0, ("task", "objective"): "", ("instruct", "template"): "",
+                ("instruct", "verbalizers"): [], ("adapter", "extra_trainable"): [], ("train", "select_metric"): ""}
+WORKLOAD_SECTIONS = ("instruct", "distill")  # present only in the runs of their workload
+INSTRUCT_KEYS = ("template", "verbalizers", "predict")  # in the task section before version 2
 
 
 @dataclass
@@ -130,12 +139,13 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig | None = None  # only a distillation run has this section (the distill workload's)
+    instruct: InstructConfig | None = None  # the instruct workload's section; only instruct runs have it
+    distill: DistillConfig | None = None  # the distill workload's section; only a distillation has it
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        return values if self.distill is not None else {key: value for key, value in values.items() if key != "distill"}
+        return {key: value for key, value in values.items() if not (key in WORKLOAD_SECTIONS and value is None)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -149,8 +159,10 @@ def same_run(recorded: RunConfig, config: RunConfig) -> bool:
     """Whether `config` describes the run `recorded` (a config.yaml) is: equal everywhere, a None of `config`
     matching whatever the run resolved it to; where the run lives (output_dir) does not count."""
     mine, theirs = config.to_dict(), recorded.to_dict()
+    if "instruct" in theirs and "instruct" not in mine:  # an instruct run adds its section (defaults) when it starts
+        mine["instruct"] = dataclasses.asdict(InstructConfig())
     for section, key in RESOLVED_LATER:
-        if mine[section][key] is None:
+        if section in mine and mine[section][key] is None:
             mine[section][key] = theirs[section][key]
     mine["output_dir"] = theirs["output_dir"]
     return mine == theirs
@@ -163,6 +175,11 @@ def _upgrade(values):
     values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
     if isinstance(values.get("distill"), dict) and not values["distill"].get("teacher"):
         del values["distill"]  # every run carried an idle distill section; only a distillation has one now
+    task = values.get("task") if isinstance(values.get("task"), dict) else {}
+    instruct = {key: task.pop(key) for key in INSTRUCT_KEYS if key in task}
+    dataset = DATASETS.get(task.get("name", "cola"), DATASETS["cola"])
+    if instruct and (task.get("objective") or dataset.default_objective) == "instruct":
+        values["instruct"] = instruct  # the instruct settings lived in the task section
     for (section, key), unset in LEGACY_UNSET.items():
         if isinstance(values.get(section), dict) and values[section].get(key, None) == unset:
             values[section][key] = None

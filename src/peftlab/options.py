@@ -81,9 +81,16 @@ def apply_options(target, args: argparse.Namespace, options: dict[str, Option]) 
         if value is not None:
             if typing.get_origin(option.kind) is list:
                 value = [item.strip() for item in value.split(",") if item.strip()]
-            setattr(getattr(target, option.section) if option.section else target, option.field.name, value)
+            setattr(_section(target, option.section) if option.section else target, option.field.name, value)
 
 
-TRAIN_OPTIONS = settings_options(("task", "model", "adapter", "train"))
+def _section(config: RunConfig, name: str):
+    """A config section, created with its defaults when an option of a workload's own section is given."""
+    if getattr(config, name) is None:
+        setattr(config, name, section_type(typing.get_type_hints(RunConfig)[name])())
+    return getattr(config, name)
+
+
+TRAIN_OPTIONS = settings_options(("task", "instruct", "model", "adapter", "train"))
 EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
     "task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")}

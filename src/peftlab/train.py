@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from peftlab.config import RunConfig
+from peftlab.config import InstructConfig, RunConfig
 from peftlab.data import evenly_spaced
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
@@ -168,7 +168,8 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         if workload_for(config).name != "instruct":
             raise PeftlabError(f"--predict applies to instruct tasks; {config.task.name} here is "
                                f"{workload_for(config).name}")
-        config.task.predict = predict
+        config.instruct = config.instruct or InstructConfig()
+        config.instruct.predict = predict
     if run_dir:
         config, task, model = load_run(run_dir, checkpoint, config)
         label = f"{run_dir} [{checkpoint}]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab.config import RunConfig, TaskConfig
+from peftlab.config import RunConfig
 from peftlab.data.datasets import objective_of
 from peftlab.errors import PeftlabError
 from peftlab.models import resolve_device
@@ -36,9 +36,11 @@ def workload_for(config: RunConfig) -> Workload:
     return WORKLOADS[objective_of(config.task.name, config.task.objective)]
 
 
-def get_task(settings: TaskConfig, tokenizer) -> Task:
-    """The task of a dataset with its objective (classification, instruct or qa), from its task settings."""
-    return WORKLOADS[objective_of(settings.name, settings.objective)].task_for(settings, tokenizer)
+def get_task(config: RunConfig, tokenizer) -> Task:
+    """The task of the config's dataset with its objective (classification, instruct or qa)."""
+    workload = WORKLOADS[objective_of(config.task.name, config.task.objective)]
+    workload.check_sections(config)
+    return workload.task_for(config, tokenizer)
 
 
 def build_task(config: RunConfig) -> Task:

@@ -13,7 +13,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from peftlab.config import RunConfig, TaskConfig
+from peftlab.config import RunConfig
+from peftlab.errors import PeftlabError
 from peftlab.data.datasets import get_dataset, objective_of
 from peftlab.models import load_model, load_tokenizer
 from peftlab.peft import apply_method
@@ -28,7 +29,7 @@ class Context:
     """What the registry gives a workload that builds on other runs or tasks (workloads never import each other)."""
 
     load_run: RunLoader
-    task_for: Callable[[TaskConfig, object], Task]  # (task settings, tokenizer) -> the dataset's task
+    task_for: Callable[[RunConfig, object], Task]  # (config, tokenizer) -> its dataset's task
 
 
 class Workload:
@@ -38,12 +39,19 @@ class Workload:
     not_exportable: ClassVar[str] = ""  # why `peftlab export` cannot write its models ("" = it can)
     default_extra_trainable: ClassVar[tuple[str, ...]] = ()  # what trains besides the method when not given
 
-    def task_for(self, settings: TaskConfig, tokenizer) -> Task:
-        """The task of a dataset trained with this objective."""
+    def task_for(self, config: RunConfig, tokenizer) -> Task:
+        """The task of the config's dataset trained with this objective."""
         raise NotImplementedError
 
     def build_task(self, config: RunConfig, context: Context) -> Task:
-        return self.task_for(config.task, load_tokenizer(config.model.name))
+        self.check_sections(config)
+        return self.task_for(config, load_tokenizer(config.model.name))
+
+    def check_sections(self, config: RunConfig) -> None:
+        """Another workload's settings section is a mistake, not something to ignore."""
+        if config.instruct is not None and self.name != "instruct":
+            raise PeftlabError(f"--template, --verbalizers and --predict (the instruct section) apply to instruct runs; "
+                               f"this {config.task.name} run trains with objective {self.name}")
 
     def build_model(self, config: RunConfig, task: Task, device: torch.device, fresh: bool,
                     context: Context) -> nn.Module:

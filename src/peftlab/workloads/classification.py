@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from peftlab.config import TaskConfig
 from peftlab.data import LabelledText
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
@@ -87,7 +86,8 @@ class ClassificationWorkload(Workload):
     name = "classification"
     default_extra_trainable = ("head",)  # a random head must learn
 
-    def task_for(self, settings: TaskConfig, tokenizer) -> ClassificationTask:
+    def task_for(self, config, tokenizer) -> ClassificationTask:
+        settings = config.task
         dataset = get_dataset(settings.name)
         task = ClassificationTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
                                   tokenizer, settings.max_length or dataset.max_length)

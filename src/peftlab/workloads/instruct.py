@@ -17,7 +17,7 @@ import string
 from collections import Counter
 from typing import Callable, Sequence
 
-from peftlab.config import TaskConfig
+from peftlab.config import InstructConfig
 from peftlab.data import LabelledText
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
@@ -185,12 +185,17 @@ class InstructWorkload(Workload):
 
     def resolve(self, config, task: InstructTask) -> None:
         super().resolve(config, task)
-        config.task.template, config.task.verbalizers = task.template, list(task.verbalizers)
+        config.instruct.template, config.instruct.verbalizers = task.template, list(task.verbalizers)
 
-    def task_for(self, settings: TaskConfig, tokenizer) -> InstructTask:
+    def check_sections(self, config) -> None:
+        if config.instruct is None:
+            config.instruct = InstructConfig()  # its defaults, resolved with the rest
+
+    def task_for(self, config, tokenizer) -> InstructTask:
+        settings, instruct = config.task, config.instruct or InstructConfig()
         dataset = get_dataset(settings.name)
         task = InstructTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
-                            tokenizer, settings.max_length or dataset.max_length, settings.loss_on, settings.template,
-                            settings.verbalizers, settings.predict)
+                            tokenizer, settings.max_length or dataset.max_length, settings.loss_on, instruct.template,
+                            instruct.verbalizers, instruct.predict)
         task.test_split = dataset.test_split
         return task

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
-from peftlab.config import TaskConfig
 from peftlab.data.datasets import get_dataset
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
@@ -142,8 +141,12 @@ class QAWorkload(Workload):
 
     name = "qa"
 
-    def task_for(self, settings: TaskConfig, tokenizer) -> QATask:
-        if settings.template or settings.verbalizers:
-            raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/--verbalizers")
+    def check_sections(self, config) -> None:
+        if config.instruct is not None:
+            raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/"
+                               "--verbalizers/--predict")
+
+    def task_for(self, config, tokenizer) -> QATask:
+        settings = config.task
         return QATask(tokenizer, settings.data_dir, settings.max_length or get_dataset(settings.name).max_length,
                       settings.loss_on)

@@ -16,7 +16,7 @@ class DistillWorkload(Workload):
     not_exportable = "a distilled student (DistilRNN), not a Hugging Face model"
 
     def build_task(self, config, context: Context) -> DistillationTask:
-        teacher_task = context.task_for(config.task, load_tokenizer(config.model.name))  # the teacher's own task
+        teacher_task = context.task_for(config, load_tokenizer(config.model.name))  # the teacher's own task
         return DistillationTask(teacher_task, config, context.load_run)
 
     def build_model(self, config, task, device, fresh, context: Context):
