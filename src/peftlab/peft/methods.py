@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod
+from peftlab.peft.ia3 import IA3Method
 from peftlab.peft.lora import LoRAMethod
 from peftlab.peft.simple import BitFitMethod, FullMethod, HeadMethod
 
@@ -12,6 +13,7 @@ METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
     FullMethod(),
     BitFitMethod(),
     HeadMethod(),
+    IA3Method(),
 )}
 
 

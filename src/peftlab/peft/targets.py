@@ -20,7 +20,7 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterModule, adapter_modules
 
-ROLES = ("q", "k", "v", "o", "mlp", "all-linear")
+ROLES = ("q", "k", "v", "o", "mlp", "down", "all-linear")  # down: the MLP down projection alone
 
 # Role -> (module-name suffix, slice of a fused projection or None for the whole module), per architecture.
 GPT2_ROLES: dict[str, tuple[tuple[str, str | None], ...]] = {
@@ -29,6 +29,7 @@ GPT2_ROLES: dict[str, tuple[tuple[str, str | None], ...]] = {
     "v": (("attn.c_attn", "v"),),
     "o": (("attn.c_proj", None),),
     "mlp": (("mlp.c_fc", None), ("mlp.c_proj", None)),
+    "down": (("mlp.c_proj", None),),
 }
 LLAMA_ROLES: dict[str, tuple[tuple[str, str | None], ...]] = {
     "q": (("self_attn.q_proj", None),),
@@ -36,6 +37,7 @@ LLAMA_ROLES: dict[str, tuple[tuple[str, str | None], ...]] = {
     "v": (("self_attn.v_proj", None),),
     "o": (("self_attn.o_proj", None),),
     "mlp": (("mlp.gate_proj", None), ("mlp.up_proj", None), ("mlp.down_proj", None)),
+    "down": (("mlp.down_proj", None),),
 }
 ROLE_MAPS = {"gpt2": GPT2_ROLES, "llama": LLAMA_ROLES}
 # Fused projections: suffix -> slice names in output-row order (equal thirds).
