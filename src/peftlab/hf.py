@@ -39,7 +39,7 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import replace_directory, write_text_atomic
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.peft.base import adapter_modules, merge_and_strip
-from peftlab.peft.lora import LoRALayer, lora_layers
+from peftlab.peft.lora import lora_layers
 from peftlab.peft.prepare import canonical_parameter_names, is_norm
 from peftlab.peft.simple import classifier_head
 from peftlab.peft.targets import architecture
@@ -102,7 +102,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         record: extra facts for the export record (e.g. the run and checkpoint exported).
         overwrite: replace whatever is at `directory`.
     """
-    others = sorted({module.method for _, module in adapter_modules(model) if not isinstance(module, LoRALayer)})
+    others = sorted({module.method for _, module in adapter_modules(model) if module.method != "lora"})
     if others:
         raise PeftlabError(f"the peft export carries LoRA adapters; this model has {', '.join(others)} modules")
     layers = list(lora_layers(model))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod
+from peftlab.peft.dora import DoRAMethod
 from peftlab.peft.ia3 import IA3Method
 from peftlab.peft.lora import LoRAMethod
 from peftlab.peft.simple import BitFitMethod, FullMethod, HeadMethod
@@ -14,6 +15,7 @@ METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
     BitFitMethod(),
     HeadMethod(),
     IA3Method(),
+    DoRAMethod(),
 )}
 
 
