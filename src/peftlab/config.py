@@ -51,6 +51,10 @@ class AdapterConfig:
     dropout: float = setting(0.0, "dropout on the LoRA branch", option="lora-dropout")
     extra_trainable: list[str] | None = setting(None, "also train: comma-separated head,biases,norms",
                                                 default_text="the head of a classifier, else nothing")
+    adapter_size: int = setting(64, "method adapter: the bottleneck size m")
+    adapter_placement: str = setting("houlsby", "method adapter: houlsby (after attention and after the MLP of every "
+                                     "block) | pfeiffer (after the MLP only)")
+    adapter_nonlinearity: str = setting("relu", "method adapter: relu | gelu | tanh | silu")
 
 
 @dataclass

@@ -155,7 +155,7 @@ def test_rank_zero_is_full_fine_tuning_and_method_errors():
     model = converted(tiny_gpt2_hf())
     assert apply_method(model, "lora", rank=0) == []
     assert parameter_report(model).trainable == parameter_report(model).total
-    with pytest.raises(PeftlabError, match="apply_adapters"):
+    with pytest.raises(PeftlabError, match="no LoRALayer modules. Fix: apply_method"):
         mark_trainable(converted(tiny_gpt2_hf()), "lora")
     with pytest.raises(PeftlabError, match="no classifier head"):
         mark_trainable(converted(tiny_gpt2_hf()), "head")

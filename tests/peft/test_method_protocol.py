@@ -144,5 +144,5 @@ def test_bitfit_on_a_model_without_biases_says_what_to_use_instead():
     llama = tiny_llama_hf()  # Llama linears and RMSNorms have no bias, like SmolLM2
     with pytest.raises(PeftlabError, match="has none.*Fix: use --method lora"):
         apply_method(llama, "bitfit", extra_trainable=[])
-    with pytest.raises(PeftlabError, match="unknown method .bitfti.: expected one of lora, full, bitfit, head, ia3, dora"):
+    with pytest.raises(PeftlabError, match="unknown method .bitfti.: expected one of lora, full, bitfit, head, ia3, dora, adapter"):
         apply_method(llama, "bitfti")

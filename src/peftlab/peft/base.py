@@ -66,6 +66,9 @@ class MethodSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     extra_trainable: tuple[str, ...] | None = None  # head, biases, norms; None = the head of a classifier
+    adapter_size: int = 64  # bottleneck adapters: m
+    adapter_placement: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer
+    adapter_nonlinearity: str = "relu"  # bottleneck adapters
 
 
 class AdapterMethod:
@@ -74,14 +77,20 @@ class AdapterMethod:
 
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False  # its modules fold into the base weights (merged == unmerged)
+    module_type: ClassVar[type | None] = None  # the AdapterModule class it injects, if any
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         """Put the method's modules into `model` (in place); returns a description of each. Default: none."""
         return []
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """What the method itself trains (the extras --extra-trainable adds are chosen elsewhere)."""
-        raise NotImplementedError
+        """What the method itself trains (the extras --extra-trainable adds are chosen elsewhere); by default the
+        parameters of its `module_type` modules."""
+        modules = [module for module in model.modules() if isinstance(module, self.module_type)]
+        if not modules:
+            raise PeftlabError(f"method '{self.name}' but the model has no {self.module_type.__name__} modules. "
+                               f"Fix: apply_method(model, '{self.name}', ...) first")
+        return [parameter for module in modules for parameter in module.adapter_parameters()]
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model the method cannot train (e.g. BitFit without biases). Default: any model."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod, MethodSettings
-from peftlab.peft.lora import LoRALinear, lora_layers
+from peftlab.peft.lora import LoRALinear
 from peftlab.peft.targets import AdapterSpec, linear_modules, resolve_targets
 
 
@@ -107,16 +107,11 @@ class DoRAMethod(AdapterMethod):
 
     name = "dora"
     mergeable = True
+    module_type = DoRALinear
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         return apply_dora(model, resolve_targets(model, settings.targets), settings.rank, settings.alpha,
                           settings.dropout)
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        layers = [layer for _, layer in lora_layers(model) if isinstance(layer, DoRALinear)]
-        if not layers:
-            raise PeftlabError("method 'dora' but the model has no DoRA layers")
-        return [parameter for layer in layers for parameter in layer.adapter_parameters()]
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
         for item in specs:

@@ -131,15 +131,10 @@ class IA3Method(AdapterMethod):
 
     name = "ia3"
     mergeable = True
+    module_type = IA3Linear
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         return apply_ia3(model, resolve_targets(model, settings.targets))
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        layers = [module for module in model.modules() if isinstance(module, IA3Linear)]
-        if not layers:
-            raise PeftlabError("method 'ia3' but the model has no IA3 layers")
-        return [parameter for layer in layers for parameter in layer.adapter_parameters()]
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
         resolved = [AdapterSpec(item["module"], tuple(item["slices"]) if item["slices"] else None) for item in specs]

@@ -353,15 +353,10 @@ class LoRAMethod(AdapterMethod):
 
     name = "lora"
     mergeable = True
+    module_type = LoRALayer
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         return apply_adapters(model, settings.targets, settings.rank, settings.alpha, settings.dropout)
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        layers = [layer for _, layer in lora_layers(model)]
-        if not layers:
-            raise PeftlabError("method 'lora' but the model has no LoRA layers. Fix: apply_adapters(model, ...) first")
-        return [parameter for layer in layers for parameter in layer.adapter_parameters()]
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
         for item in specs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod
+from peftlab.peft.bottleneck import BottleneckMethod
 from peftlab.peft.dora import DoRAMethod
 from peftlab.peft.ia3 import IA3Method
 from peftlab.peft.lora import LoRAMethod
@@ -16,6 +17,7 @@ METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
     HeadMethod(),
     IA3Method(),
     DoRAMethod(),
+    BottleneckMethod(),
 )}
 
 

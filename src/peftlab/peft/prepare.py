@@ -81,6 +81,9 @@ def apply_method(
     alpha: float = 16.0,
     dropout: float = 0.0,
     extra_trainable: Sequence[str] | None = None,
+    adapter_size: int = 64,
+    adapter_placement: str = "houlsby",
+    adapter_nonlinearity: str = "relu",
 ) -> list[str]:
     """Prepare a model for fine-tuning with one method (the CLI's entry point); returns the adapted modules.
 
@@ -88,7 +91,8 @@ def apply_method(
         model: the loaded model (e.g. from `peftlab.models.load_model`).
         method: a name in `peftlab.peft.methods.METHODS` (see `mark_trainable`). "lora" with rank 0 is full
             fine-tuning, as in the course spec.
-        targets, rank, alpha, dropout: the adapter settings (see `MethodSettings`); each method reads its own.
+        targets, rank, alpha, dropout, adapter_*: the adapter settings (see `MethodSettings`); each method reads
+            its own.
         extra_trainable: "head", "biases", "norms" to train as well; None = the head of a classifier.
 
     Print `parameter_report(model)` afterwards for the counts.
@@ -96,7 +100,8 @@ def apply_method(
     if method == "lora" and rank == 0:
         method = "full"
     settings = MethodSettings(tuple(targets) if not isinstance(targets, str) else (targets,), rank, alpha, dropout,
-                              None if extra_trainable is None else tuple(extra_trainable))
+                              None if extra_trainable is None else tuple(extra_trainable), adapter_size,
+                              adapter_placement, adapter_nonlinearity)
     adapted = get_method(method).inject(model, settings)
     mark_trainable(model, method, settings.extra_trainable)
     return adapted

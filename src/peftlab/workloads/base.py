@@ -61,7 +61,8 @@ class Workload:
                               dtype=torch.float32, **self.model_options(task))
         adapter = config.adapter
         apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
-                     adapter.extra_trainable)
+                     adapter.extra_trainable, adapter.adapter_size, adapter.adapter_placement,
+                     adapter.adapter_nonlinearity)
         return model.to(device)
 
     def resolve(self, config: RunConfig, task: Task) -> None:
