@@ -163,8 +163,10 @@ def same_run(recorded: RunConfig, config: RunConfig) -> bool:
     """Whether `config` describes the run `recorded` (a config.yaml) is: equal everywhere, a None of `config`
     matching whatever the run resolved it to; where the run lives (output_dir) does not count."""
     mine, theirs = config.to_dict(), recorded.to_dict()
-    if "instruct" in theirs and "instruct" not in mine:  # an instruct run adds its section (defaults) when it starts
-        mine["instruct"] = dataclasses.asdict(InstructConfig())
+    hints = typing.get_type_hints(RunConfig)
+    for section in WORKLOAD_SECTIONS:  # a workload adds its section, with its defaults, when the run starts
+        if section in theirs and section not in mine:
+            mine[section] = dataclasses.asdict(section_type(hints[section])())
     for section, key in RESOLVED_LATER:
         if section in mine and mine[section][key] is None:
             mine[section][key] = theirs[section][key]

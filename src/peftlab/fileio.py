@@ -133,6 +133,13 @@ def replace_directory(target: Path, fill: Callable[[Path], object], marker: str,
     return target
 
 
+def unfinished_writes(target: Path) -> list[Path]:
+    """What a killed `atomic_write_file` / `replace_directory` of `target` left: `.<name>.` + mkstemp's 8
+    characters (the retired `.<name>.old` is not one of them)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}")
+    return sorted(path for path in target.parent.glob(f".{target.name}.*") if pattern.fullmatch(path.name))
+
+
 def retired_path(target: Path) -> Path:
     """Where `replace_directory` keeps the previous version of `target` during the swap."""
     return target.with_name(f".{target.name}.old")
@@ -146,10 +153,9 @@ def recover_directory(target: Path, marker: str) -> list[str]:
     last removal: both exist (the old one is removed).
     """
     done = []
-    for staging in sorted(target.parent.glob(f".{target.name}.*")):
-        if staging != retired_path(target) and re.fullmatch(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}", staging.name):
-            _remove(staging)
-            done.append(f"removed the unfinished {staging.name}")
+    for staging in unfinished_writes(target):
+        _remove(staging)
+        done.append(f"removed the unfinished {staging.name}")
     retired = retired_path(target)
     if retired.is_dir() and (retired / marker).is_file():
         if not target.exists():

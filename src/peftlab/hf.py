@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.fileio import replace_directory, write_text_atomic
+from peftlab.fileio import read_json, replace_directory, write_text_atomic
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.peft.base import adapter_modules, merge_and_strip
 from peftlab.peft.lora import lora_layers
@@ -84,9 +84,9 @@ def read_export_record(directory: str | os.PathLike) -> dict | None:
     """What an earlier export in `directory` recorded, or None when it is not one."""
     path = Path(directory) / EXPORT_RECORD
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        record = read_json(path, "export record") if path.is_file() else None
+    except PeftlabError:
+        return None  # unreadable: not a record this run can rely on
     return record if isinstance(record, dict) else None
 
 

@@ -16,7 +16,6 @@ to `.<name>.old` mid-swap; `RunDir.recover` undoes each of these.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 from peftlab.config import RunConfig, load_config, same_run, save_config
 from peftlab.errors import PeftlabError
 from peftlab.fileio import (finite_or_null, read_json, read_text, recover_directory, replace_directory,
-                            retired_path, write_json_lines, write_text_atomic)
+                            retired_path, unfinished_writes, write_json_lines, write_text_atomic)
 from peftlab.peft import load_adapter, save_adapter
 from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
 
@@ -40,7 +39,6 @@ CHECKPOINTS = "checkpoints"
 RUN_ENTRIES = (CONFIG, METRICS, SUMMARY, PLOTS, CHECKPOINTS)
 # The files of checkpoints/last besides the adapter's: all of them, or the checkpoint is damaged.
 TRAINING_STATE_FILES = ("optimizer.safetensors", "optimizer.json", "training_state.safetensors", "training_state.json")
-STATES = ("new", "restart", "resume", "done")
 
 
 class RunDir:
@@ -62,7 +60,7 @@ class RunDir:
     # --- state -----------------------------------------------------------------------------------------------
 
     def state(self, epochs: int) -> str:
-        """What training into the folder means now (see `STATES`).
+        """What training into the folder means now: new, restart, resume or done.
 
         new: nothing of a run is there. done: summary.json records all `epochs`. resume: an epoch finished
         (checkpoints/last, or its copy left mid-swap). restart: the run started but no epoch finished, so nothing
@@ -97,12 +95,11 @@ class RunDir:
         done = []
         for name in ("best", "last"):
             done += [f"{CHECKPOINTS}/{line}" for line in recover_directory(self.checkpoint(name), ADAPTER_MARKER)]
-        for folder, names in ((self.path, (CONFIG, METRICS, SUMMARY)), (self.plots, ("loss.png", "accuracy.png"))):
-            for name in names:  # temporary files of atomic writes that never got renamed into place
-                for leftover in folder.glob(f".{name}.*"):
-                    if re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}", leftover.name):
-                        leftover.unlink()
-                        done.append(f"removed the unfinished {leftover.relative_to(self.path)}")
+        files = [self.path / name for name in (CONFIG, METRICS, SUMMARY)] + [self.plots / "loss.png",
+                                                                          self.plots / "accuracy.png"]
+        for leftover in (path for file in files for path in unfinished_writes(file)):
+            leftover.unlink()  # an atomic write that never got renamed into place
+            done.append(f"removed the unfinished {leftover.relative_to(self.path)}")
         return done
 
     # --- files -----------------------------------------------------------------------------------------------

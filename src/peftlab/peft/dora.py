@@ -40,18 +40,14 @@ class DoRALinear(LoRALinear):
     def _direction(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight.float() + (lora_b.float() @ lora_a.float()) * self.scaling  # V = W0 + s·B A, (d, k)
 
-    def _row_scale(self, weight: torch.Tensor) -> torch.Tensor:
+    def _row_scale(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖V‖_c with the norm detached: (out,)."""
-        norm = self._direction(self.lora_a.detach(), self.lora_b.detach(), weight).norm(dim=1).detach()
+        norm = self._direction(lora_a.detach(), lora_b.detach(), weight).norm(dim=1).detach()
         return self.magnitude.float() / norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self._lora_fingerprint() != self._merged_fingerprint:
-            self._remerge()
-        if self.merged or self.disabled:
-            return self.base(x)
+    def _unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base.weight
-        scale = self._row_scale(weight).to(x.dtype)
+        scale = self._row_scale(self.lora_a, self.lora_b, weight).to(x.dtype)
         plain = F.linear(x, weight)  # W0 x, without the bias
         update = F.linear(F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scaling
         out = scale * (plain + update.to(x.dtype))
@@ -62,27 +58,13 @@ class DoRALinear(LoRALinear):
             return nn.Module.train(self, mode)
         return super().train(mode)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        if self.disabled:
-            raise PeftlabError("cannot merge a DoRA layer while adapters are disabled (inside disable_adapters)")
-        weight = self.base.weight
-        self._weight_before_merge = weight.detach().clone()  # W0 exactly, restored by unmerge
-        merged = self._row_scale(weight)[:, None] * self._direction(self.lora_a, self.lora_b, weight)
-        weight.copy_(merged.to(weight.dtype))
-        self._merged_fingerprint = self._lora_fingerprint()
-        self.merged = True
+    def _keeps_base_weight(self) -> bool:
+        return True  # the merged weight is not W0 plus something: W0 is kept to restore it exactly
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._weight_before_merge)
-        self._weight_before_merge = None
-        self._merged_fingerprint = None
-        self.merged = False
+    def _merged_weight(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        weight = self.base.weight
+        merged = self._row_scale(lora_a, lora_b, weight)[:, None] * self._direction(lora_a, lora_b, weight)
+        return merged.to(weight.dtype)  # diag(m / ‖V‖_c) V
 
 
 def apply_dora(model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float) -> list[str]:

@@ -113,9 +113,13 @@ class LoRALayer(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and self._lora_fingerprint() != self._merged_fingerprint:
             self._remerge()  # A or B changed while merged (optimizer step, loaded weights): fold in the new values
-        out = self.base(x)  # already includes the update when merged
         if self.merged or self.disabled:
-            return out
+            return self.base(x)  # already includes the update when merged
+        return self._unmerged_forward(x)
+
+    def _unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with its update applied on the fly (variants such as DoRA override this)."""
+        out = self.base(x)
         lora_a, lora_b = self.lora_weights()
         dropped = self.dropout(x).to(lora_a.dtype)  # (..., k); fp32 adapters on a bf16/fp16 base
         update = F.linear(F.linear(dropped, lora_a), lora_b) * self.scaling  # (..., k) -> (..., R) -> (..., d)
@@ -143,10 +147,9 @@ class LoRALayer(AdapterModule):
         if self.disabled:
             raise PeftlabError("cannot merge a LoRA layer while adapters are disabled (inside disable_adapters)")
         lora_a, lora_b = (t.detach().clone() for t in self.lora_weights())
-        if self.base.weight.dtype not in (torch.float32, torch.float64):
-            # bf16/fp16: (W0 + d) - d is off by up to an ulp (~0.4% in bf16); keep W0 to restore it exactly.
+        if self._keeps_base_weight():
             self._weight_before_merge = self.base.weight.detach().clone()
-        self.base.weight.add_(self._delta(lora_a, lora_b))
+        self.base.weight.copy_(self._merged_weight(lora_a, lora_b))
         self._merged_factors = (lora_a, lora_b)
         self._merged_fingerprint = self._lora_fingerprint()
         self.merged = True
@@ -164,6 +167,15 @@ class LoRALayer(AdapterModule):
         self._merged_factors = None
         self._merged_fingerprint = None
         self.merged = False
+
+    def _keeps_base_weight(self) -> bool:
+        """Whether merge() keeps W0 to restore it exactly: bf16/fp16, where (W0 + d) - d is off by up to an ulp
+        (~0.4% in bf16). In fp32 unmerge() subtracts the merged update instead."""
+        return self.base.weight.dtype not in (torch.float32, torch.float64)
+
+    def _merged_weight(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """The base weight with the update (A, B) folded in: W0 + scaling · B A."""
+        return self.base.weight + self._delta(lora_a, lora_b)
 
     def _remerge(self) -> None:
         self.unmerge()

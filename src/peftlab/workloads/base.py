@@ -74,6 +74,16 @@ class Workload:
         if config.adapter.extra_trainable is None:
             config.adapter.extra_trainable = list(self.default_extra_trainable)
 
+    def labelled_task(self, task_class, config: RunConfig, tokenizer, *options):
+        """A task over a labelled dataset (classification, instruct): `task_class(name, label names, split reader,
+        tokenizer, max length, *options)`, with the dataset's test split."""
+        settings = config.task
+        dataset = get_dataset(settings.name)
+        task = task_class(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
+                          tokenizer, settings.max_length or dataset.max_length, *options)
+        task.test_split = dataset.test_split
+        return task
+
     def model_options(self, task: Task) -> dict:
         """Extra arguments of `load_model` for this workload's tasks (a classifier's number of labels)."""
         return {}

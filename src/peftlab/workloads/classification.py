@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.data import LabelledText
-from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded, StepOutput, Task, right_pad
 from peftlab.tasks.metrics import classification_metrics
@@ -87,12 +86,7 @@ class ClassificationWorkload(Workload):
     default_extra_trainable = ("head",)  # a random head must learn
 
     def task_for(self, config, tokenizer) -> ClassificationTask:
-        settings = config.task
-        dataset = get_dataset(settings.name)
-        task = ClassificationTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
-                                  tokenizer, settings.max_length or dataset.max_length)
-        task.test_split = dataset.test_split
-        return task
+        return self.labelled_task(ClassificationTask, config, tokenizer)
 
     def build_model(self, config, task, device, fresh, context):
         model = super().build_model(config, task, device, fresh, context)

@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 from peftlab.config import InstructConfig
 from peftlab.data import LabelledText
-from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
 from peftlab.generation import decode
@@ -192,10 +191,6 @@ class InstructWorkload(Workload):
             config.instruct = InstructConfig()  # its defaults, resolved with the rest
 
     def task_for(self, config, tokenizer) -> InstructTask:
-        settings, instruct = config.task, config.instruct or InstructConfig()
-        dataset = get_dataset(settings.name)
-        task = InstructTask(dataset.name, dataset.label_names, lambda split: dataset.read(split, settings.data_dir),
-                            tokenizer, settings.max_length or dataset.max_length, settings.loss_on, instruct.template,
-                            instruct.verbalizers, instruct.predict)
-        task.test_split = dataset.test_split
-        return task
+        instruct = config.instruct or InstructConfig()
+        return self.labelled_task(InstructTask, config, tokenizer, config.task.loss_on, instruct.template,
+                                  instruct.verbalizers, instruct.predict)
