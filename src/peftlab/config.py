@@ -44,7 +44,8 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = setting("lora", "lora | full | bitfit | head (rank 0 with lora is full fine-tuning)")
+    method: str = setting("lora", "lora | dora | ia3 | adapter | prefix | full | bitfit | head "
+                          "(rank 0 with lora is full fine-tuning)")
     targets: list[str] = setting(["q", "v"], "comma-separated roles (q,k,v,o,mlp,all-linear), module names or regexes")
     rank: int = setting(8, "LoRA rank; 0 = full fine-tuning")
     alpha: float = setting(16.0, "LoRA alpha; scaling = alpha/rank")
@@ -55,6 +56,9 @@ class AdapterConfig:
     adapter_placement: str = setting("houlsby", "method adapter: houlsby (after attention and after the MLP of every "
                                      "block) | pfeiffer (after the MLP only)")
     adapter_nonlinearity: str = setting("relu", "method adapter: relu | gelu | tanh | silu")
+    prefix_length: int = setting(10, "method prefix: the number of prefix positions p")
+    prefix_projection: int | None = setting(None, "method prefix: train the prefix through an MLP of this width",
+                                            default_text="plain prefixes")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Hugging Face interop in one place: a `peft` adapter export, a merged plain `transformers` model, Linear -> Conv1D.
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained`
-loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` layers) and reproduces our logits:
+loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` layers) and reproduces our logits,
+for LoRA, DoRA (LoRA + `lora_magnitude_vector`), IA3 (`ia3_l`) and prefix tuning (`prompt_embeddings`):
 
 * A and B keep their shapes: peft's LoRA on a `Conv1D` (`fan_in_fan_out=True`) stores lora_A (r, in) and
   lora_B (out, r) like ours; only its merge transposes.
@@ -92,81 +93,34 @@ def read_export_record(directory: str | os.PathLike) -> dict | None:
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str,
                 record: dict | None = None, overwrite: bool = False) -> Path:
-    """Write the model's LoRA adapter in Hugging Face peft's format (loadable with `PeftModel.from_pretrained`).
+    """Write the model's adapter in Hugging Face peft's format (loadable with `PeftModel.from_pretrained`).
 
     Args:
-        model: a model with LoRA layers (merged or not).
+        model: a model with LoRA, DoRA, IA3 or prefix-tuning modules (merged or not).
         directory: the export directory: `adapter_config.json`, `adapter_model.safetensors` and the export record;
             it must not exist, be empty, or be an earlier export (unless `overwrite`).
         base_model_name_or_path: what peft records as the base (a hub id or a local directory).
         record: extra facts for the export record (e.g. the run and checkpoint exported).
         overwrite: replace whatever is at `directory`.
     """
-    others = sorted({module.method for _, module in adapter_modules(model) if module.method != "lora"})
-    if others:
-        raise PeftlabError(f"the peft export carries LoRA adapters; this model has {', '.join(others)} modules")
-    layers = list(lora_layers(model))
-    if not layers:
-        raise PeftlabError("the model has no LoRA layers to export in peft format. Fix: use export_merged instead")
+    methods = sorted({module.method for _, module in adapter_modules(model)})
+    if not methods:
+        raise PeftlabError("the model has no adapter modules to export in peft format. Fix: use export_merged instead")
+    if len(methods) > 1 or methods[0] not in PEFT_EXPORTS:
+        raise PeftlabError(f"the peft export carries one of {', '.join(PEFT_EXPORTS)}; this model has "
+                           f"{', '.join(methods)} modules (peft has no such method). Fix: export_merged when the "
+                           "method merges, else keep the run directory")
     hf_name = _hf_name_mapper(model)
-    tensors: dict[str, torch.Tensor] = {}
-    settings: dict[str, tuple[int, float]] = {}
-    lora_ids = set()
-    for name, layer in layers:
-        lora_a, lora_b = layer.lora_weights()  # (R, k), (d, R); R = n·r for fused slices
-        exported_rank = lora_a.shape[0]
-        settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
-        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_A.weight"] = lora_a.detach()
-        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.lora_B.weight"] = lora_b.detach()
-        lora_ids.update(id(p) for p in layer.adapter_parameters())
-
-    # Trained tensors besides LoRA: the head and norms as modules_to_save, the rest (biases) as plain keys.
-    parameters = canonical_parameter_names(model)
-    trained = {id(p) for p in parameters.values() if p.requires_grad and id(p) not in lora_ids}
-    saved_whole: list[str] = []
-    head = classifier_head(model)
-    whole_modules = [(name, module) for name, module in model.named_modules() if is_norm(module) or module is head]
-    for name, module in whole_modules:
-        module_parameters = list(module.parameters())
-        if module_parameters and any(id(p) in trained for p in module_parameters):
-            saved_whole.append(hf_name(name))
-            for parameter_name, parameter in module.named_parameters():
-                tensors[f"{_PEFT_PREFIX}{hf_name(name)}.{parameter_name}"] = parameter.detach()
-                trained.discard(id(parameter))
-    lora_base = {id(layer.base.bias): name for name, layer in layers if layer.base.bias is not None}
-    trained_biases = False
-    for name, parameter in parameters.items():
-        if id(parameter) not in trained:
-            continue
-        module_name, _, parameter_name = name.rpartition(".")
-        if parameter_name != "bias":
-            raise PeftlabError(
-                f"'{name}' is trained but peft's LoRA format can only carry LoRA layers, whole modules (head, norms) "
-                "and biases. Fix: use export_merged for this model"
-            )
-        trained_biases = True
-        peft_name = f"{hf_name(lora_base[id(parameter)])}.base_layer.bias" if id(parameter) in lora_base else hf_name(name)
-        tensors[_PEFT_PREFIX + peft_name] = parameter.detach()
-
-    (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
-    config = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model),
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": max(layer.dropout_p for _, layer in layers),
-        "target_modules": sorted(settings),
-        "rank_pattern": {re.escape(name): r for name, (r, _) in settings.items() if r != rank},
-        "alpha_pattern": {re.escape(name): a for name, (_, a) in settings.items() if a != alpha},
-        "fan_in_fan_out": architecture(model) == "gpt2",  # HF GPT-2 keeps Conv1D, weight (in, out)
-        "bias": "all" if trained_biases else "none",
-        "modules_to_save": saved_whole or None,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
+    config, tensors, exported = PEFT_EXPORTS[methods[0]](model, hf_name)
+    saved_whole, trained_biases = _export_trained_extras(model, hf_name, exported, tensors)
+    if trained_biases and config["peft_type"] != "LORA":
+        raise PeftlabError(f"trained biases cannot be carried by peft's {config['peft_type']} format. "
+                           "Fix: use export_merged for this model")
+    if trained_biases:
+        config["bias"] = "all"
+    config = {"peft_type": config.pop("peft_type"), "task_type": _task_type(model),
+              "base_model_name_or_path": base_model_name_or_path, **config,
+              "modules_to_save": saved_whole or None, "inference_mode": True}
     cpu_tensors = {key: tensor.to("cpu").contiguous().clone() for key, tensor in tensors.items()}
 
     def fill(staging: Path) -> None:
@@ -174,6 +128,107 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     return _write_export(directory, fill, "peft", record, overwrite)
+
+
+def _export_trained_extras(model: nn.Module, hf_name, exported: set[int], tensors: dict) -> tuple[list[str], bool]:
+    """Trained tensors besides the adapter's: the head and norms as modules_to_save, biases under peft's names.
+    Returns the whole modules saved and whether biases were."""
+    parameters = canonical_parameter_names(model)
+    trained = {id(p) for p in parameters.values() if p.requires_grad and id(p) not in exported}
+    saved_whole: list[str] = []
+    head = classifier_head(model)
+    for name, module in model.named_modules():
+        if not (is_norm(module) or module is head):
+            continue
+        module_parameters = list(module.parameters())
+        if module_parameters and any(id(p) in trained for p in module_parameters):
+            saved_whole.append(hf_name(name))
+            for parameter_name, parameter in module.named_parameters():
+                tensors[f"{_PEFT_PREFIX}{hf_name(name)}.{parameter_name}"] = parameter.detach()
+                trained.discard(id(parameter))
+    wrapped_biases = {id(module.base.bias): name for name, module in adapter_modules(model)
+                      if isinstance(getattr(module, "base", None), nn.Linear) and module.base.bias is not None}
+    trained_biases = False
+    for name, parameter in parameters.items():
+        if id(parameter) not in trained:
+            continue
+        parameter_name = name.rpartition(".")[2]
+        if parameter_name != "bias":
+            raise PeftlabError(
+                f"'{name}' is trained but peft's format can only carry the adapter, whole modules (head, norms) "
+                "and biases. Fix: use export_merged for this model"
+            )
+        trained_biases = True
+        wrapped = wrapped_biases.get(id(parameter))
+        tensors[_PEFT_PREFIX + (f"{hf_name(wrapped)}.base_layer.bias" if wrapped else hf_name(name))] = parameter.detach()
+    return saved_whole, trained_biases
+
+
+def _lora_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
+    """LoRA and DoRA layers: A, B (and DoRA's magnitudes) per layer; fused slices as one block-structured LoRA."""
+    layers = list(lora_layers(model))
+    tensors: dict[str, torch.Tensor] = {}
+    settings: dict[str, tuple[int, float]] = {}
+    exported = set()
+    for name, layer in layers:
+        lora_a, lora_b = layer.lora_weights()  # (R, k), (d, R); R = n·r for fused slices
+        exported_rank = lora_a.shape[0]
+        settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
+        key = f"{_PEFT_PREFIX}{hf_name(name)}"
+        tensors[f"{key}.lora_A.weight"] = lora_a.detach()
+        tensors[f"{key}.lora_B.weight"] = lora_b.detach()
+        if layer.method == "dora":
+            tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude.detach()
+        exported.update(id(p) for p in layer.adapter_parameters())
+    (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(layer.dropout_p for _, layer in layers),
+        "target_modules": sorted(settings),
+        "rank_pattern": {re.escape(name): r for name, (r, _) in settings.items() if r != rank},
+        "alpha_pattern": {re.escape(name): a for name, (_, a) in settings.items() if a != alpha},
+        "fan_in_fan_out": architecture(model) == "gpt2",  # HF GPT-2 keeps Conv1D, weight (in, out)
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": layers[0][1].method == "dora",
+    }
+    return config, tensors, exported
+
+
+def _ia3_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
+    """IA3 layers: one vector per layer, (out, 1) for output scaling and (1, in) for a feedforward layer's input;
+    k/v slices of GPT-2's c_attn become one c_attn vector with ones on the q rows (the same scaling)."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets, feedforward, exported = [], [], set()
+    for name, layer in adapter_modules(model):
+        vector = layer.scale_vector().detach()
+        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.ia3_l"] = vector[None, :] if layer.feedforward else vector[:, None]
+        targets.append(hf_name(name))
+        if layer.feedforward:
+            feedforward.append(hf_name(name))
+        exported.update(id(p) for p in layer.adapter_parameters())
+    config = {"peft_type": "IA3", "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
+              "fan_in_fan_out": architecture(model) == "gpt2", "init_ia3_weights": True}
+    return config, tensors, exported
+
+
+def _prefix_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
+    """Prefix tuning: the prefix as peft's `prompt_embeddings` (p, layers · 2 · kv width), plain even when it was
+    trained through a projection (peft, too, saves what the projection produces)."""
+    (_, prefix), = adapter_modules(model)
+    states = prefix.prefix_states().detach()  # (L, 2, kv_heads, p, head_size)
+    embeddings = states.permute(3, 0, 1, 2, 4).reshape(prefix.length, -1)
+    kv_width = prefix.kv_heads * prefix.head_size
+    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": prefix.length, "token_dim": kv_width,
+              "num_transformer_submodules": 1, "num_attention_heads": prefix.kv_heads, "num_layers": prefix.layers,
+              "encoder_hidden_size": kv_width, "prefix_projection": False}
+    return config, {"prompt_embeddings": embeddings}, {id(p) for p in prefix.adapter_parameters()}
+
+
+PEFT_EXPORTS = {"lora": _lora_export, "dora": _lora_export, "ia3": _ia3_export, "prefix": _prefix_export}
 
 
 def convert_linear_to_conv1d(model: nn.Module) -> list[str]:

@@ -160,7 +160,7 @@ def test_rank_zero_is_full_fine_tuning_and_method_errors():
     with pytest.raises(PeftlabError, match="no classifier head"):
         mark_trainable(converted(tiny_gpt2_hf()), "head")
     with pytest.raises(PeftlabError, match="unknown method"):
-        apply_method(converted(tiny_gpt2_hf()), "prefix")
+        apply_method(converted(tiny_gpt2_hf()), "prompt-tuning")
     with pytest.raises(PeftlabError, match="unknown extra"):
         mark_trainable(converted(tiny_gpt2_hf()), "bitfit", extra=["embeddings"])
     adapted = converted(tiny_gpt2_hf())

@@ -15,6 +15,7 @@ from peftlab.errors import PeftlabError
 from peftlab.hf import export_merged, export_peft
 from peftlab.peft import (
     apply_adapters,
+    adapter_modules,
     apply_method,
     load_adapter,
     lora_layers,
@@ -140,3 +141,47 @@ def test_export_peft_needs_lora_layers(tmp_path):
     apply_method(model, "bitfit")
     with pytest.raises(PeftlabError, match="export_merged"):
         export_peft(model, tmp_path, "tiny")
+
+
+def _randomize_method(model, method: str) -> None:
+    """Non-trivial values for every adapter tensor of any method (IA3 scales around one, never zero)."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, module in adapter_modules(model):
+            for parameter in module.adapter_parameters():
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.copy_(1 + 0.5 * noise if method == "ia3" else parameter + 0.3 * noise)
+
+
+METHOD_SETTINGS = {
+    "ia3": {"targets": ["k", "v", "down"]},  # GPT-2: k/v slices of c_attn -> one c_attn vector, ones on q
+    "dora": {"targets": ["all-linear"], "rank": 2, "alpha": 6},
+    "prefix": {"prefix_length": 4},
+    "prefix-projection": {"prefix_length": 4, "prefix_projection": 8},  # exported as the plain prefix it produces
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_exportable_method_loads_in_peft_with_the_same_logits(arch, method, tmp_path):
+    hf = BUILDERS[arch]()
+    model = converted(hf)
+    apply_method(model, method.split("-")[0], extra_trainable=[], **METHOD_SETTINGS[method])
+    _randomize_method(model, method.split("-")[0])
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(expected, hf(ids).logits, atol=1e-3)
+    export_peft(model, tmp_path / "peft", base_model_name_or_path="tiny")
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "peft").eval()
+    with torch.no_grad():
+        _close(peft_model(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_methods_peft_lacks_are_refused_with_the_alternative(tmp_path):
+    model = converted(tiny_gpt2_hf())
+    apply_method(model, "adapter", adapter_size=4)
+    with pytest.raises(PeftlabError, match="adapter modules \\(peft has no such method\\)"):
+        export_peft(model, tmp_path / "out", "tiny")
+    assert not (tmp_path / "out").exists()

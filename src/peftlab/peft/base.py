@@ -50,6 +50,15 @@ class AdapterModule(nn.Module):
         """What rebuilds this module (besides its name and tensors), as JSON-compatible data."""
         raise NotImplementedError
 
+    def remove_from(self, model: nn.Module, name: str) -> None:
+        """Take this module (at `name` in `model`) out again: the base layer it wraps goes back in its place."""
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(getattr(self, "base", None), nn.Module):
+            setattr(parent, child_name, self.base)
+        else:
+            delattr(parent, child_name)
+
     def merge(self) -> None:
         raise PeftlabError(f"{type(self).__name__} ({self.method}) cannot be merged into its base layer")
 
@@ -69,6 +78,8 @@ class MethodSettings:
     adapter_size: int = 64  # bottleneck adapters: m
     adapter_placement: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer
     adapter_nonlinearity: str = "relu"  # bottleneck adapters
+    prefix_length: int = 10  # prefix tuning: p
+    prefix_projection: int | None = None  # prefix tuning: the MLP width H, None = plain prefixes
 
 
 class AdapterMethod:
@@ -78,6 +89,7 @@ class AdapterMethod:
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False  # its modules fold into the base weights (merged == unmerged)
     module_type: ClassVar[type | None] = None  # the AdapterModule class it injects, if any
+    adds_modules: ClassVar[bool] = False  # its modules are new children (a prefix), not wrappers of existing layers
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         """Put the method's modules into `model` (in place); returns a description of each. Default: none."""
@@ -172,6 +184,5 @@ def merge_and_strip(model: nn.Module) -> nn.Module:
         raise PeftlabError("cannot strip adapters inside disable_adapters(); leave the block first")
     for name, module in modules:
         module.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module.base)
+        module.remove_from(model, name)
     return model

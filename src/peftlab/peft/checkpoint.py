@@ -169,7 +169,12 @@ def _describe(item: Mapping[str, Any]) -> str:
 
 def _check_adaptable(model: nn.Module, saved: list[dict], directory: Path) -> None:
     modules = dict(model.named_modules())
-    missing = [item["module"] for item in saved if item["module"] not in modules]
+
+    def present(item: dict) -> bool:  # a wrapping module replaces a layer that exists; an added one needs its parent
+        name = item["module"] if not get_method(item["kind"]).adds_modules else item["module"].rpartition(".")[0]
+        return name in modules
+
+    missing = [item["module"] for item in saved if not present(item)]
     if missing:
         raise PeftlabError(
             f"the adapter in {directory} targets layers this model does not have: {missing[:5]}"
@@ -180,8 +185,7 @@ def _check_adaptable(model: nn.Module, saved: list[dict], directory: Path) -> No
 def _remove_adapter_modules(model: nn.Module) -> None:
     """Put every (freshly rebuilt, untrained) adapter module's base layer back in its place."""
     for name, module in list(adapter_modules(model)):
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module.base)
+        module.remove_from(model, name)
 
 
 def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], directory: Path) -> None:

@@ -8,6 +8,7 @@ from peftlab.peft.bottleneck import BottleneckMethod
 from peftlab.peft.dora import DoRAMethod
 from peftlab.peft.ia3 import IA3Method
 from peftlab.peft.lora import LoRAMethod
+from peftlab.peft.prefix import PrefixMethod
 from peftlab.peft.simple import BitFitMethod, FullMethod, HeadMethod
 
 METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
@@ -18,6 +19,7 @@ METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
     IA3Method(),
     DoRAMethod(),
     BottleneckMethod(),
+    PrefixMethod(),
 )}
 
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -81,9 +81,7 @@ def apply_method(
     alpha: float = 16.0,
     dropout: float = 0.0,
     extra_trainable: Sequence[str] | None = None,
-    adapter_size: int = 64,
-    adapter_placement: str = "houlsby",
-    adapter_nonlinearity: str = "relu",
+    **method_options,
 ) -> list[str]:
     """Prepare a model for fine-tuning with one method (the CLI's entry point); returns the adapted modules.
 
@@ -91,17 +89,20 @@ def apply_method(
         model: the loaded model (e.g. from `peftlab.models.load_model`).
         method: a name in `peftlab.peft.methods.METHODS` (see `mark_trainable`). "lora" with rank 0 is full
             fine-tuning, as in the course spec.
-        targets, rank, alpha, dropout, adapter_*: the adapter settings (see `MethodSettings`); each method reads
-            its own.
+        targets, rank, alpha, dropout: the LoRA-shaped settings (see `MethodSettings`); each method reads its own.
         extra_trainable: "head", "biases", "norms" to train as well; None = the head of a classifier.
+        method_options: the other `MethodSettings` fields (adapter_size, prefix_length, ...).
 
     Print `parameter_report(model)` afterwards for the counts.
     """
     if method == "lora" and rank == 0:
         method = "full"
+    known = {field.name for field in fields(MethodSettings)}
+    unknown = sorted(set(method_options) - known)
+    if unknown:
+        raise TypeError(f"apply_method: unknown method option(s) {unknown}; known: {sorted(known)}")
     settings = MethodSettings(tuple(targets) if not isinstance(targets, str) else (targets,), rank, alpha, dropout,
-                              None if extra_trainable is None else tuple(extra_trainable), adapter_size,
-                              adapter_placement, adapter_nonlinearity)
+                              None if extra_trainable is None else tuple(extra_trainable), **method_options)
     adapted = get_method(method).inject(model, settings)
     mark_trainable(model, method, settings.extra_trainable)
     return adapted

@@ -61,8 +61,9 @@ class Workload:
                               dtype=torch.float32, **self.model_options(task))
         adapter = config.adapter
         apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
-                     adapter.extra_trainable, adapter.adapter_size, adapter.adapter_placement,
-                     adapter.adapter_nonlinearity)
+                     adapter.extra_trainable, adapter_size=adapter.adapter_size,
+                     adapter_placement=adapter.adapter_placement, adapter_nonlinearity=adapter.adapter_nonlinearity,
+                     prefix_length=adapter.prefix_length, prefix_projection=adapter.prefix_projection)
         return model.to(device)
 
     def resolve(self, config: RunConfig, task: Task) -> None:
