@@ -317,9 +317,10 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_writes_table_and_plot(tin
     )
     assert main(["sweep", str(grid)]) == 0
     table = (tmp_path / "sweep" / "report.md").read_text()
-    assert "| rank2-alpha8 | lora | 2 | 8.0 |" in table and "| methodfull-lr0.0001 | full | — |" in table
+    assert "| rank2-alpha8 | lora r2 α8 all-linear |" in table and "| methodfull-lr0.0001 | full |" in table
     assert "(test, accuracy)" in table
-    assert (tmp_path / "sweep" / "val_loss.png").stat().st_size > 1000
+    for plot in ("val_loss.png", "score_vs_parameters.png"):
+        assert (tmp_path / "sweep" / plot).stat().st_size > 1000
     capsys.readouterr()
     assert main(["sweep", str(grid)]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 2

@@ -26,3 +26,40 @@ def test_runs_evaluated_once_get_one_bar_each_and_runs_with_history_get_curves(t
 def test_runs_without_validation_are_left_out_of_the_plot(tmp_path):
     runs = [_run("evaluated", [0.5]), {"name": "not-evaluated", "rows": [{"step": 5, "train_loss": 1.0}]}]
     assert _png_size(plot_validation_loss(runs, tmp_path / "one.png"))[1] == round((1.5 + 0.4) * 110)
+
+
+def _method_run(name: str, task: str, adapter: dict, trainable: int, metric: str, val: list[float],
+                test: float | None = None) -> dict:
+    rows = [{"step": 10 * (i + 1), "val_loss": 1.0 - score, f"val_{metric}": score, "val_examples_per_second": 40.0 + i}
+            for i, score in enumerate(val)]
+    rows[-1] |= {"final_of_epoch": True, "train_seconds": 120.0}
+    summary = {"select_metric": metric, "parameters": {"trainable": trainable, "total": 1_000_000}}
+    if test is not None:
+        summary["test"] = {"split": "test", metric: test}
+    defaults = {"targets": ["all-linear"], "rank": 16, "alpha": 32.0, "adapter_size": 64, "adapter_placement": "houlsby",
+                "adapter_nonlinearity": "relu", "prefix_length": 10, "prefix_projection": None}
+    return {"name": name, "config": {"task": {"name": task}, "adapter": defaults | adapter, "train": {}},
+            "rows": rows, "summary": summary}
+
+
+def test_methods_table_pairs_runs_by_name_across_tasks_and_scores_tested_runs_on_test():
+    from peftlab.report import methods_table
+
+    cola = [_method_run("lora", "cola", {"method": "lora"}, 5000, "mcc", [0.31, 0.45]),
+            _method_run("prefix10", "cola", {"method": "prefix"}, 1000, "mcc", [0.12, 0.10])]
+    rt = [_method_run("lora", "rotten_tomatoes", {"method": "lora"}, 4000, "accuracy", [0.8], test=0.835)]
+    table = methods_table({"cola": cola, "rotten_tomatoes": rt}).splitlines()
+    assert table[0] == ("| run | method | trainable params | % of model | cola best validation mcc | rotten_tomatoes test "
+                        "accuracy | cola s / epoch | cola val examples/s | rotten_tomatoes s / epoch | "
+                        "rotten_tomatoes val examples/s |")
+    assert table[2] == "| lora | lora r16 α32 all-linear | 5,000 | 0.5% | 0.4500 | 0.8350 | 120 | 40.5 | 120 | 40.0 |"
+    assert table[3] == "| prefix10 | prefix p10 | 1,000 | 0.1% | 0.1200 | — | 120 | 40.5 | — | — |"
+
+
+def test_score_against_parameters_is_drawn_on_a_log_axis(tmp_path):
+    from peftlab.report import plot_score_vs_parameters
+
+    runs = [_method_run(name, "cola", {"method": "lora"}, size, "mcc", [0.2]) for name, size in
+            (("small", 100), ("large", 10_000_000))]
+    path = plot_score_vs_parameters({"cola": runs}, tmp_path / "score.png")
+    assert _png_size(path) == (round(7.5 * 110), round(4.8 * 110))

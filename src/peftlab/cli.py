@@ -83,16 +83,25 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep", help="train a grid of runs, then one comparison table and one validation-loss plot",
         description="Train every point of a grid (finished runs are skipped, interrupted ones resumed), then write "
-        "<folder>/report.md and <folder>/val_loss.png. See `peftlab.sweep` for the grid file format.")
+        "<folder>/report.md, <folder>/val_loss.png and <folder>/score_vs_parameters.png. See `peftlab.sweep` for the "
+        "grid file format.")
     sweep.add_argument("grid", nargs="?", help="grid file (YAML: output_dir, base, grid)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                        help="an axis of the grid, e.g. adapter.rank=16,128 (repeatable)")
     sweep.add_argument("--output-dir", help="folder of the sweep's runs (default: the grid file's output_dir)")
     sweep.set_defaults(handler=_run_sweep)
 
-    report = commands.add_parser("report", help="comparison table and overlaid validation-loss plot of runs")
-    report.add_argument("run_dirs", nargs="+", help="run directories written by `peftlab train`")
-    report.add_argument("--output-dir", default=".", help="where report.md and val_loss.png go (default: .)")
+    report = commands.add_parser(
+        "report", help="comparison table and plots of runs, or of sweeps by method (--by-method)",
+        description="report.md (a row per run: method, trainable parameters, best validation and test scores, "
+        "seconds per epoch, validation examples/s), val_loss.png (validation loss of every run) and "
+        "score_vs_parameters.png (score against trainable parameters, log x). With --by-method the arguments are "
+        "sweep folders, one per task, and runs of the same name are one row with a score column per task.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP",
+                        help="run directories written by `peftlab train` (sweep folders with --by-method)")
+    report.add_argument("--by-method", action="store_true",
+                        help="one row per run name across the given sweep folders (e.g. a CoLA and an RT sweep)")
+    report.add_argument("--output-dir", default=".", help="where report.md and the plots go (default: .)")
     report.set_defaults(handler=_run_report)
 
     templates = commands.add_parser("templates", help="list tasks, objectives, prompt templates and verbalizers")
@@ -215,9 +224,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from peftlab.report import print_report, write_report
+    from peftlab.report import print_report, write_methods_report, write_report
 
-    print_report(*write_report(args.run_dirs, args.output_dir))
+    write = write_methods_report if args.by_method else write_report
+    print_report(*write(args.run_dirs, args.output_dir))
 
 
 def _run_templates(args: argparse.Namespace) -> None:

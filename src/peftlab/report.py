@@ -69,31 +69,107 @@ def _number(value, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def method_settings(adapter: dict) -> str:
+    """A run's method and its shape settings in a few characters, e.g. "lora r16 α32 all-linear", "prefix p10"."""
+    method = adapter["method"]
+    if method == "lora" and adapter["rank"] == 0:
+        return "full"
+    targets = ",".join(adapter["targets"])
+    if method in ("lora", "dora"):
+        return f"{method} r{adapter['rank']} α{adapter['alpha']:g} {targets}"
+    if method == "ia3":
+        return f"ia3 {targets}"
+    if method == "adapter":
+        return f"adapter {adapter['adapter_placement']} m{adapter['adapter_size']} {adapter['adapter_nonlinearity']}"
+    if method == "prefix":
+        projection = adapter.get("prefix_projection")
+        return f"prefix p{adapter['prefix_length']}" + (f" H{projection}" if projection else "")
+    return method
+
+
+def run_numbers(run: dict) -> dict:
+    """What the tables compare of one run: its selection metric, best validation score, test score (None when not
+    tested), trainable parameters and their share of the model, seconds per training epoch (mean), validation
+    examples/s (median over evaluations)."""
+    import statistics
+
+    config, summary, rows = run["config"], run["summary"], run["rows"]
+    metric = summary.get("select_metric") or config["train"].get("select_metric") or "accuracy"
+    val_scores = [row[f"val_{metric}"] for row in rows if row.get(f"val_{metric}") is not None]
+    parameters = summary.get("parameters", {})
+    epochs = [row["train_seconds"] for row in rows if row.get("final_of_epoch") and "train_seconds" in row]
+    speeds = [row["val_examples_per_second"] for row in rows if row.get("val_examples_per_second")]
+    trainable, total = parameters.get("trainable"), parameters.get("total")
+    return {
+        "metric": metric,
+        "best_val": (min if metric == "loss" else max)(val_scores) if val_scores else None,
+        "best_val_loss": min((row["val_loss"] for row in rows if row.get("val_loss") is not None), default=None),
+        "test": (summary.get("test") or {}).get(metric),
+        "test_split": (summary.get("test") or {}).get("split"),
+        "trainable": trainable,
+        "share": trainable / total if trainable and total else None,
+        "seconds_per_epoch": statistics.fmean(epochs) if epochs else None,
+        "eval_per_second": statistics.median(speeds) if speeds else None,
+    }
+
+
+def _count(value) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _share(value) -> str:
+    return "—" if value is None else f"{100 * value:.3g}%"
+
+
 def runs_table(runs: list[dict]) -> str:
-    """One markdown table: a row per run with its method, size, best validation numbers, test score and time."""
-    lines = ["| run | method | rank | alpha | targets | trainable params | best val loss | best val (metric) | "
-             "test (split, metric) | train time |", "|---" * 10 + "|"]
+    """One markdown table: a row per run with its method, size, best validation numbers, test score and speed."""
+    lines = ["| run | method | trainable params | % of model | best val loss | best val (metric) | "
+             "test (split, metric) | s / epoch | val examples/s |", "|---" * 9 + "|"]
     for run in runs:
-        config, summary, rows = run["config"], run["summary"], run["rows"]
-        adapter = config["adapter"]
-        lora = adapter["method"] == "lora" and adapter["rank"] > 0
-        method = "full" if adapter["method"] == "lora" and not lora else adapter["method"]
-        metric = summary.get("select_metric") or config["train"].get("select_metric") or "accuracy"
-        val_losses = [row["val_loss"] for row in rows if "val_loss" in row]
-        val_scores = [row[f"val_{metric}"] for row in rows if f"val_{metric}" in row]
-        best_val = (min if metric == "loss" else max)(val_scores) if val_scores else None
-        test = summary.get("test") or {}
-        test_text = f"{_number(test.get(metric))} ({test['split']}, {metric})" if test else "—"
-        trainable = summary.get("parameters", {}).get("trainable")
-        seconds = sum(row.get("train_seconds", 0.0) for row in rows if row.get("final_of_epoch"))
+        numbers = run_numbers(run)
+        metric = numbers["metric"]
+        test_text = (f"{_number(numbers['test'])} ({numbers['test_split']}, {metric})"
+                     if numbers["test_split"] else "—")
         lines.append(
-            f"| {run['name']} | {method} | "
-            f"{adapter['rank'] if lora else '—'} | {adapter['alpha'] if lora else '—'} | "
-            f"{','.join(adapter['targets']) if lora else '—'} | {f'{trainable:,}' if trainable else '—'} | "
-            f"{_number(min(val_losses) if val_losses else None)} | {_number(best_val)} ({metric}) | {test_text} | "
-            f"{seconds / 60:.1f} min |"
+            f"| {run['name']} | {method_settings(run['config']['adapter'])} | {_count(numbers['trainable'])} | "
+            f"{_share(numbers['share'])} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
+            f"({metric}) | {test_text} | {_number(numbers['seconds_per_epoch'], 0)} | "
+            f"{_number(numbers['eval_per_second'], 1)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def score_of(run: dict) -> tuple[float | None, str]:
+    """The score a comparison plots: the test score when the run was tested, else its best validation score."""
+    numbers = run_numbers(run)
+    if numbers["test"] is not None:
+        return numbers["test"], f"test {numbers['metric']}"
+    return numbers["best_val"], f"best validation {numbers['metric']}"
+
+
+def plot_score_vs_parameters(series: dict[str, list[dict]], path: Path) -> Path:
+    """Score against trainable parameters (log x), one labelled point per run and one marker set per series
+    (e.g. per task): where each method sits between size and quality."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    labels = set()
+    for series_name, runs in series.items():
+        points = [(run_numbers(run)["trainable"], *score_of(run), run["name"]) for run in runs]
+        points = [point for point in points if point[0] and point[1] is not None]
+        if not points:
+            continue
+        labels.update(label for _, _, label, _ in points)
+        axes.scatter([p[0] for p in points], [p[1] for p in points], label=series_name, s=28)
+        for trainable, score, _, name in points:
+            axes.annotate(name, (trainable, score), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.set_xlabel("trainable parameters (log scale)")
+    axes.set_ylabel(" / ".join(sorted(labels)) or "score")
+    axes.set_title("score against trainable parameters")
+    axes.grid(alpha=0.3, which="both")
+    if len(series) > 1:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
 
 
 def plot_validation_loss(runs: list[dict], path: Path) -> Path:
@@ -126,25 +202,76 @@ def plot_validation_loss(runs: list[dict], path: Path) -> Path:
 REPORT_MARKER = "<!-- peftlab report -->"  # report.md's first line: only such a report (and its plot) is replaced
 
 
-def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, Path]:
-    """report.md (the table) and val_loss.png (curves or bars) for `run_dirs`, written into `output_dir`.
+REPORT_PLOTS = ("val_loss.png", "score_vs_parameters.png")
 
-    An earlier peftlab report there is replaced; a report.md or val_loss.png of anyone else is never overwritten.
+
+def _check_report_folder(output: Path) -> Path:
+    """report.md in `output`, after making sure no report or plot there is anyone else's."""
+    table = output / "report.md"
+    ours = table.is_file() and read_text(table, "report").startswith(REPORT_MARKER)
+    theirs = [name for name in ("report.md", *REPORT_PLOTS) if (output / name).exists()]
+    if not ours and theirs:
+        raise PeftlabError(f"{output} already has a {theirs[0]} that peftlab did not write; nothing was changed. "
+                           "Fix: choose another --output-dir")
+    return table
+
+
+def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:
+    """report.md (the table), val_loss.png (curves or bars) and score_vs_parameters.png for `run_dirs`, written
+    into `output_dir`.
+
+    An earlier peftlab report there is replaced; a report.md or plot of anyone else is never overwritten.
     """
     output = Path(output_dir)
-    table, plot = output / "report.md", output / "val_loss.png"
-    ours = table.is_file() and read_text(table, "report").startswith(REPORT_MARKER)
-    if not ours and (table.exists() or plot.exists()):
-        raise PeftlabError(f"{output} already has a {'report.md' if table.exists() else 'val_loss.png'} that peftlab did "
-                           "not write; nothing was changed. Fix: choose another --output-dir")
+    table = _check_report_folder(output)
     runs = [read_run(run_dir) for run_dir in run_dirs]
     write_text_atomic(table, f"{REPORT_MARKER}\n{runs_table(runs)}")
-    return table, plot_validation_loss(runs, plot)
+    return table, [plot_validation_loss(runs, output / REPORT_PLOTS[0]),
+                   plot_score_vs_parameters({"runs": runs}, output / REPORT_PLOTS[1])]
 
 
-def print_report(table: Path, plot: Path) -> None:
+def methods_table(tasks: dict[str, list[dict]]) -> str:
+    """Runs of the same name (a method) across task sweeps, one row each: size, each task's score (test when
+    tested, else best validation), seconds per epoch and validation examples/s per task."""
+    names = list(dict.fromkeys(run["name"] for runs in tasks.values() for run in runs))
+    by_task = {task: {run["name"]: run for run in runs} for task, runs in tasks.items()}
+    header = ["run", "method", "trainable params", "% of model"]
+    header += [f"{task} {score_of(next(iter(runs.values())))[1]}" for task, runs in by_task.items() if runs]
+    header += [f"{task} {what}" for task in by_task for what in ("s / epoch", "val examples/s")]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name in names:
+        present = [runs[name] for runs in by_task.values() if name in runs]
+        first = run_numbers(present[0])
+        cells = [name, method_settings(present[0]["config"]["adapter"]), _count(first["trainable"]),
+                 _share(first["share"])]
+        cells += [_number(score_of(runs[name])[0]) if name in runs else "—" for runs in by_task.values() if runs]
+        for runs in by_task.values():
+            numbers = run_numbers(runs[name]) if name in runs else {}
+            cells += [_number(numbers.get("seconds_per_epoch"), 0), _number(numbers.get("eval_per_second"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:
+    """report.md (`methods_table`) and score_vs_parameters.png over sweep folders (one per task), matching runs by
+    name; each folder's runs are its subdirectories with results."""
+    output = Path(output_dir)
+    table = _check_report_folder(output)
+    tasks = {}
+    for folder in folders:
+        run_dirs = sorted(path for path in Path(folder).iterdir() if (path / METRICS).is_file())
+        if not run_dirs:
+            raise PeftlabError(f"{folder} holds no runs with results (subdirectories with {METRICS})")
+        runs = [read_run(path) for path in run_dirs]
+        tasks[runs[0]["config"]["task"]["name"]] = runs
+    write_text_atomic(table, f"{REPORT_MARKER}\n{methods_table(tasks)}")
+    return table, [plot_score_vs_parameters(tasks, output / REPORT_PLOTS[1])]
+
+
+def print_report(table: Path, plots: list[Path]) -> None:
     """What `write_report` wrote, for the terminal."""
-    print(read_text(table, "report").removeprefix(f"{REPORT_MARKER}\n") + f"\ntable: {table}\nplot: {plot}")
+    print(read_text(table, "report").removeprefix(f"{REPORT_MARKER}\n") + f"\ntable: {table}\n"
+          + "".join(f"plot: {plot}\n" for plot in plots), end="")
 
 
 def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:

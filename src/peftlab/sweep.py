@@ -1,4 +1,5 @@
-"""`peftlab sweep`: a grid of training runs, then one comparison table and one overlaid validation-loss plot.
+"""`peftlab sweep`: a grid of training runs, then one comparison table, an overlaid validation-loss plot and a plot
+of score against trainable parameters.
 
 A grid file (YAML):
 
@@ -9,7 +10,7 @@ A grid file (YAML):
     grid:                                # the cross product of the axes
       setting:                           # an axis of mappings sets several keys together ...
         - {adapter.rank: 16, adapter.alpha: 64}
-        - {adapter.method: full, train.lr: 5.0e-5}
+        - {name: full, adapter.method: full, train.lr: 5.0e-5}   # `name`: the point's run name (optional)
       train.seed: [0, 1]                 # ... an axis named by a key takes plain values
 
 `--set KEY=V1,V2` adds an axis from the command line. Finished runs (summary.json present, all epochs done)
@@ -59,7 +60,9 @@ def expand_grid(grid: dict) -> list[tuple[str, dict]]:
         points = []
         for value in values:
             if isinstance(value, dict):
-                points.append((_label(value), dict(value)))
+                setting = dict(value)
+                name = setting.pop("name", None)  # a point may name itself; else its settings name it
+                points.append((_label(name) if name is not None else _label(setting), setting))
             else:
                 points.append((f"{axis.rsplit('.', 1)[-1]}{_label(value)}", {axis: value}))
         axes.append(points)
@@ -134,7 +137,7 @@ def train_points(configs: list[RunConfig]) -> None:
 
 
 def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
-    """Train every grid point not done yet, then write <folder>/report.md and <folder>/val_loss.png."""
+    """Train every grid point not done yet, then write <folder>/report.md and its plots (see `write_report`)."""
     folder, configs = load_sweep(path, list(sets), output_dir)
     print(f"sweep: {len(configs)} run(s) in {folder}")
     train_points(configs)
