@@ -10,7 +10,7 @@ import torch
 from peftlab.errors import PeftlabError
 from peftlab.peft import adapter_modules, apply_method, disable_adapters, load_adapter, merge_adapters, save_adapter
 from peftlab.peft import unmerge_adapters
-from peftlab.peft.dora import DoRALinear
+from peftlab.peft.dora import DoRALinear, FusedDoRALinear
 
 from lora_helpers import converted, tiny_gpt2_hf, tiny_llama_hf
 
@@ -18,13 +18,15 @@ ATOL = 1e-5
 
 
 def randomize_dora(model, seed: int = 5) -> None:
-    """B != 0 and magnitudes away from ‖W0‖, so every part of the layer matters."""
+    """B != 0 and magnitudes away from ‖W0‖, so every part of the layer matters (fused slices too)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapter_modules(model):
-            layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=generator) * 0.3)
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=generator) * 0.3)
-            layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape, generator=generator))
+            for name, parameter in layer.named_parameters():
+                if name.startswith("lora_"):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+                elif name.startswith("magnitude"):
+                    parameter.mul_(1 + 0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 def logits(model, tokens):
@@ -77,9 +79,45 @@ def test_identity_at_init_merged_equals_unmerged_disabled_is_base_and_round_trip
     torch.testing.assert_close(logits(fresh.train(), tokens), unmerged, atol=ATOL, rtol=0)
 
 
-def test_slices_of_a_fused_projection_are_refused():
-    with pytest.raises(PeftlabError, match="whole linear layers.*c_attn"):
-        apply_method(converted(tiny_gpt2_hf()), "dora", targets=["q", "v"], rank=2, alpha=4)
+def test_gpt2_q_v_slices_are_dora_on_separate_projections_and_leave_k_alone(tmp_path, tokens):
+    from peft import PeftModel
+
+    from peftlab.hf import export_peft
+
+    hf = tiny_gpt2_hf()
+    model = converted(hf)
+    base = logits(model, tokens)
+    apply_method(model, "dora", targets=["q", "v"], rank=2, alpha=4, extra_trainable=[])
+    layer = model.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(layer, FusedDoRALinear) and list(layer.slices) == ["q", "v"]
+    torch.testing.assert_close(logits(model, tokens), base)  # B = 0, m = ‖W0‖: the base model
+    randomize_dora(model)
+    model.train()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        fused = layer(x)
+        torch.testing.assert_close(fused[:, 32:64], layer.base(x)[:, 32:64])  # k rows: exactly the base
+        for name, (start, end) in layer.slices.items():  # q and v: DoRA on a projection of their own rows
+            own = torch.nn.Linear(32, end - start)
+            own.weight.copy_(layer.base.weight[start:end])
+            own.bias.copy_(layer.base.bias[start:end])
+            alone = DoRALinear(own, rank=2, alpha=4).train()
+            alone.lora_a.copy_(layer.lora_a[name])
+            alone.lora_b.copy_(layer.lora_b[name])
+            alone.magnitude.copy_(layer.magnitude[name])
+            torch.testing.assert_close(fused[:, start:end], alone(x), atol=ATOL, rtol=1e-5)
+    unmerged = logits(model, tokens)
+    model.eval()  # merges
+    torch.testing.assert_close(logits(model, tokens), unmerged, atol=ATOL, rtol=0)
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model, tokens), base, atol=ATOL, rtol=0)
+    save_adapter(model, tmp_path / "ours", base_model="tiny")
+    fresh = converted(hf)
+    load_adapter(fresh, tmp_path / "ours", base_model="tiny")
+    torch.testing.assert_close(logits(fresh.eval(), tokens), unmerged, atol=ATOL, rtol=0)
+    export_peft(model, tmp_path / "peft", "tiny")  # one whole-c_attn DoRA, ‖W0‖ magnitudes on the k rows
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(theirs, tokens), unmerged, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -60,6 +60,8 @@ CASES = {
     ("gpt2", "dora r16 all-linear"): (
         {"method": "dora", "targets": ["all-linear"], "rank": 16},
         12 * (16 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768)) + (2304 + 768 + 3072 + 768))),
+    ("gpt2", "dora r8 q,v slices"): ({"method": "dora", "targets": ["q", "v"], "rank": 8},
+                                     12 * 2 * (8 * (768 + 768) + 768)),  # per slice: A, B and 768 magnitudes
     ("gpt2", "ia3 k,v,down"): ({"method": "ia3", "targets": ["k", "v", "down"]}, 12 * (768 + 768 + 3072)),
     ("gpt2", "houlsby m64"): ({"method": "adapter", "adapter_size": 64}, 12 * 2 * (2 * 64 * 768 + 768 + 64)),
     ("gpt2", "prefix p10"): ({"method": "prefix", "prefix_length": 10}, 10 * 12 * 2 * 768),  # 184,320

@@ -8,12 +8,13 @@ For a frozen W0 (d×k) with LoRA factors A (r×k), B (d×r) and scaling s = alph
 
 m starts at ‖W0‖_c, and B at zero, so step 0 is the base model. As in the paper (section 4.3) and Hugging Face
 peft, the norm is detached: it carries no gradient. Merged, the layer is a plain linear layer with
-W = diag(m / ‖V‖_c) V. DoRA adapts whole linear layers (GPT-2's c_attn as a whole, not its q/v slices).
+W = diag(m / ‖V‖_c) V. On GPT-2's fused c_attn, q/v slices get their own A, B and magnitudes (`FusedDoRALinear`);
+the peft export writes such a layer as one whole-c_attn DoRA whose magnitudes are ‖W0‖_c on the other rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +22,20 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod, MethodSettings
-from peftlab.peft.lora import LoRALinear
-from peftlab.peft.targets import AdapterSpec, linear_modules, resolve_targets
+from peftlab.peft.lora import FusedLoRALinear, LoRALinear
+from peftlab.peft.targets import AdapterSpec, linear_modules, resolve_targets, slice_rows
 
 
-class DoRALinear(LoRALinear):
-    """LoRA with weight decomposition on a whole `nn.Linear` (see the module docstring); `magnitude`: (out,)."""
+class DoRAMixin:
+    """DoRA's forward and merge on top of a LoRA layer's (A, B); subclasses say where the magnitudes live."""
 
-    method = "dora"
+    def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
+        """The full magnitude vector m (out,), given ‖V‖_c (rows without a trained magnitude keep it: scale 1)."""
+        raise NotImplementedError
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__(base, rank, alpha, dropout)
-        with torch.no_grad():
-            norms = base.weight.detach().float().norm(dim=1)  # ‖W0‖_c, one per output row
-        self.magnitude = nn.Parameter(norms.to(self.lora_a.dtype))
-        self.train(self.training)
+    def original_weight(self) -> torch.Tensor:
+        """W0, also while merged (DoRA keeps it: the merged weight is not W0 plus something)."""
+        return self._weight_before_merge if self.merged else self.base.weight
 
     def _direction(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight.float() + (lora_b.float() @ lora_a.float()) * self.scaling  # V = W0 + s·B A, (d, k)
@@ -43,19 +43,20 @@ class DoRALinear(LoRALinear):
     def _row_scale(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖V‖_c with the norm detached: (out,)."""
         norm = self._direction(lora_a.detach(), lora_b.detach(), weight).norm(dim=1).detach()
-        return self.magnitude.float() / norm
+        return self.magnitudes(norm).float() / norm
 
     def _unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base.weight
-        scale = self._row_scale(self.lora_a, self.lora_b, weight).to(x.dtype)
+        lora_a, lora_b = self.lora_weights()
+        scale = self._row_scale(lora_a, lora_b, weight).to(x.dtype)
         plain = F.linear(x, weight)  # W0 x, without the bias
-        update = F.linear(F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scaling
+        update = F.linear(F.linear(self.dropout(x).to(lora_a.dtype), lora_a), lora_b) * self.scaling
         out = scale * (plain + update.to(x.dtype))
         return out + self.base.bias if self.base.bias is not None else out
 
-    def train(self, mode: bool = True) -> "DoRALinear":
-        if "magnitude" not in self._parameters:  # LoRALinear.__init__ runs this before m exists: nothing to merge yet
-            return nn.Module.train(self, mode)
+    def train(self, mode: bool = True):
+        if "magnitude" not in self._parameters and "magnitude" not in self._modules:
+            return nn.Module.train(self, mode)  # the LoRA __init__ runs this before m exists: nothing to merge yet
         return super().train(mode)
 
     def _keeps_base_weight(self) -> bool:
@@ -67,20 +68,63 @@ class DoRALinear(LoRALinear):
         return merged.to(weight.dtype)  # diag(m / ‖V‖_c) V
 
 
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return weight.detach().float().norm(dim=1)  # ‖W0‖_c, one per output row
+
+
+class DoRALinear(DoRAMixin, LoRALinear):
+    """LoRA with weight decomposition on a whole `nn.Linear` (see the module docstring); `magnitude`: (out,)."""
+
+    method = "dora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self.magnitude = nn.Parameter(_row_norms(base.weight).to(self.lora_a.dtype))
+        self.train(self.training)
+
+    def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
+        return self.magnitude
+
+
+class FusedDoRALinear(DoRAMixin, FusedLoRALinear):
+    """DoRA on output slices of a fused projection (q and v of GPT-2's c_attn): each slice has its own A, B and
+    magnitudes; the other rows keep m = ‖V‖_c = ‖W0‖_c, i.e. stay exactly the base layer. Row norms are per row,
+    so this is DoRA on separate q and v projections."""
+
+    method = "dora"
+
+    def __init__(self, base: nn.Linear, slices: Mapping[str, tuple[int, int]], rank: int, alpha: float,
+                 dropout: float = 0.0):
+        super().__init__(base, slices, rank, alpha, dropout)
+        norms = _row_norms(base.weight)
+        self.magnitude = nn.ParameterDict({name: nn.Parameter(norms[start:end].to(self.lora_a[name].dtype))
+                                           for name, (start, end) in self.slices.items()})
+        self.train(self.training)
+
+    def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
+        parts, position = [], 0
+        for name, (start, end) in self.slices.items():  # sorted by start
+            parts += [norm[position:start].to(self.magnitude[name].dtype), self.magnitude[name]]
+            position = end
+        return torch.cat(parts + [norm[position:].to(parts[-1].dtype)])
+
+
 def apply_dora(model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float) -> list[str]:
     if rank <= 0:
         raise PeftlabError(f"DoRA rank must be a positive integer, got {rank}")
     linears = linear_modules(model)
-    sliced = [str(spec) for spec in specs if spec.slices]
-    if sliced:
-        raise PeftlabError(f"DoRA adapts whole linear layers, not slices of a fused projection: {sliced[:3]}. Fix: "
-                           "target the whole module (e.g. q,k,v together, or c_attn), or use --method lora")
     for spec in specs:
         if spec.module not in linears:
             raise PeftlabError(f"'{spec.module}' is not an adaptable linear layer")
     for spec in specs:
+        linear = linears[spec.module]
+        if spec.slices:
+            layer = FusedDoRALinear(linear, slice_rows(spec.module, linear, spec.slices), rank, alpha, dropout)
+        else:
+            layer = DoRALinear(linear, rank, alpha, dropout)
         parent, _, child = spec.module.rpartition(".")
-        setattr(model.get_submodule(parent), child, DoRALinear(linears[spec.module], rank, alpha, dropout))
+        setattr(model.get_submodule(parent), child, layer)
     return [str(spec) for spec in specs]
 
 
@@ -89,7 +133,7 @@ class DoRAMethod(AdapterMethod):
 
     name = "dora"
     mergeable = True
-    module_type = DoRALinear
+    module_type = DoRAMixin  # DoRALinear and FusedDoRALinear
 
     def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
         return apply_dora(model, resolve_targets(model, settings.targets), settings.rank, settings.alpha,
@@ -97,4 +141,5 @@ class DoRAMethod(AdapterMethod):
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
         for item in specs:
-            apply_dora(model, [AdapterSpec(item["module"])], item["rank"], item["alpha"], item["dropout"])
+            spec = AdapterSpec(item["module"], tuple(item["slices"]) if item.get("slices") else None)
+            apply_dora(model, [spec], item["rank"], item["alpha"], item["dropout"])
