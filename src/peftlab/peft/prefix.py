@@ -114,6 +114,8 @@ class PrefixTuning(AdapterModule):
                 cache.update(keys, values, layer)
             kwargs["cache"] = cache
         mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise PeftlabError(f"prefix tuning needs a (batch, tokens) attention mask, got shape {tuple(mask.shape)}")
         if mask is not None:
             kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.length)), mask], dim=1)
         if kwargs.get("position_ids") is not None:
