@@ -34,7 +34,7 @@ METHODS = {  # name: (peftlab settings, peft config factory or None)
     "dora r16 all-linear": ({"method": "dora", "targets": ["all-linear"], "rank": 16, "alpha": 32},
                             lambda peft: peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR,
                                                          use_dora=True)),
-    "ia3 k,v,down": ({"method": "ia3", "targets": ["k", "v", "down"]},
+    "ia3 k+v+down": ({"method": "ia3", "targets": ["k", "v", "down"]},
                      lambda peft: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                  feedforward_modules=["down_proj"])),
     "houlsby m64": ({"method": "adapter", "adapter_size": 64}, None),

@@ -56,6 +56,16 @@ def test_methods_table_pairs_runs_by_name_across_tasks_and_scores_tested_runs_on
     assert table[3] == "| prefix10 | prefix p10 | 1,000 | 0.1% | 0.1200 | — | 120 | 40.5 | — | — |"
 
 
+def test_more_seeds_of_a_method_are_one_row_with_mean_and_std():
+    from peftlab.report import methods_table
+
+    cola = [_method_run(name, "cola", {"method": "lora"}, 5000, "mcc", [score])
+            for name, score in (("lora", 0.2), ("lora_seed1", 0.3), ("lora_seed2", 0.4))]
+    table = methods_table({"cola": cola}).splitlines()
+    assert len(table) == 3  # header, rule, one row
+    assert table[2].startswith("| lora | lora r16 α32 all-linear | 5,000 | 0.5% | 0.3000 ± 0.1000 (3 seeds) | 120 |")
+
+
 def test_score_against_parameters_is_drawn_on_a_log_axis(tmp_path):
     from peftlab.report import plot_score_vs_parameters
 

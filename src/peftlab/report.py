@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import statistics
 import textwrap
 from pathlib import Path
 
@@ -91,8 +93,6 @@ def run_numbers(run: dict) -> dict:
     """What the tables compare of one run: its selection metric, best validation score, test score (None when not
     tested), trainable parameters and their share of the model, seconds per training epoch (mean), validation
     examples/s (median over evaluations)."""
-    import statistics
-
     config, summary, rows = run["config"], run["summary"], run["rows"]
     metric = summary.get("select_metric") or config["train"].get("select_metric") or "accuracy"
     val_scores = [row[f"val_{metric}"] for row in rows if row.get(f"val_{metric}") is not None]
@@ -230,31 +230,54 @@ def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, lis
                    plot_score_vs_parameters({"runs": runs}, output / REPORT_PLOTS[1])]
 
 
+SEED_SUFFIX = re.compile(r"_seed\d+$")  # lora, lora_seed1, lora_seed2: one method, three seeds
+
+
+def method_name(run: dict) -> str:
+    return SEED_SUFFIX.sub("", run["name"])
+
+
+def _score_cell(runs: list[dict]) -> str:
+    """One run's score, or mean ± sample std over the seeds of a method."""
+    scores = [score_of(run)[0] for run in runs if score_of(run)[0] is not None]
+    if len(scores) < 2:
+        return _number(scores[0]) if scores else "—"
+    return f"{statistics.fmean(scores):.4f} ± {statistics.stdev(scores):.4f} ({len(scores)} seeds)"
+
+
+def _median_of(runs: list[dict], key: str):
+    values = [run_numbers(run)[key] for run in runs if run_numbers(run)[key] is not None]
+    return statistics.median(values) if values else None
+
+
 def methods_table(tasks: dict[str, list[dict]]) -> str:
-    """Runs of the same name (a method) across task sweeps, one row each: size, each task's score (test when
-    tested, else best validation), seconds per epoch and validation examples/s per task."""
-    names = list(dict.fromkeys(run["name"] for runs in tasks.values() for run in runs))
-    by_task = {task: {run["name"]: run for run in runs} for task, runs in tasks.items()}
+    """A row per method across task sweeps (runs of the same name; `<name>_seed<k>` runs are more seeds of
+    `<name>`): size, each task's score (test when tested, else best validation; mean ± std over seeds), and the
+    median seconds per epoch and validation examples/s per task."""
+    names = list(dict.fromkeys(method_name(run) for runs in tasks.values() for run in runs))
+    by_task = {task: {name: [run for run in runs if method_name(run) == name] for name in names}
+               for task, runs in tasks.items()}
     header = ["run", "method", "trainable params", "% of model"]
-    header += [f"{task} {score_of(next(iter(runs.values())))[1]}" for task, runs in by_task.items() if runs]
-    header += [f"{task} {what}" for task in by_task for what in ("s / epoch", "val examples/s")]
+    header += [f"{task} {score_of(runs[0])[1]}" for task, runs in tasks.items()]
+    header += [f"{task} {what}" for task in tasks for what in ("s / epoch", "val examples/s")]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name in names:
-        present = [runs[name] for runs in by_task.values() if name in runs]
-        first = run_numbers(present[0])
-        cells = [name, method_settings(present[0]["config"]["adapter"]), _count(first["trainable"]),
-                 _share(first["share"])]
-        cells += [_number(score_of(runs[name])[0]) if name in runs else "—" for runs in by_task.values() if runs]
-        for runs in by_task.values():
-            numbers = run_numbers(runs[name]) if name in runs else {}
-            cells += [_number(numbers.get("seconds_per_epoch"), 0), _number(numbers.get("eval_per_second"), 1)]
+        first = next(group[0] for groups in by_task.values() for group in [groups[name]] if group)
+        numbers = run_numbers(first)
+        cells = [name, method_settings(first["config"]["adapter"]), _count(numbers["trainable"]),
+                 _share(numbers["share"])]
+        cells += [_score_cell(groups[name]) for groups in by_task.values()]
+        for groups in by_task.values():
+            cells += [_number(_median_of(groups[name], "seconds_per_epoch"), 0),
+                      _number(_median_of(groups[name], "eval_per_second"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:
-    """report.md (`methods_table`) and score_vs_parameters.png over sweep folders (one per task), matching runs by
-    name; each folder's runs are its subdirectories with results."""
+    """report.md (`methods_table`) and score_vs_parameters.png over sweep folders (a task's runs may span several,
+    e.g. its comparison and its extra seeds), matching runs by name; a folder's runs are its subdirectories with
+    results."""
     output = Path(output_dir)
     table = _check_report_folder(output)
     tasks = {}
@@ -263,7 +286,7 @@ def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Pa
         if not run_dirs:
             raise PeftlabError(f"{folder} holds no runs with results (subdirectories with {METRICS})")
         runs = [read_run(path) for path in run_dirs]
-        tasks[runs[0]["config"]["task"]["name"]] = runs
+        tasks.setdefault(runs[0]["config"]["task"]["name"], []).extend(runs)  # several folders may share a task
     write_text_atomic(table, f"{REPORT_MARKER}\n{methods_table(tasks)}")
     return table, [plot_score_vs_parameters(tasks, output / REPORT_PLOTS[1])]
 
@@ -276,8 +299,6 @@ def print_report(table: Path, plots: list[Path]) -> None:
 
 def plot_comparison(results: dict[str, list[dict]], path: Path) -> Path:
     """Validation accuracy and MCC per model (mean over its runs, error bar = std), as grouped bars in one PNG."""
-    import statistics
-
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
     width = 0.38
     for offset, label, key in ((-width / 2, "accuracy", "accuracy"), (width / 2, "MCC", "mcc")):
