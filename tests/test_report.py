@@ -52,8 +52,8 @@ def test_methods_table_pairs_runs_by_name_across_tasks_and_scores_tested_runs_on
     assert table[0] == ("| run | method | trainable params | % of model | cola best validation mcc | rotten_tomatoes test "
                         "accuracy | cola s / epoch | cola val examples/s | rotten_tomatoes s / epoch | "
                         "rotten_tomatoes val examples/s |")
-    assert table[2] == "| lora | lora r16 α32 all-linear | 5,000 | 0.5% | 0.4500 | 0.8350 | 120 | 40.5 | 120 | 40.0 |"
-    assert table[3] == "| prefix10 | prefix p10 | 1,000 | 0.1% | 0.1200 | — | 120 | 40.5 | — | — |"
+    assert table[2] == "| prefix10 | prefix p10 | 1,000 | 0.1% | 0.1200 | — | 120 | 40.5 | — | — |"  # smallest first
+    assert table[3] == "| lora | lora r16 α32 all-linear | 5,000 | 0.5% | 0.4500 | 0.8350 | 120 | 40.5 | 120 | 40.0 |"
 
 
 def test_more_seeds_of_a_method_are_one_row_with_mean_and_std():

@@ -148,26 +148,32 @@ def score_of(run: dict) -> tuple[float | None, str]:
 
 
 def plot_score_vs_parameters(series: dict[str, list[dict]], path: Path) -> Path:
-    """Score against trainable parameters (log x), one labelled point per run and one marker set per series
-    (e.g. per task): where each method sits between size and quality."""
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    labels = set()
-    for series_name, runs in series.items():
-        points = [(run_numbers(run)["trainable"], *score_of(run), run["name"]) for run in runs]
-        points = [point for point in points if point[0] and point[1] is not None]
-        if not points:
-            continue
-        labels.update(label for _, _, label, _ in points)
-        axes.scatter([p[0] for p in points], [p[1] for p in points], label=series_name, s=28)
-        for trainable, score, _, name in points:
+    """Score against trainable parameters (log x), one labelled point per run (the mean over a method's seeds)
+    and one panel per series (e.g. per task, whose metrics differ): where each method sits between size and
+    quality."""
+    panels = {name: runs for name, runs in series.items() if runs}
+    figure, axes_list = plt.subplots(1, max(len(panels), 1), figsize=(7.5 * max(len(panels), 1), 4.8), dpi=110,
+                                     squeeze=False)
+    for axes, (series_name, runs) in zip(axes_list[0], panels.items()):
+        groups: dict[str, list[dict]] = {}
+        for run in runs:
+            groups.setdefault(method_name(run), []).append(run)
+        points, labels = [], set()
+        for name, group in groups.items():
+            scores = [score_of(run)[0] for run in group if score_of(run)[0] is not None]
+            trainable = run_numbers(group[0])["trainable"]
+            if scores and trainable:
+                points.append((trainable, statistics.fmean(scores), name))
+                labels.add(score_of(group[0])[1])
+        axes.scatter([p[0] for p in points], [p[1] for p in points], s=28)
+        for trainable, score, name in points:
             axes.annotate(name, (trainable, score), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    axes.set_xscale("log")
-    axes.set_xlabel("trainable parameters (log scale)")
-    axes.set_ylabel(" / ".join(sorted(labels)) or "score")
-    axes.set_title("score against trainable parameters")
-    axes.grid(alpha=0.3, which="both")
-    if len(series) > 1:
-        axes.legend(fontsize=8)
+        axes.set_xscale("log")
+        axes.set_xlabel("trainable parameters (log scale)")
+        axes.set_ylabel(" / ".join(sorted(labels)) or "score")
+        axes.set_title(f"{series_name}: score against trainable parameters" if len(panels) > 1
+                       else "score against trainable parameters")
+        axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
     return save_figure(figure, path)
 
@@ -251,10 +257,13 @@ def _median_of(runs: list[dict], key: str):
 
 
 def methods_table(tasks: dict[str, list[dict]]) -> str:
-    """A row per method across task sweeps (runs of the same name; `<name>_seed<k>` runs are more seeds of
-    `<name>`): size, each task's score (test when tested, else best validation; mean ± std over seeds), and the
+    """A row per method across task sweeps, fewest trainable parameters first (runs of the same name;
+    `<name>_seed<k>` runs are more seeds of `<name>`): size, each task's score (test when tested, else best validation; mean ± std over seeds), and the
     median seconds per epoch and validation examples/s per task."""
     names = list(dict.fromkeys(method_name(run) for runs in tasks.values() for run in runs))
+    size = {name: run_numbers(run)["trainable"] or 0 for runs in tasks.values() for run in runs[::-1]
+            for name in [method_name(run)]}
+    names.sort(key=lambda name: size[name])  # smallest first: size against quality reads down the table
     by_task = {task: {name: [run for run in runs if method_name(run) == name] for name in names}
                for task, runs in tasks.items()}
     header = ["run", "method", "trainable params", "% of model"]
