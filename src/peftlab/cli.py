@@ -96,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="report.md (a row per run: method, trainable parameters, best validation and test scores, "
         "seconds per epoch, validation examples/s), val_loss.png (validation loss of every run) and "
         "score_vs_parameters.png (score against trainable parameters, log x). With --by-method the arguments are "
-        "sweep folders, one per task, and runs of the same name are one row with a score column per task.")
+        "sweep folders (a task's runs may span several, e.g. its extra seeds), runs of the same name are one row "
+        "with a score column per task, and runs named <name>_seed<k> count as more seeds of <name>.")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_OR_SWEEP",
                         help="run directories written by `peftlab train` (sweep folders with --by-method)")
     report.add_argument("--by-method", action="store_true",
