@@ -40,7 +40,6 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_json, replace_directory, write_text_atomic
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
 from peftlab.peft.base import adapter_modules, merge_and_strip
-from peftlab.peft.dora import _row_norms
 from peftlab.peft.lora import lora_layers
 from peftlab.peft.prepare import canonical_parameter_names, is_norm
 from peftlab.peft.simple import classifier_head
@@ -178,8 +177,8 @@ def _lora_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
         key = f"{_PEFT_PREFIX}{hf_name(name)}"
         tensors[f"{key}.lora_A.weight"] = lora_a.detach()
         tensors[f"{key}.lora_B.weight"] = lora_b.detach()
-        if layer.method == "dora":  # the whole layer's m: rows outside q/v slices keep ‖W0‖_c (scale 1)
-            tensors[f"{key}.lora_magnitude_vector"] = layer.magnitudes(_row_norms(layer.original_weight())).detach()
+        if layer.method == "dora":
+            tensors[f"{key}.lora_magnitude_vector"] = layer.whole_layer_magnitude().detach()
         exported.update(id(p) for p in layer.adapter_parameters())
     (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
     config = {

@@ -160,7 +160,7 @@ def plot_score_vs_parameters(series: dict[str, list[dict]], path: Path) -> Path:
             groups.setdefault(method_name(run), []).append(run)
         points, labels = [], set()
         for name, group in groups.items():
-            scores = [score_of(run)[0] for run in group if score_of(run)[0] is not None]
+            scores = _scores(group)
             trainable = run_numbers(group[0])["trainable"]
             if scores and trainable:
                 points.append((trainable, statistics.fmean(scores), name))
@@ -243,16 +243,20 @@ def method_name(run: dict) -> str:
     return SEED_SUFFIX.sub("", run["name"])
 
 
+def _scores(runs: list[dict]) -> list[float]:
+    return [score for score, _ in map(score_of, runs) if score is not None]
+
+
 def _score_cell(runs: list[dict]) -> str:
     """One run's score, or mean ± sample std over the seeds of a method."""
-    scores = [score_of(run)[0] for run in runs if score_of(run)[0] is not None]
+    scores = _scores(runs)
     if len(scores) < 2:
         return _number(scores[0]) if scores else "—"
     return f"{statistics.fmean(scores):.4f} ± {statistics.stdev(scores):.4f} ({len(scores)} seeds)"
 
 
 def _median_of(runs: list[dict], key: str):
-    values = [run_numbers(run)[key] for run in runs if run_numbers(run)[key] is not None]
+    values = [value for value in (run_numbers(run)[key] for run in runs) if value is not None]
     return statistics.median(values) if values else None
 
 

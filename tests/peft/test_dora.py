@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from peftlab.errors import PeftlabError
 from peftlab.peft import adapter_modules, apply_method, disable_adapters, load_adapter, merge_adapters, save_adapter
 from peftlab.peft import unmerge_adapters
 from peftlab.peft.dora import DoRALinear, FusedDoRALinear

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod, MethodSettings
-from peftlab.peft.lora import FusedLoRALinear, LoRALinear
-from peftlab.peft.targets import AdapterSpec, linear_modules, resolve_targets, slice_rows
+from peftlab.peft.lora import FusedLoRALinear, LoRALinear, apply_adapter_specs
+from peftlab.peft.targets import AdapterSpec, resolve_targets, splice_rows
 
 
 class DoRAMixin:
@@ -32,6 +31,10 @@ class DoRAMixin:
     def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
         """The full magnitude vector m (out,), given ‖V‖_c (rows without a trained magnitude keep it: scale 1)."""
         raise NotImplementedError
+
+    def whole_layer_magnitude(self) -> torch.Tensor:
+        """m over every output row, as a whole-layer DoRA holds it (rows outside q/v slices: ‖W0‖_c, scale 1)."""
+        return self.magnitudes(_row_norms(self.original_weight()))
 
     def original_weight(self) -> torch.Tensor:
         """W0, also while merged (DoRA keeps it: the merged weight is not W0 plus something)."""
@@ -103,29 +106,12 @@ class FusedDoRALinear(DoRAMixin, FusedLoRALinear):
         self.train(self.training)
 
     def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
-        parts, position = [], 0
-        for name, (start, end) in self.slices.items():  # sorted by start
-            parts += [norm[position:start].to(self.magnitude[name].dtype), self.magnitude[name]]
-            position = end
-        return torch.cat(parts + [norm[position:].to(parts[-1].dtype)])
+        return splice_rows(norm, self.slices, self.magnitude)
 
 
 def apply_dora(model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float) -> list[str]:
-    if rank <= 0:
-        raise PeftlabError(f"DoRA rank must be a positive integer, got {rank}")
-    linears = linear_modules(model)
-    for spec in specs:
-        if spec.module not in linears:
-            raise PeftlabError(f"'{spec.module}' is not an adaptable linear layer")
-    for spec in specs:
-        linear = linears[spec.module]
-        if spec.slices:
-            layer = FusedDoRALinear(linear, slice_rows(spec.module, linear, spec.slices), rank, alpha, dropout)
-        else:
-            layer = DoRALinear(linear, rank, alpha, dropout)
-        parent, _, child = spec.module.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    return [str(spec) for spec in specs]
+    """LoRA's injection (its checks included) with DoRA layers."""
+    return apply_adapter_specs(model, specs, rank, alpha, dropout, layer_types=(DoRALinear, FusedDoRALinear))
 
 
 class DoRAMethod(AdapterMethod):

@@ -24,7 +24,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
-from peftlab.peft.targets import AdapterSpec, has_suffix, linear_modules, resolve_targets, slice_rows
+from peftlab.peft.targets import AdapterSpec, has_suffix, linear_modules, resolve_targets, slice_rows, splice_rows
 
 DOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj")  # Llama, GPT-2: the MLP layer whose input is the intermediate
 
@@ -55,11 +55,8 @@ class IA3Linear(AdapterModule):
         """The full scaling vector (in_features for feedforward, else out_features; ones outside the slices)."""
         if not self.slices:
             return self.ia3_l
-        parts, position = [], 0
-        for name, (start, end) in sorted(self.slices.items(), key=lambda item: item[1][0]):
-            parts += [self.ia3_l[name].new_ones(start - position), self.ia3_l[name]]
-            position = end
-        return torch.cat(parts + [parts[-1].new_ones(self.base.out_features - position)])
+        ones = next(iter(self.ia3_l.values())).new_ones(self.base.out_features)
+        return splice_rows(ones, self.slices, self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:

@@ -308,11 +308,18 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
 
 
 def apply_adapter_specs(
-    model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float = 0.0
+    model: nn.Module, specs: Sequence[AdapterSpec], rank: int, alpha: float, dropout: float = 0.0,
+    layer_types: tuple[type, type] | None = None,
 ) -> list[str]:
-    """Wrap exactly the given modules (resolved targets) in LoRA layers; returns their descriptions."""
+    """Wrap exactly the given modules (resolved targets) in LoRA layers; returns their descriptions.
+
+    `layer_types`: the (whole-layer, fused-slices) classes to build, for LoRA variants such as DoRA; default
+    (LoRALinear, FusedLoRALinear)."""
+    whole_type, fused_type = layer_types or (LoRALinear, FusedLoRALinear)
+    name = whole_type.__name__.removesuffix("Linear")  # LoRA, DoRA
     if rank <= 0:
-        raise PeftlabError(f"LoRA rank must be a positive integer, got {rank} (rank 0 means --method full)")
+        hint = " (rank 0 means --method full)" if whole_type is LoRALinear else ""
+        raise PeftlabError(f"{name} rank must be a positive integer, got {rank}{hint}")
     linears = linear_modules(model)
     # Check every layer first so an error leaves the model untouched.
     for spec in specs:
@@ -323,15 +330,15 @@ def apply_adapter_specs(
         limit = min([linear.in_features] + [end - start for start, end in rows.values()])
         if rank > limit:
             raise PeftlabError(
-                f"LoRA rank {rank} is larger than min(d, k) = {limit} of {spec} "
+                f"{name} rank {rank} is larger than min(d, k) = {limit} of {spec} "
                 f"(Linear {linear.in_features} -> {linear.out_features}). Fix: use --rank <= {limit}"
             )
     for spec in specs:
         linear = linears[spec.module]
         if spec.slices:
-            layer: LoRALayer = FusedLoRALinear(linear, slice_rows(spec.module, linear, spec.slices), rank, alpha, dropout)
+            layer: LoRALayer = fused_type(linear, slice_rows(spec.module, linear, spec.slices), rank, alpha, dropout)
         else:
-            layer = LoRALinear(linear, rank, alpha, dropout)
+            layer = whole_type(linear, rank, alpha, dropout)
         parent_name, _, child_name = spec.module.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
     return [str(spec) for spec in specs]

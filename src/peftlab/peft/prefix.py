@@ -158,8 +158,9 @@ class PrefixMethod(AdapterMethod):
         return [apply_prefix(model, settings.prefix_length, settings.prefix_projection)]
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
+        place = prefix_module_name(model)
         for item in specs:
-            if item["module"] != prefix_module_name(model):
+            if item["module"] != place:
                 raise PeftlabError(f"the checkpoint's prefix sits at {item['module']}, this model's would sit at "
-                                   f"{prefix_module_name(model)}: is it the same base model and task?")
+                                   f"{place}: is it the same base model and task?")
             apply_prefix(model, item["length"], item["projection"])

@@ -12,9 +12,10 @@ with `slices`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
@@ -183,5 +184,15 @@ def slice_rows(name: str, linear: nn.Linear, slice_names: tuple[str, ...]) -> di
         raise PeftlabError(f"{name}: {linear.out_features} output rows do not split into {len(layout)} equal slices")
     size = linear.out_features // len(layout)
     return {slice_name: (layout.index(slice_name) * size, (layout.index(slice_name) + 1) * size) for slice_name in slice_names}
+
+
+def splice_rows(outside: torch.Tensor, slices: Mapping[str, tuple[int, int]], values: Mapping) -> torch.Tensor:
+    """`outside` (rows,) with rows start:end of every slice replaced by `values[name]`; gradients reach the values.
+    A fused layer's per-slice vectors (IA3 scales, DoRA magnitudes) as one vector over all its rows."""
+    parts, position = [], 0
+    for name, (start, end) in sorted(slices.items(), key=lambda item: item[1][0]):
+        parts += [outside[position:start].to(values[name].dtype), values[name]]
+        position = end
+    return torch.cat(parts + [outside[position:].to(parts[-1].dtype)])
 
 
