@@ -1,10 +1,10 @@
 """The one decoding loop (peftlab.generation): transformers' generate is the oracle for greedy decoding; finished
-rows leaving the batch, a shared-prefix cache and streaming must not change a single token."""
+rows leaving the batch and streaming must not change a single token."""
 
 import pytest
 import torch
 
-from peftlab.generation import Sampling, decode, prefill
+from peftlab.generation import Sampling, decode
 from peftlab.models import convert_conv1d_to_linear
 
 PROMPTS = [[464, 3290, 286, 1204, 318], [7454, 2402, 257, 640], [40, 1842, 340, 994, 262, 6881, 290]]
@@ -37,12 +37,6 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(model):
     assert together[1] == alone[1]
     assert together[0] == alone[0][: alone[0].index(alone[0][2]) + 1]
     assert together[2] == alone[2][: alone[2].index(alone[2][5]) + 1]
-
-
-def test_a_shared_prefix_cache_continues_exactly_like_the_whole_prompt(model):
-    prefix, suffixes = [464, 3290, 286, 1204], [[318, 257], [290], [40, 1842, 340]]
-    cached = decode(model, suffixes, 8, set(), pad_id=0, prefix_cache=prefill(model, prefix), prefix_length=len(prefix))
-    assert cached == decode(model, [prefix + suffix for suffix in suffixes], 8, set(), pad_id=0)
 
 
 def test_sampling_is_the_seeded_picker_applied_step_by_step(model):

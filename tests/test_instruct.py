@@ -142,15 +142,19 @@ def test_examples_are_prompt_answer_eos_and_only_the_answer_is_learned(gpt2_toke
     batch = task.collate(examples)
     width = batch["input_ids"].shape[1]
     for row, example in enumerate(examples):
-        pad = width - example.length
-        assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * example.length  # left padding
-        assert batch["position_ids"][row, pad:].tolist() == list(range(example.length))
-        learned = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
-        assert learned == example.input_ids[example.target.prompt_length :]  # " positive" + EOS
+        fed = example.length - 1  # the final EOS predicts nothing and is not fed
+        pad = width - fed
+        assert batch["input_ids"][row, pad:].tolist() == example.input_ids[:-1]
+        assert batch["attention_mask"][row].tolist() == [0] * pad + [1] * fed  # left padding
+        assert batch["position_ids"][row, pad:].tolist() == list(range(fed))
+        # Each column holds the token it predicts: the completion's, from the prompt's last token on.
+        targets = batch["targets"][row, pad:].tolist()
+        assert targets == [IGNORE] * (example.target.prompt_length - 1) + example.input_ids[example.target.prompt_length :]
+        learned = [token for token in targets if token != IGNORE]
         assert gpt2_tokenizer.decode(learned) in (" positive<|endoftext|>", " negative<|endoftext|>")
     everything = rt_task(gpt2_tokenizer, rt_data, loss_on="all").collate(examples)
     for row, example in enumerate(examples):
-        assert everything["labels"][row][everything["labels"][row] != IGNORE].tolist() == example.input_ids[1:]
+        assert everything["targets"][row][everything["targets"][row] != IGNORE].tolist() == example.input_ids[1:]
 
 
 @pytest.mark.parametrize("loss_on", ["answer", "all"])

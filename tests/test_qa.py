@@ -2,6 +2,9 @@
 context windows around the answer (training) and without the answer (evaluation), end to end."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -114,10 +117,15 @@ def test_prompt_format_and_answer_only_labels(gpt2_tokenizer, tmp_path):
     examples = task.encode("train")
     text = gpt2_tokenizer.decode(examples[1].input_ids)
     assert text == "Context: Ben painted the door yellow.\nQuestion: What colour did Ben paint the door?\nAnswer: yellow<|endoftext|>"
-    batch = task.collate(examples)
-    for row, example in enumerate(examples):
-        learned = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
-        assert gpt2_tokenizer.decode(learned) == " " + read_squad("train", data)[row].answers[0] + "<|endoftext|>"
+    context = gpt2_tokenizer("Context: Ben painted the door yellow.")["input_ids"]
+    assert examples[1].shared_length == len(context) and examples[1].input_ids[: len(context)] == context
+    for sharing in (True, False):  # one packed row per paragraph, or one row per question: the same targets
+        task.shares_prefixes = sharing
+        batch = task.collate(examples)
+        assert batch["attention_mask"].ndim == (4 if sharing else 2)
+        for row, example in enumerate(examples):
+            learned = batch["targets"][row][batch["targets"][row] != IGNORE].tolist()
+            assert gpt2_tokenizer.decode(learned) == " " + read_squad("train", data)[row].answers[0] + "<|endoftext|>"
 
 
 def test_long_training_contexts_keep_a_window_around_the_answer(gpt2_tokenizer, tmp_path):
@@ -190,3 +198,80 @@ def test_predictions_file_gives_each_question_its_answers_and_own_em_f1(gpt2_tok
     # "the X door" vs "X": after normalisation 2 predicted tokens, 1 in common: P 1/2, R 1, F1 2/3.
     assert [record["f1"] for record in records] == pytest.approx([100, 200 / 3, 0])
     assert sum(record["f1"] for record in records) / 3 == pytest.approx(task.metrics(predictions, examples)["f1"])
+
+
+# --- shared contexts (peftlab.shared_prefix) ---------------------------------------------------------------------
+
+
+def two_painter_paragraphs(count: int, offset: int = 0):
+    """Paragraphs with three questions each (the questions on one paragraph share its context)."""
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    names = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivo", "Jo"]
+    paragraphs = []
+    for i in range(count):
+        first, second = names[(i + offset) % 10], names[(i + offset + 3) % 10]
+        door, gate = colours[(i * 3 + offset) % 8], colours[(i * 5 + offset + 1) % 8]
+        context = f"{first} painted the door {door}. Later {second} painted the gate {gate}."
+        paragraphs.append((context, [(f"d{offset}-{i}", f"What colour is the door?", door),
+                                     (f"g{offset}-{i}", f"What colour did {second} paint the gate?", gate),
+                                     (f"w{offset}-{i}", "Who painted the door?", first)]))
+    return paragraphs
+
+
+def qa_run_config(model_dir, data, output_dir, **train):
+    config = squad_config(data)
+    config.output_dir, config.model.name = str(output_dir), model_dir
+    config.adapter.targets, config.adapter.rank, config.adapter.alpha = ["all-linear"], 4, 8.0
+    config.train.epochs, config.train.batch_size, config.train.lr, config.train.device = 2, 6, 3e-3, "cpu"
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def test_shared_contexts_evaluate_exactly_like_one_question_at_a_time(tiny_model_dir, tmp_path):
+    from peftlab.engine import evaluate
+    from peftlab.workloads import load_run
+
+    data = write_squad(tmp_path / "data", two_painter_paragraphs(12), two_painter_paragraphs(6, offset=4))
+    train(qa_run_config(tiny_model_dir, data, tmp_path / "run", epochs=1))
+    _, task, model = load_run(str(tmp_path / "run"))
+    assert task.shares_prefixes
+    examples = task.encode("validation")
+    shared = evaluate(model, task, examples, batch_size=7)
+    task.shares_prefixes = False
+    alone = evaluate(model, task, examples, batch_size=7)
+    assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    for metric in ("exact_match", "f1", "empty_answers"):
+        assert shared[metric] == alone[metric], metric
+    predictions = {}
+    for sharing in (True, False):
+        task.shares_prefixes = sharing
+        predictions[sharing] = task.predict(model, examples)
+    assert predictions[True] == predictions[False] and len(set(predictions[True])) > 1
+
+
+def test_shared_contexts_train_alike_with_accumulation_resume_and_two_processes(tiny_model_dir, tmp_path):
+    """With shared contexts on: 2 micro-batches, a resumed run and 2 processes all follow the 1-process
+    trajectory (the units of one paragraph are never split, so each is the same computation)."""
+    data = write_squad(tmp_path / "data", two_painter_paragraphs(16), two_painter_paragraphs(4, offset=4))
+    train(qa_run_config(tiny_model_dir, data, tmp_path / "one"))
+    train(qa_run_config(tiny_model_dir, data, tmp_path / "accum", grad_accum=2))
+    train(qa_run_config(tiny_model_dir, data, tmp_path / "parts"), stop_after_epoch=1)
+    train(qa_run_config(tiny_model_dir, data, tmp_path / "parts"), resume=True)
+    command = ["train", "--task", "squad", "--model", tiny_model_dir, "--data-dir", data, "--targets", "all-linear",
+               "--rank", "4", "--alpha", "8", "--epochs", "2", "--batch-size", "6", "--lr", "3e-3", "--device", "cpu",
+               "--output-dir", str(tmp_path / "two")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "peftlab"]
+    result = subprocess.run(launcher + command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "accum", "parts", "two")}
+    assert len(rows["one"]) == 2 and rows["one"][-1]["train_loss"] < rows["one"][0]["train_loss"]
+    for name in ("accum", "parts", "two"):
+        assert len(rows[name]) == 2, name
+        for mine, reference in zip(rows[name], rows["one"]):
+            for key in ("train_loss", "val_loss", "lr"):
+                assert mine[key] == pytest.approx(reference[key], abs=1e-5), (name, key)
+            assert mine["val_f1"] == pytest.approx(reference["val_f1"], abs=1e-9), name

@@ -58,10 +58,11 @@ def test_length_grouped_batches_cover_every_example_once():
     from peftlab.tasks import Encoded
 
     examples = [Encoded([0] * (index % 17 + 1), 0, f"x:{index}") for index in range(1000)]
-    batches = epoch_batches(examples, 32, seed=1, epoch=0)
+    batches = [[index for unit in batch for index in unit] for batch in epoch_batches(examples, 32, seed=1, epoch=0)]
     assert sorted(index for batch in batches for index in batch) == list(range(1000))
-    assert batches == epoch_batches(examples, 32, seed=1, epoch=0)
-    assert batches != epoch_batches(examples, 32, seed=1, epoch=1)
+    assert epoch_batches(examples, 32, seed=1, epoch=0) == epoch_batches(examples, 32, seed=1, epoch=0)
+    assert epoch_batches(examples, 32, seed=1, epoch=0) != epoch_batches(examples, 32, seed=1, epoch=1)
+    assert all(len(batch) == 32 for batch in batches[:-1] if len(batch) != 1000 % 32)
     spans = [max(examples[i].length for i in batch) - min(examples[i].length for i in batch) for batch in batches]
     assert sum(spans) / len(spans) < 3  # grouped: little padding within a batch (random batches span ~16)
 
@@ -75,10 +76,13 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_process_share_splits_every_example_once():
-    batch = list(range(10))
+    batch = [[index] for index in range(10)]
     shares = [process_share(batch, rank, 2, 2) for rank in range(2)]
     assert shares == [[[0, 2, 4], [6, 8]], [[1, 3, 5], [7, 9]]]
-    assert process_share([7], 1, 2, 1) == []
+    assert process_share([[7]], 1, 2, 1) == []
+    # Units (examples sharing a prefix) stay whole: every P-th unit, then runs of units.
+    units = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9]]
+    assert [process_share(units, rank, 2, 2) for rank in range(2)] == [[[0, 1, 2], [4, 5]], [[3], [6, 7, 8, 9]]]
 
 
 def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, capsys):

@@ -72,6 +72,9 @@ class TaskConfig:
                                     "qa (squad)", default_text="the task's own, see `peftlab templates`")
     loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
     eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
+    share_prefix: bool = setting(True, "squad: compute each paragraph's context once for all its questions (packed "
+                                 "rows with a block attention mask in training, one prefix cache in evaluation; "
+                                 "needs --loss-on answer); --no-share-prefix: every question on its own")
 
 
 @dataclass

@@ -8,7 +8,9 @@ the mean loss over the global batch whatever the number of processes or accumula
 follows the 1-process trajectory (tested).
 
 Batches are length-grouped (shuffled, then sorted by length within windows of 50 batches, then the batches are
-shuffled) and padded per batch. The order depends only on (seed, epoch), which is what makes `--resume`
+shuffled) and padded per batch. A task that `shares_prefixes` (SQuAD's questions on one paragraph) has its examples
+batched in units that share a prefix: a unit is never split over processes or micro-batches, so the task computes
+its prefix once; a batch then holds at most `batch_size` examples. The order depends only on (seed, epoch), which is what makes `--resume`
 reproduce an uninterrupted run exactly.
 
 Callbacks (`Callback`) see every optimizer step, every evaluation and every epoch end, after the engine has saved
@@ -33,6 +35,7 @@ from peftlab.config import TrainConfig
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.runs import RunDir
+from peftlab.shared_prefix import prefix_units
 from peftlab.tasks import Encoded, Task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -43,16 +46,43 @@ LENGTH_GROUP_WINDOW = 50  # batches per sorting window
 # Batching and schedule
 
 
-def epoch_batches(examples: Sequence[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices of each global batch of one epoch: shuffled, length-grouped, deterministic in (seed, epoch)."""
+def example_units(examples: Sequence[Encoded], shares_prefixes: bool, max_size: int) -> list[list[int]]:
+    """The indivisible groups of examples: those sharing a prefix (at most `max_size` each), else one each."""
+    if not shares_prefixes:
+        return [[index] for index in range(len(examples))]
+    return prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], max_size)
+
+
+def unit_length(examples: Sequence[Encoded], unit: list[int]) -> int:
+    """Tokens of a unit computed together: the shared prefix once, then each example's rest."""
+    shared = examples[unit[0]].shared_length if len(unit) > 1 else 0
+    return shared + sum(examples[index].length - shared for index in unit)
+
+
+def fill_batches(units: Sequence[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive units into batches of at most `batch_size` examples (units of one: exactly that many)."""
+    batches, current, size = [], [], 0
+    for unit in units:
+        if current and size + len(unit) > batch_size:
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += len(unit)
+    return batches + ([current] if current else [])
+
+
+def epoch_batches(examples: Sequence[Encoded], batch_size: int, seed: int, epoch: int,
+                  shares_prefixes: bool = False) -> list[list[list[int]]]:
+    """Each global batch of one epoch as its units of example indices: units shuffled, length-grouped (sorted by
+    length within windows of 50 batches), batches shuffled; deterministic in (seed, epoch)."""
     generator = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(examples)))
-    generator.shuffle(order)
+    units = example_units(examples, shares_prefixes, batch_size)
+    generator.shuffle(units)
     window = batch_size * LENGTH_GROUP_WINDOW
     batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda index: examples[index].length)
-        batches += [chunk[offset : offset + batch_size] for offset in range(0, len(chunk), batch_size)]
+    for start in range(0, len(units), window):
+        chunk = sorted(units[start : start + window], key=lambda unit: unit_length(examples, unit))
+        batches += fill_batches(chunk, batch_size)
     generator.shuffle(batches)
     return batches
 
@@ -69,11 +99,12 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
     return max(0.0, 1.0 - progress)
 
 
-def process_share(batch: list[int], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
-    """This process's micro-batches of one global batch."""
+def process_share(batch: list[list[int]], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
+    """This process's micro-batches (example indices) of one global batch of units: every P-th unit, then split
+    into `grad_accum` runs of units."""
     mine = batch[process_index::num_processes]
-    size = math.ceil(len(mine) / grad_accum) if mine else 0
-    return [mine[offset : offset + size] for offset in range(0, len(mine), size)] if mine else []
+    size = max(1, math.ceil(len(mine) / grad_accum))
+    return [[index for unit in mine[offset : offset + size] for index in unit] for offset in range(0, len(mine), size)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,8 +168,7 @@ class Engine:
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr,
         )
-        steps_per_epoch = math.ceil(len(train_examples) / settings.batch_size)
-        total_steps = steps_per_epoch * settings.epochs
+        total_steps = sum(len(self._batches(train_examples, epoch)) for epoch in range(settings.epochs))
         warmup_steps = round(settings.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, settings.schedule)
@@ -185,7 +215,7 @@ class Engine:
 
     def _run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
         settings, accelerator = self.settings, self.accelerator
-        batches = epoch_batches(train_examples, settings.batch_size, settings.seed, epoch)
+        batches = self._batches(train_examples, epoch)
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct predictions
         started = time.perf_counter()
         self.model.train()
@@ -211,11 +241,15 @@ class Engine:
         for callback in self.callbacks:
             callback.on_epoch_end(self, row)
 
-    def _step(self, batch: list[int], examples: list[Encoded]) -> torch.Tensor:
+    def _batches(self, train_examples: list[Encoded], epoch: int) -> list[list[list[int]]]:
+        settings = self.settings
+        return epoch_batches(train_examples, settings.batch_size, settings.seed, epoch, self.task.shares_prefixes)
+
+    def _step(self, batch: list[list[int]], examples: list[Encoded]) -> torch.Tensor:
         accelerator, settings = self.accelerator, self.settings
         micro_batches = process_share(batch, accelerator.process_index, accelerator.num_processes, settings.grad_accum)
         collated = []
-        for micro in micro_batches or [batch[:1]]:  # a process with no examples still joins the all-reduce
+        for micro in micro_batches or [batch[0][:1]]:  # a process with no examples still joins the all-reduce
             inputs = {key: value.to(accelerator.device) for key, value in self.task.collate([examples[i] for i in micro]).items()}
             collated.append(inputs)
         # Targets of the whole global batch, over all processes: the normaliser of the summed loss.
@@ -313,7 +347,8 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
              predictions_file: str | Path | None = None) -> dict:
     """Loss and task metrics on `examples`, with the model in eval mode (mergeable adapters merged).
 
-    Examples are sorted by length so batches carry little padding; with several processes each evaluates every
+    Examples (units of examples sharing a prefix, see `Task.shares_prefixes`) are sorted by length so batches carry
+    little padding; with several processes each evaluates every
     P-th example and the results are gathered, so every process returns the same metrics. `predictions_file`:
     also write every example's prediction and reference there (JSON lines, in example order).
     """
@@ -322,12 +357,13 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
     device = accelerator.device if accelerator else next(model.parameters()).device
     plain = accelerator.unwrap_model(model) if accelerator else model
     plain.eval()
-    order = sorted(range(len(examples)), key=lambda index: examples[index].length)[process_index::num_processes]
+    units = example_units(examples, task.shares_prefixes, batch_size)
+    units = sorted(units, key=lambda unit: unit_length(examples, unit))[process_index::num_processes]
     results, loss_sum, targets = [], 0.0, 0
     started = time.perf_counter()
     with torch.inference_mode():
-        for offset in range(0, len(order), batch_size):
-            indices = order[offset : offset + batch_size]
+        for batch_units in fill_batches(units, batch_size):
+            indices = [index for unit in batch_units for index in unit]
             batch = [examples[i] for i in indices]
             inputs = {key: value.to(device) for key, value in task.collate(batch).items()}
             with accelerator.autocast() if accelerator else nullcontext():

@@ -8,20 +8,20 @@
 - each row stops at its own stop tokens (one set for all rows, or one per row) and, optionally, stop strings;
   a row that stopped leaves the batch (its cache rows are dropped), so a long straggler costs only its own row;
 - `on_token(row, token)` sees every generated token as it comes (streaming);
-- `prefix_cache` (with `prefix_length` tokens) continues every prompt after an already computed shared prefix:
-  the cache is repeated over the batch and the prompts' positions start after the prefix.
+- `prefix` (a `shared_prefix.PrefixCache` from `prefill`, one row per prompt) continues every prompt after its
+  already computed prefix: positions start after the row's prefix, whose cache and mask come first.
 transformers' `generate` is used only in the tests, as the reference this loop must match.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.shared_prefix import PrefixCache, continuation_inputs
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
 
@@ -86,36 +86,32 @@ class Sampling:
 def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int] | Sequence[set[int]],
            pad_id: int, pick_next: TokenPicker | None = None, on_token: Callable[[int, int], None] | None = None,
            stop_strings: Sequence[str] = (), detokenize: Callable[[list[int]], str] | None = None,
-           prefix_cache=None, prefix_length: int = 0) -> list[list[int]]:
+           prefix: PrefixCache | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) as one batch with the KV cache; returns each row's new tokens.
 
     Args:
         model: a causal LM taking input_ids, attention_mask, position_ids, cache, logits_to_keep.
-        prompts: token ids per row (may be empty when a prefix cache holds the context).
+        prompts: token ids per row, at least one each (after the prefix, when one is given).
         max_new_tokens: tokens generated per row at most.
         stop_ids: a row stops after emitting one of these (included in its output); one set, or one per row.
         pad_id: the id written into padding (never attended to).
         pick_next: (rows, vocabulary) logits -> next ids; None = greedy.
         on_token: called as on_token(row, token) for every generated token, in order (streaming).
         stop_strings: a row also stops once its generated text (`detokenize(tokens)`) contains one of these.
-        prefix_cache: a KV cache of a shared prefix (batch 1) computed by the same model; `prefix_length` tokens.
+        prefix: the prompts' prefixes computed by the same model (`prefill(...).rows(...)`, one row per prompt).
     """
     if max_new_tokens < 1:
         raise PeftlabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
-    if not prefix_cache and any(len(prompt) == 0 for prompt in prompts):
+    if any(len(prompt) == 0 for prompt in prompts):
         raise PeftlabError("an empty prompt has nothing to continue; give it at least one token")
     device = next(model.parameters()).device
     row_stops = [stop_ids] * len(prompts) if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
     input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
     cache = None
-    if prefix_cache is not None:
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(prompts))
-        prefix_mask = attention_mask.new_ones((len(prompts), prefix_length))
-        attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
-        position_ids = position_ids + prefix_length
+    if prefix is not None:
+        attention_mask, position_ids, cache = continuation_inputs(prefix, input_ids, attention_mask, position_ids)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1)
     generated: list[list[int]] = [[] for _ in prompts]
@@ -148,9 +144,13 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
 
 
 @torch.inference_mode()
-def prefill(model, prefix: Sequence[int]):
-    """The KV cache of one shared prefix, for `decode(..., prefix_cache=..., prefix_length=len(prefix))`."""
+def prefill(model, prefixes: Sequence[Sequence[int]], pad_id: int) -> PrefixCache:
+    """Run each distinct prefix once (one left-padded batch): row i of the result holds prefixes[i]; expand it
+    to the prompts that continue each prefix with `.rows(...)` and pass that to `decode` or `score_choices`."""
+    if any(len(prefix) == 0 for prefix in prefixes):
+        raise PeftlabError("an empty prefix has nothing to compute")
     device = next(model.parameters()).device
-    input_ids = torch.tensor([list(prefix)], device=device)
-    output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
-    return output.cache
+    input_ids, attention_mask, position_ids = left_pad(prefixes, pad_id, device)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   logits_to_keep=1)
+    return PrefixCache(output.cache, attention_mask)

@@ -95,7 +95,7 @@ class PrefixTuning(AdapterModule):
         return flat.view(self.length, self.layers, 2, self.kv_heads, self.head_size).permute(1, 2, 3, 0, 4)
 
     def _before_body(self, body: nn.Module, args: tuple, kwargs: dict):
-        """Start an empty cache with the prefix, give the mask p leading ones and shift positions by p."""
+        """Start an empty cache with the prefix, let every query see it in the mask and shift positions by p."""
         if self.disabled:
             return None
         if len(args) > 1:
@@ -114,10 +114,12 @@ class PrefixTuning(AdapterModule):
                 cache.update(keys, values, layer)
             kwargs["cache"] = cache
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise PeftlabError(f"prefix tuning needs a (batch, tokens) attention mask, got shape {tuple(mask.shape)}")
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.length)), mask], dim=1)
+        if mask is not None and mask.ndim not in (2, 4):
+            raise PeftlabError(f"prefix tuning needs a (batch, tokens) or (batch, 1, queries, keys) attention mask, "
+                               f"got shape {tuple(mask.shape)}")
+        if mask is not None:  # every query sees the prefix: ones (bool/int) or 0 (an additive mask) in front
+            seen = mask.new_ones(()) if mask.dtype in (torch.bool, torch.long, torch.int) else mask.new_zeros(())
+            kwargs["attention_mask"] = torch.cat([seen.expand(*mask.shape[:-1], self.length), mask], dim=-1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.length
         return args, kwargs

@@ -18,6 +18,7 @@ class Encoded:
     input_ids: list[int]
     target: Any  # a class index, or whatever the task predicts
     origin: str  # file:line of the source example
+    shared_length: int = 0  # leading tokens other examples may start with too (a SQuAD context), computed once
 
     @property
     def length(self) -> int:
@@ -57,6 +58,9 @@ class Task:
     select_metric_default: str  # the validation metric that picks checkpoints/best
     metric_names: tuple[str, ...]  # validation metrics that may pick checkpoints/best (higher is better); loss too
     test_split: str | None = None  # scored with checkpoints/best when training ends (None: validation is the test)
+    # True: examples with the same first `shared_length` tokens are batched together (never split over processes
+    # or micro-batches) and the task computes that prefix once for all of them (`peftlab.shared_prefix`).
+    shares_prefixes: bool = False
 
     def encode(self, split: str) -> list[Encoded]:
         """Every usable example of a split; bad data is an error naming file and line."""

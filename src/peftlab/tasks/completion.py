@@ -3,13 +3,15 @@
 Shared here, once, by both:
 - an example is `prompt tokens + completion tokens + EOS`, prompt and completion tokenized separately so the
   boundary is exact and the prompt at prediction time is token-for-token the training prompt;
-- label masking: with `loss_on="answer"` every label outside the completion (and its EOS) is -100, with
-  `loss_on="all"` every token after the first is learned;
-- batches are left-padded with position ids from the attention mask, so every completion ends in the last
-  column: the LM head (the largest single matrix of a small model) then runs only on the last columns that hold
-  labels (`logits_to_keep`), not on the whole sequence;
+- targets: every column carries the token it predicts; with `loss_on="answer"` only the completion (and its EOS)
+  is learned, with `loss_on="all"` every token after the first;
+- batches are left-padded (`peftlab.shared_prefix.collate_rows`) with the target columns last, so the LM head (the
+  largest single matrix of a small model) runs only on those (`logits_to_keep`), not on the whole sequence;
+- shared prefixes (`Encoded.shared_length`, e.g. a SQuAD context): with `shares_prefixes`, the examples of a batch
+  that start with the same prefix are one packed row in training and one prefix cache in prediction, computed
+  once (`peftlab.shared_prefix`);
 - prediction: generation through `peftlab.generation.decode` and exact likelihood scoring of a fixed set of
-  answers (`score_choices`).
+  answers (`score_choices`), both after a shared prefix too (`prompt_inputs`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
-from peftlab.generation import left_pad
+from peftlab.generation import left_pad, prefill
+from peftlab.shared_prefix import (IGNORE, PrefixCache, collate_rows, continuation_inputs, model_attention_mask, pack,
+                                   prefix_units, single)
 from peftlab.tasks import Encoded, StepOutput, Task
 
 LOSS_ON = ("answer", "all")
-IGNORE = -100  # label of a position that is not learned (cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class CompletionTask(Task):
             raise PeftlabError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{loss_on}'")
         self.name, self.tokenizer, self.max_length, self.loss_on = name, tokenizer, max_length, loss_on
         self.skipped_per_split: dict[str, int] = {}  # split -> examples that could not be encoded (encode_one)
+        self.shares_prefixes = False  # a task whose examples share prefixes turns it on (answer-only loss)
 
     def completions(self, split: str) -> list[Completion]:
         raise NotImplementedError
@@ -82,14 +86,22 @@ class CompletionTask(Task):
         return kept
 
     def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask, position_ids = left_pad([e.input_ids for e in examples], self.tokenizer.pad_token_id)
-        labels = torch.full_like(input_ids, IGNORE)
-        width = input_ids.shape[1]
-        for row, example in enumerate(examples):
-            first = example.target.prompt_length if self.loss_on == "answer" else 1  # token 0 has no context
-            start = width - example.length
-            labels[row, start + first :] = torch.tensor(example.input_ids[first:], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+        """Left-padded rows whose every column carries the token it predicts (`targets`), the target columns last.
+        With `shares_prefixes`, examples with the same shared prefix become one packed row (block attention mask)."""
+        if not self.shares_prefixes:
+            rows = [single(example.input_ids, self.first_target(example)) for example in examples]
+            return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=False)
+        rows = []
+        for unit in prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples)):
+            shared = examples[unit[0]].shared_length
+            suffixes = [examples[index].input_ids[shared:] for index in unit]
+            firsts = [self.first_target(examples[index]) - shared for index in unit]
+            rows.append(pack(examples[unit[0]].input_ids[:shared], suffixes, firsts))
+        return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=True)
+
+    def first_target(self, example: Encoded) -> int:
+        """The index of the first learned token: the completion's first, or (loss on all) token 1."""
+        return example.target.prompt_length if self.loss_on == "answer" else 1
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -99,17 +111,16 @@ class CompletionTask(Task):
         return example.target.reference
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+        return int((batch["targets"] != IGNORE).sum())
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        """Summed next-token cross-entropy over the labelled tokens; predictions are left to `predict`."""
-        labels = batch["labels"]
-        labelled_columns = (labels != IGNORE).any(0).nonzero()
-        first = int(labelled_columns[0]) if len(labelled_columns) else labels.shape[1] - 1
-        # Logits at columns first-1 .. T-1 predict the tokens first .. T (the last one predicts past the end).
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] - first + 1)
-        logits, targets = output.logits[:, :-1].float(), labels[:, first:]
+        """Summed next-token cross-entropy over the target columns; predictions are left to `predict`."""
+        targets = batch["targets"]
+        target_columns = (targets != IGNORE).any(0).nonzero()
+        kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # the LM head runs on these
+        output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=kept,
+                       attention_mask=model_attention_mask(model, batch["attention_mask"]))
+        logits, targets = output.logits.float(), targets[:, -kept:]
         loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         learned = targets != IGNORE
         correct = ((logits.argmax(-1) == targets) & learned).sum()
@@ -117,6 +128,21 @@ class CompletionTask(Task):
 
     def prompts(self, examples: Sequence[Encoded]) -> list[list[int]]:
         return [example.input_ids[: example.target.prompt_length] for example in examples]
+
+    def prompt_inputs(self, model, examples: Sequence[Encoded]) -> tuple[list[list[int]], PrefixCache | None]:
+        """What `decode` and `score_choices` continue: the prompts, or with `shares_prefixes` each distinct shared
+        prefix computed once (`prefill`) and the prompts' rest after it."""
+        if not self.shares_prefixes or not all(example.shared_length for example in examples):
+            return self.prompts(examples), None
+        units = prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples))
+        prefixes, rows = [], [0] * len(examples)
+        for number, unit in enumerate(units):
+            prefixes.append(examples[unit[0]].input_ids[: examples[unit[0]].shared_length])
+            for index in unit:
+                rows[index] = number
+        lengths = [len(prefixes[row]) for row in rows]
+        prompts = [prompt[length:] for prompt, length in zip(self.prompts(examples), lengths)]
+        return prompts, prefill(model, prefixes, self.tokenizer.pad_token_id).rows(rows)
 
 
 def line_stop_ids(tokenizer) -> set[int]:
@@ -128,24 +154,27 @@ def line_stop_ids(tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
-def score_choices(model, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+def score_choices(model, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id: int,
+                  prefix: PrefixCache | None = None) -> torch.Tensor:
     """Log-likelihood of each choice's tokens after each prompt: a (prompts, choices) tensor, exact.
 
     Single-token choices take one forward pass over the prompts (the next-token distribution); longer ones one
-    forward pass over every prompt + choice pair.
+    forward pass over every prompt + choice pair. `prefix`: the prompts continue these prefixes (one row each).
     """
     device = next(model.parameters()).device
-    if all(len(choice) == 1 for choice in choices):
-        input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=1).logits[:, -1].float()
-        return logits.log_softmax(-1)[:, [choice[0] for choice in choices]]
-    rows = [list(prompt) + list(choice) for prompt in prompts for choice in choices]
+    single_token = all(len(choice) == 1 for choice in choices)
+    rows = prompts if single_token else [list(prompt) + list(choice) for prompt in prompts for choice in choices]
     input_ids, attention_mask, position_ids = left_pad(rows, pad_id, device)
-    longest = max(len(choice) for choice in choices)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=longest + 1).logits[:, :-1].float()  # predicts the last `longest` tokens
-    log_probs = logits.log_softmax(-1).gather(-1, input_ids[:, -longest:, None])[..., 0]  # (rows, longest)
+    cache = None
+    if prefix is not None:
+        row_prefix = prefix if single_token else prefix.rows([i for i in range(len(prompts)) for _ in choices])
+        attention_mask, position_ids, cache = continuation_inputs(row_prefix, input_ids, attention_mask, position_ids)
+    longest = 0 if single_token else max(len(choice) for choice in choices)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                   logits_to_keep=longest + 1).logits.float()
+    if single_token:
+        return logits[:, -1].log_softmax(-1)[:, [choice[0] for choice in choices]]
+    log_probs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, -longest:, None])[..., 0]  # (rows, longest)
     lengths = torch.tensor([len(choice) for choice in choices] * len(prompts), device=device)
     in_choice = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
     return torch.where(in_choice, log_probs, 0.0).sum(-1).view(len(prompts), len(choices))

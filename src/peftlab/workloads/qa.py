@@ -7,7 +7,10 @@ What is QA-specific:
 - evaluation examples never use the gold answer to choose the window: a context that is too long keeps its
   beginning, and the questions whose answer was cut off that way are counted (and mostly answered wrong);
 - prediction: greedy generation until EOS or a newline; metrics: Exact Match and F1 with the official SQuAD
-  v1.1 normalisation, the maximum over the reference answers, in percent.
+  v1.1 normalisation, the maximum over the reference answers, in percent;
+- shared contexts (`--share-prefix`, on by default): `Context: <context>` is each example's shared prefix, so
+  the questions on one paragraph are batched together and their context is computed once, in training (one
+  packed row, block attention mask) and in evaluation (one prefix cache); results equal the unshared ones.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
+from torch import nn
+
 from peftlab.data.datasets import get_dataset
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
 from peftlab.generation import decode
+from peftlab.shared_prefix import block_mask_unsupported
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, line_stop_ids
 from peftlab.workloads.base import Workload
 
@@ -67,9 +73,11 @@ class QATask(CompletionTask):
     metric_names = ("exact_match", "f1")
     test_split = None  # the validation articles are the held-out ones
 
-    def __init__(self, tokenizer, data_dir, max_length: int, loss_on: str = "answer", max_new_tokens: int = 32):
+    def __init__(self, tokenizer, data_dir, max_length: int, loss_on: str = "answer", max_new_tokens: int = 32,
+                 share_prefix: bool = True):
         super().__init__("squad", tokenizer, max_length, loss_on)
         self.data_dir, self.max_new_tokens = data_dir, max_new_tokens
+        self.shares_prefixes = share_prefix and loss_on == "answer"  # a learned context would be learned once only
         self.prefix = self.tokens(PROMPT_PREFIX)  # the same for every example
 
     def completions(self, split: str) -> list[Completion]:
@@ -98,7 +106,8 @@ class QATask(CompletionTask):
             return None
         prompt = prefix + context + suffix
         reference = QAReference(example.answers, example.id, cut)
-        return Encoded(prompt + answer, CompletionTarget(len(prompt), reference), completion.origin)
+        return Encoded(prompt + answer, CompletionTarget(len(prompt), reference), completion.origin,
+                       shared_length=len(prefix) + len(context))
 
     @cached_property
     def stop_ids(self) -> set[int]:
@@ -106,7 +115,8 @@ class QATask(CompletionTask):
         return line_stop_ids(self.tokenizer)
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
-        generated = decode(model, self.prompts(examples), self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id)
+        prompts, prefix = self.prompt_inputs(model, examples)
+        generated = decode(model, prompts, self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id, prefix=prefix)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
 
     def metrics(self, predictions: list[str], examples: Sequence[Encoded]) -> dict:
@@ -149,4 +159,12 @@ class QAWorkload(Workload):
     def task_for(self, config, tokenizer) -> QATask:
         settings = config.task
         return QATask(tokenizer, settings.data_dir, settings.max_length or get_dataset(settings.name).max_length,
-                      settings.loss_on)
+                      settings.loss_on, share_prefix=settings.share_prefix)
+
+    def build_model(self, config, task: QATask, device, fresh: bool, context) -> nn.Module:
+        model = super().build_model(config, task, device, fresh, context)
+        unsupported = block_mask_unsupported(model) if task.shares_prefixes else None
+        if unsupported:
+            print(f"Note: contexts are not shared: {unsupported}")
+            task.shares_prefixes = False
+        return model

@@ -1,0 +1,186 @@
+"""Shared-prefix computation (SPEC 5.2): sequences that start with the same tokens compute those tokens once.
+
+SQuAD's questions on one paragraph share its context, few-shot prompts share their demonstrations, DPO's chosen
+and rejected completions share their prompt. One API for all of them:
+
+Inference (`generation.prefill` -> `PrefixCache`): the distinct prefixes are run once, as one left-padded batch, and their
+key/value cache is expanded to the rows that continue them (`PrefixCache.rows`). `generation.decode(...,
+prefix=)` and `tasks.completion.score_choices(..., prefix=)` continue every suffix from that cache: the suffix
+positions start after the row's own prefix length, and the 2-D attention mask is the prefix's mask followed by the
+suffix's (padding inside the row is masked, never attended).
+
+Training (`pack`): one prefix and the suffixes that share it become one sequence. Every column carries a segment
+(0 = the prefix, k = the k-th suffix) and a position (the prefix counts 0..P-1, every suffix restarts at P), and
+the block attention mask is
+
+    column q sees column k  <=>  position[k] <= position[q]  and  (segment[k] == segment[q] or
+                                                                  segment[k] == 0 < segment[q])
+
+so each suffix sees the prefix and itself, causally, exactly as if it were alone after the prefix. Because the
+mask and positions carry all of the order, columns may sit anywhere: `pack` puts the columns that predict a
+target last, so the LM head runs on those only (`logits_to_keep`). Each column carries the token it must predict
+(`targets`, IGNORE where none), so no shift ever crosses from one suffix into the next; a sequence's final token
+predicts nothing and is not fed at all.
+
+Losses and gradients equal those of the unshared computation to fp32 tolerance (tested on GPT-2 and Llama). The
+block mask is a (rows, 1, T, T) tensor, which the eager and SDPA attention backends take; others (flash
+attention) cannot, and `block_mask_unsupported` says so, so the caller falls back to unshared rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+IGNORE = -100  # a column without a target (cross_entropy's ignore_index)
+PAD_SEGMENT = -1
+BLOCK_MASK_BACKENDS = ("sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which examples share a prefix
+
+
+def prefix_units(shared_lengths: Sequence[int], input_ids: Sequence[Sequence[int]], max_size: int) -> list[list[int]]:
+    """Indices grouped by identical shared prefix (`input_ids[i][:shared_lengths[i]]`, length > 0), in order of first
+    appearance; a group larger than `max_size` is split. Examples that share nothing are groups of one."""
+    groups: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
+    for index, (length, ids) in enumerate(zip(shared_lengths, input_ids)):
+        if length <= 0:
+            units.append([index])
+            continue
+        key = tuple(ids[:length])
+        if key not in groups:
+            groups[key] = []
+            units.append(groups[key])
+        groups[key].append(index)
+    return [unit[offset : offset + max_size] for unit in units for offset in range(0, len(unit), max_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: packed rows with a block attention mask
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One sequence of columns: token, position, segment and the token it must predict (IGNORE = none)."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    targets: list[int]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(target != IGNORE for target in self.targets)
+
+
+def pack(prefix: Sequence[int], suffixes: Sequence[Sequence[int]], first_targets: Sequence[int]) -> PackedRow:
+    """One prefix with its suffixes. Suffix k's token j (its position len(prefix) + j) predicts suffix token j + 1
+    when that token is at index >= `first_targets[k]` of the suffix; the prefix predicts nothing (a target inside a
+    shared prefix would differ per suffix). Columns without a target come first, then those with one."""
+    columns = [(token, position, 0, IGNORE) for position, token in enumerate(prefix)]
+    for segment, (suffix, first) in enumerate(zip(suffixes, first_targets), start=1):
+        if first < 1:
+            raise ValueError("a shared prefix cannot predict its suffix's first token (first_targets must be >= 1)")
+        for index, token in enumerate(suffix[:-1]):  # the last token predicts nothing
+            target = suffix[index + 1] if index + 1 >= first else IGNORE
+            columns.append((token, len(prefix) + index, segment, target))
+    ordered = [column for column in columns if column[3] == IGNORE] + [column for column in columns if column[3] != IGNORE]
+    return PackedRow(*(list(values) for values in zip(*ordered)))
+
+
+def single(tokens: Sequence[int], first_target: int) -> PackedRow:
+    """An unshared sequence in the same form: token i predicts token i + 1 from index `first_target` on."""
+    return pack([], [tokens], [first_target])
+
+
+def collate_rows(rows: Sequence[PackedRow], pad_id: int, block_mask: bool) -> dict[str, torch.Tensor]:
+    """Left-padded batch of rows: input_ids, position_ids, targets and the attention mask, a (rows, 1, T, T) bool
+    block mask (True = may attend) when `block_mask`, else the (rows, T) padding mask of rows that are each one
+    causal sequence. Every row's target columns end in the last column."""
+    width = max(len(row.tokens) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for index, row in enumerate(rows):
+        start = width - len(row.tokens)
+        for tensor, values in ((input_ids, row.tokens), (position_ids, row.positions), (segments, row.segments),
+                               (targets, row.targets)):
+            tensor[index, start:] = torch.tensor(values, dtype=torch.long)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+    if block_mask:
+        batch["attention_mask"] = block_attention_mask(segments, position_ids)
+    else:
+        batch["attention_mask"] = (segments != PAD_SEGMENT).long()
+    return batch
+
+
+def block_attention_mask(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, T, T) bool: query q may attend key k (see the module docstring). Padding sees only padding."""
+    query_segment, key_segment = segments[:, :, None], segments[:, None, :]
+    same_or_prefix = (key_segment == query_segment) | ((key_segment == 0) & (query_segment > 0))
+    causal = positions[:, None, :] <= positions[:, :, None]
+    return (same_or_prefix & causal)[:, None]
+
+
+def block_mask_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the model's attention backend cannot take a block mask, or None when it can."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    backend = getattr(config, "_attn_implementation", None)
+    if backend in BLOCK_MASK_BACKENDS:
+        return None
+    return (f"the attention backend '{backend}' cannot take a block attention mask (only "
+            f"{' and '.join(BLOCK_MASK_BACKENDS)} can), so every example is computed on its own")
+
+
+def model_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The mask in the form the model's backend takes: a 2-D padding mask as it is; a bool block mask as it is for
+    SDPA, additive (0 = attend, the dtype's minimum = not) for eager attention."""
+    if mask.ndim == 2:
+        return mask
+    config = getattr(model, "module", model).config
+    if config._attn_implementation == "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: a prefix cache expanded over the rows that continue it
+
+
+@dataclass
+class PrefixCache:
+    """The key/value cache of left-padded prefixes, one row per prompt that continues it, and their mask."""
+
+    cache: object  # a transformers Cache with `len(attention_mask)` rows
+    attention_mask: torch.Tensor  # (rows, prefix width), 1 = a real prefix token
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(-1)
+
+    def rows(self, indices: Sequence[int]) -> "PrefixCache":
+        """A new cache whose row i is this one's row indices[i] (a row may repeat: one prefix, many suffixes)."""
+        index = torch.tensor(list(indices), device=self.attention_mask.device)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_select_indices(index)
+        return PrefixCache(cache, self.attention_mask[index])
+
+
+def continuation_inputs(prefix: PrefixCache, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor,
+                        suffix_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(attention_mask, position_ids, cache) that continue left-padded suffixes after the prefix's rows; the cache is
+    a copy, so one prefix can be continued several times (generated, then scored)."""
+    if len(prefix.attention_mask) != len(suffix_ids):
+        raise ValueError(f"{len(suffix_ids)} suffixes for a prefix cache of {len(prefix.attention_mask)} rows; "
+                         "expand it with PrefixCache.rows")
+    attention_mask = torch.cat([prefix.attention_mask, suffix_mask], dim=1)
+    position_ids = suffix_positions + prefix.lengths[:, None]
+    return attention_mask, position_ids, copy.deepcopy(prefix.cache)
