@@ -212,7 +212,7 @@ def two_painter_paragraphs(count: int, offset: int = 0):
         first, second = names[(i + offset) % 10], names[(i + offset + 3) % 10]
         door, gate = colours[(i * 3 + offset) % 8], colours[(i * 5 + offset + 1) % 8]
         context = f"{first} painted the door {door}. Later {second} painted the gate {gate}."
-        paragraphs.append((context, [(f"d{offset}-{i}", f"What colour is the door?", door),
+        paragraphs.append((context, [(f"d{offset}-{i}", "What colour is the door?", door),
                                      (f"g{offset}-{i}", f"What colour did {second} paint the gate?", gate),
                                      (f"w{offset}-{i}", "Who painted the door?", first)]))
     return paragraphs
@@ -228,12 +228,30 @@ def qa_run_config(model_dir, data, output_dir, **train):
     return config
 
 
-def test_shared_contexts_evaluate_exactly_like_one_question_at_a_time(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def long_tiny_model_dir(tmp_path_factory):
+    """The tiny GPT-2 with room for 128 positions: prompts, 32 answer tokens and a prefix-tuning prefix."""
+    from tiny_models import tiny_gpt2
+
+    from peftlab.models import gpt2_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2-128")
+    tiny_gpt2(seed=0, n_positions=128).save_pretrained(directory)
+    gpt2_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_shared_contexts_evaluate_exactly_like_one_question_at_a_time(long_tiny_model_dir, tmp_path, method):
+    """`evaluate` answers from the loss pass's own cache, `predict` from a prefill of each context: both give the
+    unshared answers and loss, also with prefix tuning's cache in front."""
     from peftlab.engine import evaluate
     from peftlab.workloads import load_run
 
     data = write_squad(tmp_path / "data", two_painter_paragraphs(12), two_painter_paragraphs(6, offset=4))
-    train(qa_run_config(tiny_model_dir, data, tmp_path / "run", epochs=1))
+    config = qa_run_config(long_tiny_model_dir, data, tmp_path / "run", epochs=1)
+    config.adapter.method, config.train.lr = method, 3e-3 if method == "lora" else 3e-2
+    train(config)
     _, task, model = load_run(str(tmp_path / "run"))
     assert task.shares_prefixes
     examples = task.encode("validation")
@@ -275,3 +293,51 @@ def test_shared_contexts_train_alike_with_accumulation_resume_and_two_processes(
             for key in ("train_loss", "val_loss", "lr"):
                 assert mine[key] == pytest.approx(reference[key], abs=1e-5), (name, key)
             assert mine["val_f1"] == pytest.approx(reference["val_f1"], abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_real_model_answers_the_first_paragraphs_alike_shared_or_not(smollm2, tmp_path):
+    """SmolLM2-135M on the real validation split's first paragraphs: `peftlab eval`'s answers and loss with shared
+    contexts are those of every question computed on its own."""
+    from pathlib import Path
+
+    from peftlab.engine import evaluate, example_units
+    from peftlab.workloads.qa import QATask
+
+    data = os.environ.get("PEFTLAB_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not Path(data, "squad").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real SQuAD not found in {data}: CI must have ../shared/data beside the clone")
+        pytest.skip(f"real SQuAD not found in {data}")
+    model, tokenizer = smollm2
+    task = QATask(tokenizer, data, 384)
+    examples = task.encode("validation")
+    units = example_units(examples, True, 16)[:3]
+    examples = [examples[index] for unit in units for index in unit]
+    assert len(examples) >= 10 and all(len(unit) >= 3 for unit in units)
+    results = {}
+    for sharing in (True, False):
+        task.shares_prefixes = sharing
+        path = tmp_path / f"{sharing}.jsonl"
+        metrics = evaluate(model.eval(), task, examples, batch_size=16, predictions_file=path)
+        results[sharing] = metrics, [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
+    assert results[True][1] == results[False][1]
+    assert results[True][0]["loss"] == pytest.approx(results[False][0]["loss"], rel=1e-5)
+
+
+def test_contexts_are_shared_only_where_they_can_be(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from peftlab.workloads import build_model, build_task
+
+    data = write_squad(tmp_path / "data", two_painter_paragraphs(2), two_painter_paragraphs(1))
+    config = squad_config(data)
+    config.model.name = tiny_model_dir
+    assert build_task(config).shares_prefixes
+    assert not build_task(squad_config(data, share_prefix=False)).shares_prefixes  # --no-share-prefix
+    assert not build_task(squad_config(data, loss_on="all")).shares_prefixes  # a learned context is learned once
+    reason = "the attention backend 'flash_attention_2' cannot take a block attention mask"
+    monkeypatch.setattr("peftlab.workloads.qa.block_mask_unsupported", lambda model: reason)
+    task = build_task(config)
+    build_model(config, task, torch.device("cpu"))
+    assert not task.shares_prefixes and f"Note: contexts are not shared: {reason}" in capsys.readouterr().out

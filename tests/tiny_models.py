@@ -11,12 +11,12 @@ import torch
 GPT2_VOCAB = 50257
 
 
-def tiny_gpt2(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1):
+def tiny_gpt2(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1, n_positions: int = 64):
     """A Hugging Face GPT-2 LM, still in its Conv1D form; `special_id` is its BOS/EOS/pad token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=64,
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=n_positions,
                         bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()

@@ -3,12 +3,6 @@
 SQuAD's questions on one paragraph share its context, few-shot prompts share their demonstrations, DPO's chosen
 and rejected completions share their prompt. One API for all of them:
 
-Inference (`generation.prefill` -> `PrefixCache`): the distinct prefixes are run once, as one left-padded batch, and their
-key/value cache is expanded to the rows that continue them (`PrefixCache.rows`). `generation.decode(...,
-prefix=)` and `tasks.completion.score_choices(..., prefix=)` continue every suffix from that cache: the suffix
-positions start after the row's own prefix length, and the 2-D attention mask is the prefix's mask followed by the
-suffix's (padding inside the row is masked, never attended).
-
 Training (`pack`): one prefix and the suffixes that share it become one sequence. Every column carries a segment
 (0 = the prefix, k = the k-th suffix) and a position (the prefix counts 0..P-1, every suffix restarts at P), and
 the block attention mask is
@@ -21,6 +15,16 @@ mask and positions carry all of the order, columns may sit anywhere: `pack` puts
 target last, so the LM head runs on those only (`logits_to_keep`). Each column carries the token it must predict
 (`targets`, IGNORE where none), so no shift ever crosses from one suffix into the next; a sequence's final token
 predicts nothing and is not fed at all.
+
+Evaluation with a loss (`continuation_columns`, `continuation_cache`): the teacher-forced pass over packed rows
+already computes every prompt's keys and values, so its cache, re-cut into one row per suffix (its prefix and its
+own prompt columns), continues each suffix by generation: the prefix is computed once for loss and answers.
+
+Inference (`generation.prefill` -> `PrefixCache`): the distinct prefixes are run once, as one left-padded batch,
+and their key/value cache is expanded to the rows that continue them (`PrefixCache.rows`). `generation.decode(...,
+prefix=)` and `tasks.completion.score_choices(..., prefix=)` continue every suffix from that cache: the suffix
+positions start after the row's own prefix length, and the 2-D attention mask is the prefix's mask followed by the
+suffix's (padding inside the row is masked, never attended).
 
 Losses and gradients equal those of the unshared computation to fp32 tolerance (tested on GPT-2 and Llama). The
 block mask is a (rows, 1, T, T) tensor, which the eager and SDPA attention backends take; others (flash
@@ -67,12 +71,14 @@ def prefix_units(shared_lengths: Sequence[int], input_ids: Sequence[Sequence[int
 
 @dataclass(frozen=True)
 class PackedRow:
-    """One sequence of columns: token, position, segment and the token it must predict (IGNORE = none)."""
+    """One sequence of columns: token, position, segment and the token it must predict (IGNORE = none); and per
+    suffix, what continues it by generation: the columns of its prompt but the last token, and that token."""
 
     tokens: list[int]
     positions: list[int]
     segments: list[int]
     targets: list[int]
+    continuations: list[tuple[list[int], int]]
 
     @property
     def num_targets(self) -> int:
@@ -81,8 +87,9 @@ class PackedRow:
 
 def pack(prefix: Sequence[int], suffixes: Sequence[Sequence[int]], first_targets: Sequence[int]) -> PackedRow:
     """One prefix with its suffixes. Suffix k's token j (its position len(prefix) + j) predicts suffix token j + 1
-    when that token is at index >= `first_targets[k]` of the suffix; the prefix predicts nothing (a target inside a
-    shared prefix would differ per suffix). Columns without a target come first, then those with one."""
+    when that token is at index >= `first_targets[k]` of the suffix (its prompt is the tokens before); the prefix
+    predicts nothing (a target inside a shared prefix would differ per suffix). Columns without a target come
+    first, then those with one."""
     columns = [(token, position, 0, IGNORE) for position, token in enumerate(prefix)]
     for segment, (suffix, first) in enumerate(zip(suffixes, first_targets), start=1):
         if first < 1:
@@ -91,7 +98,13 @@ def pack(prefix: Sequence[int], suffixes: Sequence[Sequence[int]], first_targets
             target = suffix[index + 1] if index + 1 >= first else IGNORE
             columns.append((token, len(prefix) + index, segment, target))
     ordered = [column for column in columns if column[3] == IGNORE] + [column for column in columns if column[3] != IGNORE]
-    return PackedRow(*(list(values) for values in zip(*ordered)))
+    continuations = []
+    for segment, (suffix, first) in enumerate(zip(suffixes, first_targets), start=1):
+        prompt_end = len(prefix) + first - 1  # the position of the prompt's last token
+        kept = [index for index, (_, position, column_segment, _) in enumerate(ordered)
+                if column_segment == 0 or (column_segment == segment and position < prompt_end)]
+        continuations.append((kept, suffix[first - 1]))
+    return PackedRow(*(list(values) for values in zip(*ordered)), continuations)
 
 
 def single(tokens: Sequence[int], first_target: int) -> PackedRow:
@@ -116,9 +129,37 @@ def collate_rows(rows: Sequence[PackedRow], pad_id: int, block_mask: bool) -> di
     batch = {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
     if block_mask:
         batch["attention_mask"] = block_attention_mask(segments, position_ids)
+        batch |= continuation_columns(rows, width)
     else:
         batch["attention_mask"] = (segments != PAD_SEGMENT).long()
     return batch
+
+
+def continuation_columns(rows: Sequence[PackedRow], width: int) -> dict[str, torch.Tensor]:
+    """Per suffix of every row, in order: its row, the columns of its prompt but the last token (left-padded with
+    -1) and that last token: what `continuation_cache` and `decode` need to generate after it."""
+    kept = [(row_index, [width - len(row.tokens) + column for column in columns], token)
+            for row_index, row in enumerate(rows) for columns, token in row.continuations]
+    longest = max(len(columns) for _, columns, _ in kept)
+    padded = [[-1] * (longest - len(columns)) + columns for _, columns, _ in kept]
+    return {"continue_rows": torch.tensor([row for row, _, _ in kept], dtype=torch.long),
+            "continue_columns": torch.tensor(padded, dtype=torch.long),
+            "continue_tokens": torch.tensor([token for _, _, token in kept], dtype=torch.long)}
+
+
+def continuation_cache(cache, rows: torch.Tensor, columns: torch.Tensor, fed_columns: int) -> PrefixCache:
+    """The cache of a packed forward pass (over `fed_columns` columns) re-cut into one row per continuation: its
+    row's columns `columns` (-1 = padding, masked). Those keys and values are exactly the unshared ones, since
+    each column attended only to its prefix and its own suffix. Columns the model put in front of the input
+    itself (prefix tuning's) are kept for every row, outside the mask, as the model expects. Modifies `cache`."""
+    offset = cache.get_seq_length() - fed_columns
+    index = torch.cat([torch.arange(offset, device=columns.device).expand(len(columns), offset),
+                       columns.clamp(min=0) + offset], dim=1)
+    for layer in cache.layers:
+        keys, values = layer.keys[rows], layer.values[rows]  # (continuations, heads, columns, head size)
+        gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        layer.keys, layer.values = keys.gather(2, gather), values.gather(2, gather)
+    return PrefixCache(cache, (columns >= 0).long())
 
 
 def block_attention_mask(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -92,12 +92,15 @@ class CompletionTask(Task):
             rows = [single(example.input_ids, self.first_target(example)) for example in examples]
             return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=False)
         rows = []
-        for unit in prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples)):
+        units = prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples))
+        for unit in units:
             shared = examples[unit[0]].shared_length
             suffixes = [examples[index].input_ids[shared:] for index in unit]
             firsts = [self.first_target(examples[index]) - shared for index in unit]
             rows.append(pack(examples[unit[0]].input_ids[:shared], suffixes, firsts))
-        return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=True)
+        batch = collate_rows(rows, self.tokenizer.pad_token_id, block_mask=True)
+        batch["continue_examples"] = torch.tensor([index for unit in units for index in unit])  # of each continuation
+        return batch
 
     def first_target(self, example: Encoded) -> int:
         """The index of the first learned token: the completion's first, or (loss on all) token 1."""
@@ -115,16 +118,20 @@ class CompletionTask(Task):
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed next-token cross-entropy over the target columns; predictions are left to `predict`."""
+        return self.loss(model, batch)[0]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], use_cache: bool = False):
+        """(StepOutput of the target columns, the pass's key/value cache when `use_cache`)."""
         targets = batch["targets"]
         target_columns = (targets != IGNORE).any(0).nonzero()
         kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # the LM head runs on these
         output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=kept,
-                       attention_mask=model_attention_mask(model, batch["attention_mask"]))
+                       attention_mask=model_attention_mask(model, batch["attention_mask"]), use_cache=use_cache)
         logits, targets = output.logits.float(), targets[:, -kept:]
         loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         learned = targets != IGNORE
         correct = ((logits.argmax(-1) == targets) & learned).sum()
-        return StepOutput(loss_sum, int(learned.sum()), None, int(correct))
+        return StepOutput(loss_sum, int(learned.sum()), None, int(correct)), output.cache if use_cache else None
 
     def prompts(self, examples: Sequence[Encoded]) -> list[list[int]]:
         return [example.input_ids[: example.target.prompt_length] for example in examples]

@@ -125,7 +125,7 @@ class InstructTask(CompletionTask):
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[dict]:
         """Per example {"generate": label or -1, "text": generated text} and/or {"score": label}."""
-        prompts = self.prompts(examples)
+        prompts, prefix = self.prompt_inputs(model, examples)  # after a shared prefix (demonstrations), if any
         results = [{} for _ in examples]
         scores = None
         if self.predict_mode in ("generate", "both"):
@@ -138,7 +138,7 @@ class InstructTask(CompletionTask):
 
             longest = max(len(tokens) for tokens in self.answer_tokens)
             eos = self.tokenizer.eos_token_id
-            generated = decode(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy)
+            generated = decode(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy, prefix=prefix)
             for result, tokens in zip(results, generated):
                 text = self.tokenizer.decode([t for t in tokens if t != eos])
                 result.update(generate=parse_label(text, self.verbalizers), text=text)
@@ -147,7 +147,7 @@ class InstructTask(CompletionTask):
                 scores = first_step_logits[0].float().log_softmax(-1)[:, [tokens[0] for tokens in self.answer_tokens]]
         if self.predict_mode in ("score", "both"):
             if scores is None:
-                scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id)
+                scores = score_choices(model, prompts, self.answer_tokens, self.tokenizer.pad_token_id, prefix=prefix)
             for result, label in zip(results, scores.argmax(-1).tolist()):
                 result["score"] = label
         return results

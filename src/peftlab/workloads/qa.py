@@ -27,9 +27,9 @@ from torch import nn
 from peftlab.data.datasets import get_dataset
 from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Encoded
+from peftlab.tasks import Encoded, StepOutput
 from peftlab.generation import decode
-from peftlab.shared_prefix import block_mask_unsupported
+from peftlab.shared_prefix import block_mask_unsupported, continuation_cache
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, line_stop_ids
 from peftlab.workloads.base import Workload
 
@@ -114,9 +114,27 @@ class QATask(CompletionTask):
         """An answer is one line: EOS and the newline tokens stop it."""
         return line_stop_ids(self.tokenizer)
 
+    def forward(self, model, batch: dict) -> StepOutput:
+        """Training: the loss. Evaluating shared contexts: the loss pass also holds every question's context and
+        prompt in its key/value cache, so the answers are generated from there (each context computed once)."""
+        if model.training or "continue_rows" not in batch:
+            return super().forward(model, batch)
+        output, cache = self.loss(model, batch, use_cache=True)
+        prefix = continuation_cache(cache, batch["continue_rows"], batch["continue_columns"], batch["input_ids"].shape[1])
+        last_prompt_tokens = [[token] for token in batch["continue_tokens"].tolist()]
+        answers = self.answers(decode(model, last_prompt_tokens, self.max_new_tokens, self.stop_ids,
+                                      self.tokenizer.pad_token_id, prefix=prefix))
+        by_example = dict(zip(batch["continue_examples"].tolist(), answers))
+        output.predictions = [by_example[index] for index in range(len(answers))]
+        return output
+
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
         prompts, prefix = self.prompt_inputs(model, examples)
-        generated = decode(model, prompts, self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id, prefix=prefix)
+        return self.answers(decode(model, prompts, self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id,
+                                   prefix=prefix))
+
+    def answers(self, generated: list[list[int]]) -> list[str]:
+        """The generated tokens as answers: the first line, stripped."""
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n")[0].strip() for tokens in generated]
 
     def metrics(self, predictions: list[str], examples: Sequence[Encoded]) -> dict:
