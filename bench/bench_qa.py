@@ -130,10 +130,10 @@ def main() -> None:
                 losses[name] = metrics["loss"]
             print(f"[eval {repeat + 1}/{args.repeats}] {name}: {eval_seconds[name][-1]:.1f} s", flush=True)
 
-    print(f"\nTraining: {args.train_questions} questions asked for, {len(task.encode('train'))} encoded, "
-          f"1 epoch, {args.repeats} repeats, median (min-max)\n")
+    questions = json.loads((first_shared_run / "summary.json").read_text())["train_examples"]
+    print(f"\nTraining: {questions} questions ({args.train_questions} asked for, whole paragraphs), 1 epoch, "
+          f"{args.repeats} repeats, median (min-max)\n")
     print("| | train s/epoch | steps | questions/s |\n|---|---|---|---|")
-    questions = len(task.encode("train"))
     for side, values in train_seconds.items():
         print(f"| {side} | {spread(values)} | {steps[side]} | {spread([questions / v for v in values])} |")
     train_ratios = [u / s for u, s in zip(train_seconds["unshared"], train_seconds["shared"])]
