@@ -88,7 +88,9 @@ def test_process_share_splits_every_example_once():
 def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, capsys):
     data = write_cola(tmp_path / "data")
     summary = train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=4))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "evaluate: " in captured.err and "/40 [" in captured.err  # every evaluation shows its progress
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/accuracy.png",
                  "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors"):

@@ -317,7 +317,7 @@ class Engine:
             f"Time: {row['train_seconds']:.1f}s")
         metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
         say(f"Val Epoch: [{row['epoch']}/{epochs}], Loss: {row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
-            f"{row['val_examples_per_second']:.1f} sentences/s")
+            f"{row['val_examples_per_second']:.1f} examples/s")
 
     def _save(self, improved: bool, final: bool) -> None:
         accelerator = self.accelerator
@@ -361,7 +361,9 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
     units = sorted(units, key=lambda unit: unit_length(examples, unit))[process_index::num_processes]
     results, loss_sum, targets = [], 0.0, 0
     started = time.perf_counter()
-    with torch.inference_mode():
+    progress = tqdm(total=sum(len(unit) for unit in units), desc="evaluate", unit="example", leave=False,
+                    dynamic_ncols=True, mininterval=2.0, disable=accelerator is not None and not accelerator.is_main_process)
+    with torch.inference_mode(), progress:
         for batch_units in fill_batches(units, batch_size):
             indices = [index for unit in batch_units for index in unit]
             batch = [examples[i] for i in indices]
@@ -372,6 +374,7 @@ def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accele
             loss_sum += output.loss_sum.item()
             targets += output.num_targets
             results += list(zip(indices, predictions))
+            progress.update(len(indices))
     seconds = time.perf_counter() - started
     if num_processes > 1:
         gathered = accelerator.gather_for_metrics([(results, loss_sum, targets, seconds)], use_gather_object=True)
