@@ -54,3 +54,15 @@ def test_run_py_gen_is_reproducible_on_the_real_model():
     assert first == second
     assert first.startswith("smollm2-135m: number of parameters: 134.52M")
     assert "grant me the serenity" in first
+
+
+def test_version_names_peftlab_and_its_libraries(capsys):
+    from importlib import metadata
+
+    from peftlab import __version__
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"peftlab {__version__} (torch {metadata.version('torch')}, transformers ")

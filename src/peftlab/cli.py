@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 
+from peftlab import __version__
 from peftlab.config import RunConfig
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.options import EVAL_BASE_OPTIONS, TRAIN_OPTIONS, add_options, apply_options
@@ -20,11 +22,18 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto = cuda if available)")
 
 
+def version_text() -> str:
+    """peftlab's version and those of the libraries a run's numbers depend on (read without importing them)."""
+    libraries = ", ".join(f"{name} {metadata.version(name)}" for name in ("torch", "transformers", "accelerate"))
+    return f"peftlab {__version__} ({libraries})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftlab",
         description="Parameter-efficient fine-tuning, instruction tuning, QA and distillation for GPT-2-class models.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="continue prompts with a language model (W0)", description="Continue prompts with a language model (W0).")
