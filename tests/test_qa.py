@@ -255,12 +255,15 @@ def test_shared_contexts_evaluate_exactly_like_one_question_at_a_time(long_tiny_
     _, task, model = load_run(str(tmp_path / "run"))
     assert task.shares_prefixes
     examples = task.encode("validation")
-    shared = evaluate(model, task, examples, batch_size=7)
+    shared = evaluate(model, task, examples, batch_size=7, predictions_file=tmp_path / "shared.jsonl")
     task.shares_prefixes = False
-    alone = evaluate(model, task, examples, batch_size=7)
+    alone = evaluate(model, task, examples, batch_size=7, predictions_file=tmp_path / "alone.jsonl")
     assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-5)
     for metric in ("exact_match", "f1", "empty_answers"):
         assert shared[metric] == alone[metric], metric
+    answers = {name: [json.loads(line)["prediction"] for line in (tmp_path / name).read_text().splitlines()]
+               for name in ("shared.jsonl", "alone.jsonl")}
+    assert answers["shared.jsonl"] == answers["alone.jsonl"]  # question by question, from the loss pass's cache
     predictions = {}
     for sharing in (True, False):
         task.shares_prefixes = sharing

@@ -169,7 +169,7 @@ def test_examples_sharing_a_prefix_are_batched_together_and_never_split():
         for question in range(1 + paragraph % 6):
             examples.append(Encoded(context + [900 + question, 0], None, f"p{paragraph}q{question}",
                                     shared_length=len(context)))
-    units = prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], max_size=4)
+    units = prefix_units(examples, max_size=4)
     assert max(len(unit) for unit in units) == 4  # paragraphs of 5 or 6 questions are split to fit
     batches = epoch_batches(examples, 8, seed=0, epoch=0, shares_prefixes=True)
     assert sorted(index for batch in batches for unit in batch for index in unit) == list(range(len(examples)))

@@ -50,7 +50,7 @@ def example_units(examples: Sequence[Encoded], shares_prefixes: bool, max_size: 
     """The indivisible groups of examples: those sharing a prefix (at most `max_size` each), else one each."""
     if not shares_prefixes:
         return [[index] for index in range(len(examples))]
-    return prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], max_size)
+    return prefix_units(examples, max_size)
 
 
 def unit_length(examples: Sequence[Encoded], unit: list[int]) -> int:
@@ -168,7 +168,9 @@ class Engine:
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr,
         )
-        total_steps = sum(len(self._batches(train_examples, epoch)) for epoch in range(settings.epochs))
+        plan = [epoch_batches(train_examples, settings.batch_size, settings.seed, epoch, self.task.shares_prefixes)
+                for epoch in range(settings.epochs)]  # every epoch's batches, known up front: the schedule's length
+        total_steps = sum(len(batches) for batches in plan)
         warmup_steps = round(settings.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, settings.schedule)
@@ -182,7 +184,7 @@ class Engine:
                                    f"(step {self.history.step})")
         last_epoch = settings.epochs if stop_after_epoch is None else min(stop_after_epoch, settings.epochs)
         for epoch in range(self.history.epoch, last_epoch):
-            self._run_epoch(epoch, train_examples, val_examples)
+            self._run_epoch(epoch, plan[epoch], train_examples, val_examples)
         return self.history
 
     def kept(self, how_to_continue: bool = True) -> str:
@@ -213,9 +215,9 @@ class Engine:
 
     # --- one epoch, one step ---------------------------------------------------------------------------------
 
-    def _run_epoch(self, epoch: int, train_examples: list[Encoded], val_examples: list[Encoded]) -> None:
+    def _run_epoch(self, epoch: int, batches: list[list[list[int]]], train_examples: list[Encoded],
+                   val_examples: list[Encoded]) -> None:
         settings, accelerator = self.settings, self.accelerator
-        batches = self._batches(train_examples, epoch)
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct predictions
         started = time.perf_counter()
         self.model.train()
@@ -240,10 +242,6 @@ class Engine:
         row = self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)
         for callback in self.callbacks:
             callback.on_epoch_end(self, row)
-
-    def _batches(self, train_examples: list[Encoded], epoch: int) -> list[list[list[int]]]:
-        settings = self.settings
-        return epoch_batches(train_examples, settings.batch_size, settings.seed, epoch, self.task.shares_prefixes)
 
     def _step(self, batch: list[list[int]], examples: list[Encoded]) -> torch.Tensor:
         accelerator, settings = self.accelerator, self.settings

@@ -16,7 +16,7 @@ target last, so the LM head runs on those only (`logits_to_keep`). Each column c
 (`targets`, IGNORE where none), so no shift ever crosses from one suffix into the next; a sequence's final token
 predicts nothing and is not fed at all.
 
-Evaluation with a loss (`continuation_columns`, `continuation_cache`): the teacher-forced pass over packed rows
+Evaluation with a loss (`continuation_cache`): the teacher-forced pass over packed rows
 already computes every prompt's keys and values, so its cache, re-cut into one row per suffix (its prefix and its
 own prompt columns), continues each suffix by generation: the prefix is computed once for loss and answers.
 
@@ -39,6 +39,8 @@ from typing import Sequence
 
 import torch
 
+from peftlab.tasks import Encoded
+
 IGNORE = -100  # a column without a target (cross_entropy's ignore_index)
 PAD_SEGMENT = -1
 BLOCK_MASK_BACKENDS = ("sdpa", "eager")
@@ -48,16 +50,16 @@ BLOCK_MASK_BACKENDS = ("sdpa", "eager")
 # Which examples share a prefix
 
 
-def prefix_units(shared_lengths: Sequence[int], input_ids: Sequence[Sequence[int]], max_size: int) -> list[list[int]]:
-    """Indices grouped by identical shared prefix (`input_ids[i][:shared_lengths[i]]`, length > 0), in order of first
-    appearance; a group larger than `max_size` is split. Examples that share nothing are groups of one."""
+def prefix_units(examples: Sequence[Encoded], max_size: int) -> list[list[int]]:
+    """Indices of examples grouped by identical shared prefix (`input_ids[:shared_length]`, length > 0), in order of
+    first appearance; a group larger than `max_size` is split. Examples that share nothing are groups of one."""
     groups: dict[tuple, list[int]] = {}
     units: list[list[int]] = []
-    for index, (length, ids) in enumerate(zip(shared_lengths, input_ids)):
-        if length <= 0:
+    for index, example in enumerate(examples):
+        if example.shared_length <= 0:
             units.append([index])
             continue
-        key = tuple(ids[:length])
+        key = tuple(example.input_ids[: example.shared_length])
         if key not in groups:
             groups[key] = []
             units.append(groups[key])
@@ -72,17 +74,13 @@ def prefix_units(shared_lengths: Sequence[int], input_ids: Sequence[Sequence[int
 @dataclass(frozen=True)
 class PackedRow:
     """One sequence of columns: token, position, segment and the token it must predict (IGNORE = none); and per
-    suffix, what continues it by generation: the columns of its prompt but the last token, and that token."""
+    suffix the position of its prompt's last token, after which generation continues it."""
 
     tokens: list[int]
     positions: list[int]
     segments: list[int]
     targets: list[int]
-    continuations: list[tuple[list[int], int]]
-
-    @property
-    def num_targets(self) -> int:
-        return sum(target != IGNORE for target in self.targets)
+    prompt_ends: list[int]
 
 
 def pack(prefix: Sequence[int], suffixes: Sequence[Sequence[int]], first_targets: Sequence[int]) -> PackedRow:
@@ -98,13 +96,8 @@ def pack(prefix: Sequence[int], suffixes: Sequence[Sequence[int]], first_targets
             target = suffix[index + 1] if index + 1 >= first else IGNORE
             columns.append((token, len(prefix) + index, segment, target))
     ordered = [column for column in columns if column[3] == IGNORE] + [column for column in columns if column[3] != IGNORE]
-    continuations = []
-    for segment, (suffix, first) in enumerate(zip(suffixes, first_targets), start=1):
-        prompt_end = len(prefix) + first - 1  # the position of the prompt's last token
-        kept = [index for index, (_, position, column_segment, _) in enumerate(ordered)
-                if column_segment == 0 or (column_segment == segment and position < prompt_end)]
-        continuations.append((kept, suffix[first - 1]))
-    return PackedRow(*(list(values) for values in zip(*ordered)), continuations)
+    prompt_ends = [len(prefix) + first - 1 for first in first_targets]
+    return PackedRow(*(list(values) for values in zip(*ordered)), prompt_ends)
 
 
 def single(tokens: Sequence[int], first_target: int) -> PackedRow:
@@ -127,39 +120,36 @@ def collate_rows(rows: Sequence[PackedRow], pad_id: int, block_mask: bool) -> di
                                (targets, row.targets)):
             tensor[index, start:] = torch.tensor(values, dtype=torch.long)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
-    if block_mask:
-        batch["attention_mask"] = block_attention_mask(segments, position_ids)
-        batch |= continuation_columns(rows, width)
-    else:
+    if not block_mask:
         batch["attention_mask"] = (segments != PAD_SEGMENT).long()
-    return batch
+        return batch
+    suffixes = [(row_index, segment, end) for row_index, row in enumerate(rows)
+                for segment, end in enumerate(row.prompt_ends, start=1)]
+    continue_rows, continue_segments, continue_ends = torch.tensor(suffixes, dtype=torch.long).T
+    return batch | {"attention_mask": block_attention_mask(segments, position_ids), "segments": segments,
+                    "continue_rows": continue_rows, "continue_segments": continue_segments, "continue_ends": continue_ends}
 
 
-def continuation_columns(rows: Sequence[PackedRow], width: int) -> dict[str, torch.Tensor]:
-    """Per suffix of every row, in order: its row, the columns of its prompt but the last token (left-padded with
-    -1) and that last token: what `continuation_cache` and `decode` need to generate after it."""
-    kept = [(row_index, [width - len(row.tokens) + column for column in columns], token)
-            for row_index, row in enumerate(rows) for columns, token in row.continuations]
-    longest = max(len(columns) for _, columns, _ in kept)
-    padded = [[-1] * (longest - len(columns)) + columns for _, columns, _ in kept]
-    return {"continue_rows": torch.tensor([row for row, _, _ in kept], dtype=torch.long),
-            "continue_columns": torch.tensor(padded, dtype=torch.long),
-            "continue_tokens": torch.tensor([token for _, _, token in kept], dtype=torch.long)}
-
-
-def continuation_cache(cache, rows: torch.Tensor, columns: torch.Tensor, fed_columns: int) -> PrefixCache:
-    """The cache of a packed forward pass (over `fed_columns` columns) re-cut into one row per continuation: its
-    row's columns `columns` (-1 = padding, masked). Those keys and values are exactly the unshared ones, since
-    each column attended only to its prefix and its own suffix. Columns the model put in front of the input
-    itself (prefix tuning's) are kept for every row, outside the mask, as the model expects. Modifies `cache`."""
-    offset = cache.get_seq_length() - fed_columns
-    index = torch.cat([torch.arange(offset, device=columns.device).expand(len(columns), offset),
-                       columns.clamp(min=0) + offset], dim=1)
+def continuation_cache(cache, batch: dict[str, torch.Tensor]) -> tuple[PrefixCache, torch.Tensor]:
+    """The cache of a packed forward pass over `batch` re-cut into one row per suffix (`continue_*`): the prefix's
+    columns and the suffix's own prompt columns but its last token; and that last token, from which generation
+    continues. Those keys and values are exactly the unshared ones, since each column attended only to its prefix
+    and its own suffix. Columns the model put in front of the input itself (prefix tuning's) are kept for every
+    row, outside the mask, as the model expects. Modifies `cache`."""
+    rows, segment, end = batch["continue_rows"], batch["continue_segments"][:, None], batch["continue_ends"][:, None]
+    segments, positions = batch["segments"][rows], batch["position_ids"][rows]  # (suffixes, columns)
+    own = segments == segment
+    kept = (segments == 0) | (own & (positions < end))
+    last_tokens = batch["input_ids"][rows][own & (positions == end)]  # one per suffix
+    width = int(kept.sum(-1).max())
+    columns = kept.long().argsort(dim=-1, stable=True)[:, -width:]  # the kept columns, in order, left-padded
+    offset = cache.get_seq_length() - segments.shape[1]
+    index = torch.cat([torch.arange(offset, device=rows.device).expand(len(rows), offset), columns + offset], dim=1)
     for layer in cache.layers:
-        keys, values = layer.keys[rows], layer.values[rows]  # (continuations, heads, columns, head size)
+        keys, values = layer.keys[rows], layer.values[rows]  # (suffixes, heads, columns, head size)
         gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         layer.keys, layer.values = keys.gather(2, gather), values.gather(2, gather)
-    return PrefixCache(cache, (columns >= 0).long())
+    return PrefixCache(cache, kept.gather(-1, columns).long()), last_tokens
 
 
 def block_attention_mask(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -170,10 +160,14 @@ def block_attention_mask(segments: torch.Tensor, positions: torch.Tensor) -> tor
     return (same_or_prefix & causal)[:, None]
 
 
+def attention_backend(model: torch.nn.Module) -> str | None:
+    """The attention implementation of a transformers model (also when wrapped for distributed training)."""
+    return getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", None)
+
+
 def block_mask_unsupported(model: torch.nn.Module) -> str | None:
     """Why the model's attention backend cannot take a block mask, or None when it can."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    backend = getattr(config, "_attn_implementation", None)
+    backend = attention_backend(model)
     if backend in BLOCK_MASK_BACKENDS:
         return None
     return (f"the attention backend '{backend}' cannot take a block attention mask (only "
@@ -183,10 +177,7 @@ def block_mask_unsupported(model: torch.nn.Module) -> str | None:
 def model_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """The mask in the form the model's backend takes: a 2-D padding mask as it is; a bool block mask as it is for
     SDPA, additive (0 = attend, the dtype's minimum = not) for eager attention."""
-    if mask.ndim == 2:
-        return mask
-    config = getattr(model, "module", model).config
-    if config._attn_implementation == "sdpa":
+    if mask.ndim == 2 or attention_backend(model) == "sdpa":
         return mask
     dtype = next(model.parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -92,7 +92,7 @@ class CompletionTask(Task):
             rows = [single(example.input_ids, self.first_target(example)) for example in examples]
             return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=False)
         rows = []
-        units = prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples))
+        units = prefix_units(examples, len(examples))
         for unit in units:
             shared = examples[unit[0]].shared_length
             suffixes = [examples[index].input_ids[shared:] for index in unit]
@@ -141,7 +141,7 @@ class CompletionTask(Task):
         prefix computed once (`prefill`) and the prompts' rest after it."""
         if not self.shares_prefixes or not all(example.shared_length for example in examples):
             return self.prompts(examples), None
-        units = prefix_units([e.shared_length for e in examples], [e.input_ids for e in examples], len(examples))
+        units = prefix_units(examples, len(examples))
         prefixes, rows = [], [0] * len(examples)
         for number, unit in enumerate(units):
             prefixes.append(examples[unit[0]].input_ids[: examples[unit[0]].shared_length])

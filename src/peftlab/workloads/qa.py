@@ -120,9 +120,8 @@ class QATask(CompletionTask):
         if model.training or "continue_rows" not in batch:
             return super().forward(model, batch)
         output, cache = self.loss(model, batch, use_cache=True)
-        prefix = continuation_cache(cache, batch["continue_rows"], batch["continue_columns"], batch["input_ids"].shape[1])
-        last_prompt_tokens = [[token] for token in batch["continue_tokens"].tolist()]
-        answers = self.answers(decode(model, last_prompt_tokens, self.max_new_tokens, self.stop_ids,
+        prefix, last_prompt_tokens = continuation_cache(cache, batch)
+        answers = self.answers(decode(model, last_prompt_tokens[:, None].tolist(), self.max_new_tokens, self.stop_ids,
                                       self.tokenizer.pad_token_id, prefix=prefix))
         by_example = dict(zip(batch["continue_examples"].tolist(), answers))
         output.predictions = [by_example[index] for index in range(len(answers))]
