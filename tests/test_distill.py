@@ -296,7 +296,7 @@ def test_distill_run_is_an_ordinary_run_that_reloads_exactly(teacher_run, tiny_m
     out = capsys.readouterr().out
     assert "Train Epoch: [1/2], Loss:" in out and "Val Epoch: [2/2], Loss:" in out and "MCC:" in out
     run = tmp_path / "student"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/accuracy.png",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/metrics.png",
                  "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors",
                  VOCABULARY_FILE, f"{CACHE_DIR}/train.safetensors", f"{CACHE_DIR}/train.json"):
         assert (run / name).is_file(), name

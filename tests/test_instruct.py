@@ -276,6 +276,18 @@ def test_metrics_count_unparsable_as_wrong_and_report_agreement(gpt2_tokenizer, 
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
+def test_the_end_of_training_test_honours_test_limit(tiny_model_dir, rt_data, tmp_path, capsys):
+    config = instruct_config(tiny_model_dir, rt_data, tmp_path / "run", predict="score", train_limit=32,
+                             eval_limit=16, test_limit=24)
+    config.train.epochs = 1
+    summary = train(config)
+    assert summary["test"]["examples"] == 24
+    assert "Test (test, 24 examples, best checkpoint of step 2)" in capsys.readouterr().out
+    again = evaluate_run(str(tmp_path / "run"), split="test", limit=24)
+    assert again["accuracy"] == pytest.approx(summary["test"]["accuracy"]) and again["loss"] == pytest.approx(
+        summary["test"]["loss"], rel=1e-5)
+
+
 def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpoint(tiny_model_dir, rt_data, tmp_path,
                                                                                     capsys):
     config = instruct_config(tiny_model_dir, rt_data, tmp_path / "run", predict="both")

@@ -363,4 +363,4 @@ def test_a_plot_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         plot_history(rows, tmp_path, "another title")
     assert (tmp_path / "loss.png").read_bytes() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["accuracy.png", "loss.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["loss.png", "metrics.png"]

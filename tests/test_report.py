@@ -73,3 +73,69 @@ def test_score_against_parameters_is_drawn_on_a_log_axis(tmp_path):
             (("small", 100), ("large", 10_000_000))]
     path = plot_score_vs_parameters({"cola": runs}, tmp_path / "score.png")
     assert _png_size(path) == (round(7.5 * 110), round(4.8 * 110))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The HTML page, opened in a real browser
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _browse(page, tmp_path, width=1280, height=2400):
+    """The DOM after load (scripts run) and a screenshot, from headless Chromium."""
+    import subprocess
+
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shot = tmp_path / "screenshot.png"
+    subprocess.run([*flags, f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    return dom.stdout, shot
+
+
+def test_the_html_report_of_runs_and_a_sweep_renders_in_chromium(tiny_model_dir, tmp_path, capsys):
+    import html
+    import json
+    import re
+
+    import pytest
+    from test_train import tiny_config, write_cola
+
+    from peftlab.cli import main
+    from peftlab.sweep import run_sweep
+
+    if not _chromium():
+        pytest.skip("needs headless Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "sweep" / "unused", epochs=2, eval_every=1)
+    grid = tmp_path / "grid.yaml"
+    base = {key: value for key, value in config.to_dict().items() if key != "output_dir"}
+    grid.write_text(json.dumps({"output_dir": str(tmp_path / "sweep"), "base": base,
+                                "grid": {"adapter.rank": [2, 4]}}))
+    run_sweep(str(grid))
+    page = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "sweep"), "--html", str(page)]) == 0
+    text = page.read_text()
+    assert "src='data:image/png;base64," in text and "<link" not in text and "src='http" not in text  # self-contained
+    dom, shot = _browse(page, tmp_path)
+    images = len(re.findall(r"<img ", dom))
+    assert images == 2 + 2 + 2 * 2  # comparison plots, the sweep's own plots, loss + metrics of each run
+    assert f'data-images-decoded="{images}/{images}"' in dom  # every embedded plot decoded in the browser
+    visible = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    assert "Comparison of 2 runs" in visible and "Run rank2" in visible and "Run rank4" in visible
+    summary = json.loads((tmp_path / "sweep" / "rank4" / "summary.json").read_text())
+    assert f"{summary['parameters']['adapter']:,}" in visible and "Evaluations" in visible
+    assert f"{summary['best']['val_mcc']:.4f}" in visible and "config.yaml" in visible
+    width, height = _png_size(shot)
+    assert (width, height) == (1280, 2400) and shot.stat().st_size > 50_000  # a rendered page, not a blank one
+    # A file peftlab did not write is never replaced.
+    other = tmp_path / "mine.html"
+    other.write_text("<html>mine</html>")
+    assert main(["report", str(tmp_path / "sweep" / "rank2"), "--html", str(other)]) == 2
+    assert other.read_text() == "<html>mine</html>" and "not a page peftlab wrote" in capsys.readouterr().err

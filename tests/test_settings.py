@@ -22,9 +22,14 @@ def test_config_yaml_records_resolved_values_and_reproduces_the_run(tiny_model_d
     assert recorded["version"] == 2
     assert recorded["task"]["objective"] == "classification" and recorded["task"]["max_length"] == 128
     assert recorded["adapter"]["extra_trainable"] == ["head"] and recorded["train"]["select_metric"] == "mcc"
-    assert main(["train", "--config", str(first / "config.yaml"), "--output-dir", str(second)]) == 0
+    assert main(["train", "--recipe", str(first / "config.yaml"), "--output-dir", str(second)]) == 0
     again = yaml.safe_load((second / "config.yaml").read_text())
-    assert again | {"output_dir": None} == recorded | {"output_dir": None}
+    assert again | {"output_dir": None, "environment": None} == recorded | {"output_dir": None, "environment": None}
+    # Where and how each run was started is recorded, not copied from the recipe.
+    assert recorded["environment"]["command"].startswith("peftlab train --task cola --model ")
+    assert again["environment"]["command"].startswith("peftlab train --recipe ")
+    assert recorded["environment"]["torch"].startswith("2.13") and recorded["environment"]["device"] == "cpu"
+    assert recorded["environment"]["precision"] == "fp32" and recorded["environment"]["transformers"]
     for row, reference in zip(read_rows(second), read_rows(first), strict=True):
         for key in ("train_loss", "val_loss", "val_mcc", "val_accuracy"):
             assert row[key] == pytest.approx(reference[key], abs=1e-9), key

@@ -92,7 +92,7 @@ def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, 
     out = captured.out
     assert "evaluate: " in captured.err and "/40 [" in captured.err  # every evaluation shows its progress
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/accuracy.png",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/metrics.png",
                  "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors"):
         assert (run / name).is_file(), name
     assert "Train Epoch: [1/4], Loss:" in out and "Val Epoch: [4/4], Loss:" in out and "MCC:" in out

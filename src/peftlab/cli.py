@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from importlib import metadata
 
 from peftlab import __version__
-from peftlab.config import RunConfig
+from peftlab.config import RunConfig, did_you_mean
 from peftlab.errors import Interrupted, PeftlabError
-from peftlab.options import EVAL_BASE_OPTIONS, TRAIN_OPTIONS, add_options, apply_options
+from peftlab.options import EVAL_BASE_OPTIONS, RUN_PLACE_OPTIONS, TRAIN_OPTIONS, add_options, apply_options
 from peftlab.workloads.distill.commands import add_distill_commands
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="fine-tune a model on a task (W1: --task cola)",
-        description="Fine-tune a model on a task. Options override --config; everything lands in the run "
-        "directory's config.yaml.",
+        description="Fine-tune a model on a task. Settings come from the defaults, then --recipe, then --set, then "
+        "the options; everything lands in the run directory's config.yaml. --dry-run prints the resolved plan.",
     )
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
@@ -74,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="also write each example's prediction and reference to FILE (JSON lines)")
+    add_options(evaluate, RUN_PLACE_OPTIONS, prefix="where to evaluate (a run: instead of its config.yaml's): ")
     add_options(evaluate, EVAL_BASE_OPTIONS, prefix="without RUN_DIR: ")
     evaluate.set_defaults(handler=_run_eval)
 
@@ -84,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained; "
                         "merged: a plain model for from_pretrained (default: peft)")
     export.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    add_options(export, RUN_PLACE_OPTIONS, prefix="instead of the run's config.yaml: ")
     export.add_argument("--overwrite", action="store_true",
                         help="replace what is at OUTPUT_DIR even if it is not an earlier export of this run (never the "
                         "run itself or a folder holding it)")
@@ -112,7 +115,14 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--by-method", action="store_true",
                         help="one row per run name across the given sweep folders (e.g. a CoLA and an RT sweep)")
     report.add_argument("--output-dir", default=".", help="where report.md and the plots go (default: .)")
+    report.add_argument("--html", metavar="OUT.html",
+                        help="instead, one self-contained page: for each run its parameters, every evaluation, its "
+                        "plots, config and command; for folders (a sweep, a distillation comparison) their tables and "
+                        "plots too; several runs get the comparison table and plots")
     report.set_defaults(handler=_run_report)
+
+    recipes = commands.add_parser("recipes", help="list the measured recipes for `peftlab train --recipe NAME`")
+    recipes.set_defaults(handler=_run_recipes)
 
     templates = commands.add_parser("templates", help="list tasks, objectives, prompt templates and verbalizers")
     templates.set_defaults(handler=_run_templates)
@@ -127,27 +137,40 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run configuration (e.g. a run's config.yaml); options override it")
-    parser.add_argument("--output-dir", help="run directory (default: runs/<task>-<model>-<method>)")
+    parser.add_argument("--recipe", metavar="NAME|FILE",
+                        help="start from a measured recipe (see `peftlab recipes`: cola, rotten_tomatoes, squad) or a "
+                        "YAML file (a partial or whole config.yaml); --set and the options override it")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set any config.yaml value by its name there, e.g. --set train.lr=3e-4 --set "
+                        "adapter.targets=q,v (repeatable; the options below override it)")
+    parser.add_argument("--output-dir", help="run directory (default: the recipe's, else runs/<task>-<model>-<method>)")
     add_options(parser, TRAIN_OPTIONS)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoints/last")
     parser.add_argument("--stop-after-epoch", type=int, help="stop after this epoch as if interrupted (resume later)")
-    parser.add_argument("--dry-run", action="store_true", help="build the model, print the parameter report, stop")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model and read the data, print the parameter report and the resolved plan "
+                        "(examples, steps, warm-up, device, precision, output directory), stop")
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """The run configuration: --resume's config.yaml, else --config, else defaults; then the given options."""
-    from peftlab.config import load_config
+    """The run configuration: --resume's config.yaml; else the defaults, --recipe, --set, then the given options."""
+    from peftlab.config import set_dotted
+    from peftlab.recipes import recipe_values
+    from peftlab.runs import RunDir
+    from peftlab.sweep import parse_assignment
 
     if args.resume:
-        config = load_config(f"{args.resume}/config.yaml")
-        config.output_dir = args.resume
-        return config
-    config = load_config(args.config) if args.config else RunConfig()
+        return RunDir(args.resume).read_config()
+    values = recipe_values(args.recipe) if args.recipe else {}
+    values.pop("environment", None)  # a run's config.yaml as a recipe: where it ran is not a setting
+    for option in args.set:
+        key, value = parse_assignment(option)
+        set_dotted(values, key, value, f"--set {option}")
+    config = RunConfig.from_dict(values, args.recipe or "--set") if values else RunConfig()
     apply_options(config, args, TRAIN_OPTIONS)
     if args.output_dir:
         config.output_dir = args.output_dir
-    elif not args.config:
+    elif "output_dir" not in values:
         model = config.model.name.rstrip("/").rsplit("/", 1)[-1]
         config.output_dir = f"runs/{config.task.name}-{model}-{config.adapter.method}"
     return config
@@ -156,30 +179,39 @@ def train_config_from_args(args: argparse.Namespace):
 def _run_train(args: argparse.Namespace) -> None:
     from peftlab.train import train
 
-    given = [option for option in TRAIN_OPTIONS if getattr(args, option) is not None]
+    given = [TRAIN_OPTIONS[dest].flag for dest in TRAIN_OPTIONS if getattr(args, dest) is not None]
+    given += [flag for flag, value in (("--recipe", args.recipe), ("--set", args.set), ("--output-dir", args.output_dir))
+              if value]
     if args.resume and given:
-        raise PeftlabError(f"--resume continues the run as configured; drop --{given[0].replace('_', '-')}")
-    train(train_config_from_args(args), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, dry_run=args.dry_run)
+        raise PeftlabError(f"--resume continues the run as configured in its config.yaml; drop {given[0]}")
+    train(train_config_from_args(args), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
+          dry_run=args.dry_run, command=args.command_line)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
     from peftlab.train import evaluate_run
 
-    given = [option for option in EVAL_BASE_OPTIONS if getattr(args, option) is not None]
+    given = [dest for dest in EVAL_BASE_OPTIONS if getattr(args, dest) is not None]
     if args.run_dir and given:
-        raise PeftlabError(f"--{given[0].replace('_', '-')} describes a model without RUN_DIR; a run uses its own config.yaml")
+        raise PeftlabError(f"{EVAL_BASE_OPTIONS[given[0]].flag} describes a model without RUN_DIR; a run uses its own "
+                           "config.yaml")
     config = None
     if not args.run_dir:
         config = RunConfig()
-        apply_options(config, args, EVAL_BASE_OPTIONS)
+        apply_options(config, args, EVAL_BASE_OPTIONS | RUN_PLACE_OPTIONS)
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.predict, args.limit, config,
-                 args.predictions)
+                 args.predictions, place=_place(args) if args.run_dir else None)
+
+
+def _place(args: argparse.Namespace) -> dict:
+    """--device / --data-dir given for a run: where it is evaluated or exported now."""
+    return {dest: getattr(args, dest) for dest in RUN_PLACE_OPTIONS if getattr(args, dest) is not None}
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from peftlab.train import export_run
 
-    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint, args.overwrite)
+    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint, args.overwrite, place=_place(args))
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -236,8 +268,23 @@ def _run_sweep(args: argparse.Namespace) -> None:
 def _run_report(args: argparse.Namespace) -> None:
     from peftlab.report import print_report, write_methods_report, write_report
 
+    if args.html:
+        from peftlab.report_html import write_html_report
+
+        if args.by_method:
+            raise PeftlabError("--html takes runs and folders as they are; drop --by-method (or --html)")
+        print(f"page: {write_html_report(args.run_dirs, args.html)}")
+        return
     write = write_methods_report if args.by_method else write_report
     print_report(*write(args.run_dirs, args.output_dir))
+
+
+def _run_recipes(args: argparse.Namespace) -> None:
+    from peftlab.recipes import recipe_names, recipe_path, recipe_summary
+
+    for name in recipe_names():
+        print(f"{name}: {recipe_summary(name)}\n  {recipe_path(name)}")
+    print("Use: peftlab train --recipe NAME [--set SECTION.KEY=VALUE] [options]; --dry-run shows the resolved plan.")
 
 
 def _run_templates(args: argparse.Namespace) -> None:
@@ -286,9 +333,22 @@ def _quiet_library_logs() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def unrecognized(unknown: list[str], parser: argparse.ArgumentParser, command: str) -> str:
+    """argparse's message for unknown arguments, with the closest option of the command ("did you mean")."""
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    options = subparsers.choices[command]._option_string_actions
+    hints = [f"{item}{did_you_mean(item.split('=')[0], options)}" for item in unknown]
+    return f"unrecognized arguments: {' '.join(hints)} (see `peftlab {command} --help`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peftlab` console script; returns the process exit code."""
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized(unknown, parser, args.command))
+    args.command_line = shlex.join(["peftlab", *argv])
     _quiet_library_logs()
     try:
         args.handler(args)

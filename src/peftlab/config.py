@@ -12,6 +12,7 @@ silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -72,6 +73,7 @@ class TaskConfig:
                                     "qa (squad)", default_text="the task's own, see `peftlab templates`")
     loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
     eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
+    test_limit: int = setting(0, "the end-of-training test on N evenly spaced test examples; 0 = all")
     share_prefix: bool = setting(True, "squad: compute each paragraph's context once for all its questions (packed "
                                  "rows with a block attention mask in training, one prefix cache in evaluation; "
                                  "needs --loss-on answer); --no-share-prefix: every question on its own")
@@ -102,9 +104,17 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 = off")
     seed: int = setting(0, "random seed")
     eval_every: int = setting(0, "also evaluate every N optimizer steps; 0 = once per epoch only")
+    save_every: int = setting(0, "also write a resumable checkpoints/last every N optimizer steps (mid-epoch); "
+                              "0 = at the end of each epoch only")
+    max_steps: int = setting(0, "stop after N optimizer steps in all (the schedule ends there too); 0 = the epochs "
+                             "decide")
     select_metric: str | None = setting(None, "validation metric choosing checkpoints/best; loss = lowest",
                                         default_text="the task's: mcc, accuracy or f1")
     device: str = setting("auto", "auto | cpu | cuda[:N] (auto = cuda if available)")
+    precision: str = setting("auto", "auto | fp32 | bf16 | fp16: bf16/fp16 autocast with fp32 weights (auto = bf16 "
+                             "on a GPU that supports it, else fp32; fp16 needs a GPU)")
+    report_to: list[str] = setting([], "trackers for per-step and evaluation metrics: tensorboard,wandb (W&B runs "
+                                   "offline when no API key is set); files under <run>/trackers")
 
 
 @dataclass
@@ -153,14 +163,18 @@ class RunConfig:
     instruct: InstructConfig | None = None  # the instruct workload's section; only instruct runs have it
     distill: DistillConfig | None = None  # the distill workload's section; only a distillation has it
     version: int = CONFIG_VERSION
+    # Where and how the run was started (versions, command line, device, precision); written by the run, not a
+    # setting: `same_run` ignores it.
+    environment: dict | None = None
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        return {key: value for key, value in values.items() if not (key in WORKLOAD_SECTIONS and value is None)}
+        return {key: value for key, value in values.items()
+                if not ((key in WORKLOAD_SECTIONS or key == "environment") and value is None)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
-        return _build(cls, _upgrade(values), "config")
+    def from_dict(cls, values: dict, where: str = "config") -> "RunConfig":
+        return _build(cls, _upgrade(values), where)
 
 
 RESOLVED_LATER = tuple(LEGACY_UNSET)  # the (section, key) settings whose None a run resolves
@@ -178,6 +192,7 @@ def same_run(recorded: RunConfig, config: RunConfig) -> bool:
         if section in mine and mine[section][key] is None:
             mine[section][key] = theirs[section][key]
     mine["output_dir"] = theirs["output_dir"]
+    mine.pop("environment", None), theirs.pop("environment", None)
     return mine == theirs
 
 
@@ -206,7 +221,8 @@ def _build(cls, values, where: str):
     known = {item.name for item in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise PeftlabError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        raise PeftlabError(f"{where}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)}; expected "
+                           f"some of {', '.join(sorted(known))}")
     built = {}
     for key, value in values.items():
         hint = section_type(hints[key])
@@ -226,6 +242,8 @@ def _check_type(value, hint, where: str):
         raise PeftlabError(f"{where}: expected {_type_name(options[0])}, found nothing (null)")
     expected = options[0]
     if typing.get_origin(expected) is list:
+        if isinstance(value, str):  # "q,v" (a --set value, or a YAML scalar) is the list q, v
+            value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise PeftlabError(f"{where}: expected a list of strings, found {value!r}")
         return value
@@ -239,6 +257,23 @@ def _check_type(value, hint, where: str):
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise PeftlabError(f"{where}: expected {_type_name(expected)}, found {value!r}")
     return value
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or nothing."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def set_dotted(values: dict, key: str, value, where: str) -> None:
+    """values[section][key] = value for a dotted SECTION.KEY (the names of config.yaml)."""
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise PeftlabError(f"{where}: '{key}' must be SECTION.KEY, e.g. adapter.rank or train.lr")
+    section = values.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise PeftlabError(f"{where}: '{parts[0]}' is not a section (SECTION.KEY, e.g. adapter.rank or train.lr)")
+    section[parts[1]] = value
 
 
 def section_type(hint):

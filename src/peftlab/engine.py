@@ -13,6 +13,10 @@ batched in units that share a prefix: a unit is never split over processes or mi
 its prefix once; a batch then holds at most `batch_size` examples. The order depends only on (seed, epoch), which is what makes `--resume`
 reproduce an uninterrupted run exactly.
 
+Every optimizer step is a line of steps.jsonl (loss, learning rate, gradient norm, examples/s); with `save_every`
+checkpoints/last is also written mid-epoch with the epoch's position and partial totals, so a killed run resumes at
+that step and ends with the uninterrupted run's metrics. `max_steps` cuts the plan (and the schedule) short.
+
 Callbacks (`Callback`) see every optimizer step, every evaluation and every epoch end, after the engine has saved
 what it saves; trackers, plots and sweeps hook in there.
 """
@@ -32,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peftlab.config import TrainConfig
+from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.runs import RunDir
@@ -99,6 +104,19 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
     return max(0.0, 1.0 - progress)
 
 
+def truncate_plan(plan: list[list], max_steps: int) -> list[list]:
+    """The epochs' batches up to `max_steps` optimizer steps in all (0 = all of them); the last epoch may be cut."""
+    if not max_steps:
+        return plan
+    kept, left = [], max_steps
+    for batches in plan:
+        if left <= 0:
+            break
+        kept.append(batches[:left])
+        left -= len(kept[-1])
+    return kept
+
+
 def process_share(batch: list[list[int]], process_index: int, num_processes: int, grad_accum: int) -> list[list[int]]:
     """This process's micro-batches (example indices) of one global batch of units: every P-th unit, then split
     into `grad_accum` runs of units."""
@@ -119,19 +137,28 @@ class History:
     best_epoch: int | None = None
     best_step: int | None = None
     rows: list[dict] = field(default_factory=list)
+    # Where a mid-epoch checkpoint (--save-every) stopped in the epoch after `epoch`: batches done, their
+    # (loss sum, targets, correct) and training seconds. All 0/None at epoch boundaries.
+    batches_done: int = 0
+    epoch_totals: list[float] | None = None
+    epoch_seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock seconds of training and evaluation up to the saved state (all parts)
 
 
 class Callback:
     """Hooks into the loop; every method is optional. They run on every process, after the engine's own saving."""
 
-    def on_step(self, engine: "Engine", loss: float) -> None:
-        """After each optimizer step (`engine.history.step` counts it); `loss`: its mean training loss."""
+    def on_step(self, engine: "Engine", row: dict) -> None:
+        """After each optimizer step; `row` is its line of steps.jsonl (step, loss, lr, grad_norm, examples/s)."""
 
     def on_evaluation(self, engine: "Engine", row: dict) -> None:
         """After each evaluation (mid-epoch or end of epoch); `row` is the line added to metrics.jsonl."""
 
     def on_epoch_end(self, engine: "Engine", row: dict) -> None:
         """After an epoch's own evaluation and checkpoints."""
+
+    def on_train_end(self, engine: "Engine") -> None:
+        """When `fit` returns or stops with an error (the history holds what was done)."""
 
 
 class Engine:
@@ -153,8 +180,11 @@ class Engine:
         self.task, self.settings, self.run, self.base_model, self.select = task, train_config, run, base_model, select
         self.accelerator, self.callbacks = accelerator, list(callbacks)
         self.model, self.history = model, History()
-        self.saved_last: tuple[int, int] | None = None  # what checkpoints/last holds on disk (epoch, step)
+        self.saved_last: tuple[int, int, int] | None = None  # checkpoints/last on disk: (epoch, step, batches_done)
         self.optimizer = self.scheduler = None  # made by `fit`, which knows the number of steps
+        self.total_steps = self.num_epochs = 0  # of the whole run (after --max-steps), known once `fit` plans
+        self.resumed = False
+        self._clock = (0.0, time.perf_counter())  # (history.seconds when this part started, when it started)
 
     # --- the run ---------------------------------------------------------------------------------------------
 
@@ -168,9 +198,9 @@ class Engine:
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr,
         )
-        plan = [epoch_batches(train_examples, settings.batch_size, settings.seed, epoch, self.task.shares_prefixes)
-                for epoch in range(settings.epochs)]  # every epoch's batches, known up front: the schedule's length
-        total_steps = sum(len(batches) for batches in plan)
+        plan = self.plan(train_examples)
+        self.total_steps = total_steps = sum(len(batches) for batches in plan)
+        self.num_epochs = len(plan)
         warmup_steps = round(settings.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, settings.schedule)
@@ -179,13 +209,39 @@ class Engine:
         if resume:
             self.history = History(**self.run.restore_last(self.accelerator, self.model, self.optimizer,
                                                            self.scheduler, self.base_model))
-            self.saved_last = (self.history.epoch, self.history.step)
-            self.accelerator.print(f"Resumed from {self.run.checkpoint('last')} after epoch {self.history.epoch} "
-                                   f"(step {self.history.step})")
-        last_epoch = settings.epochs if stop_after_epoch is None else min(stop_after_epoch, settings.epochs)
-        for epoch in range(self.history.epoch, last_epoch):
-            self._run_epoch(epoch, plan[epoch], train_examples, val_examples)
+            self.saved_last = (self.history.epoch, self.history.step, self.history.batches_done)
+            self.resumed = True
+            self.accelerator.print(f"Resumed from {self.run.checkpoint('last')} at step {self.history.step} "
+                                   f"({self._position(plan)})")
+        if self.accelerator.is_main_process:
+            self.run.trim_steps(self.history.step)  # steps after the checkpoint are replayed
+        self._clock = (self.history.seconds, time.perf_counter())
+        last_epoch = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
+        try:
+            for epoch in range(self.history.epoch, last_epoch):
+                self._run_epoch(epoch, plan[epoch], train_examples, val_examples)
+        finally:
+            for callback in self.callbacks:
+                callback.on_train_end(self)
         return self.history
+
+    def plan(self, train_examples: list[Encoded]) -> list[list[list[list[int]]]]:
+        """Every epoch's batches (units of example indices), known up front: the schedule's length."""
+        settings = self.settings
+        return truncate_plan([epoch_batches(train_examples, settings.batch_size, settings.seed, epoch,
+                                            self.task.shares_prefixes) for epoch in range(settings.epochs)],
+                             settings.max_steps)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every planned step is done (all epochs, or --max-steps)."""
+        return self.total_steps > 0 and self.history.step == self.total_steps
+
+    def _position(self, plan) -> str:
+        history = self.history
+        if history.batches_done:
+            return f"epoch {history.epoch + 1}, batch {history.batches_done}/{len(plan[history.epoch])}"
+        return f"after epoch {history.epoch}"
 
     def kept(self, how_to_continue: bool = True) -> str:
         """What the run directory holds now, and (`how_to_continue`) how to go on from it."""
@@ -193,10 +249,11 @@ class Engine:
         best = (f" checkpoints/best holds step {history.best_step} (validation {self.select} {history.best_value:.4f})."
                 if history.best_step is not None else "")
         if self.saved_last:
-            epoch, step = self.saved_last
-            kept = f"{run}/checkpoints/last holds epoch {epoch} (step {step}).{best}"
+            epoch, step, batches_done = self.saved_last
+            where = f"step {step} (mid-epoch {epoch + 1})" if batches_done else f"epoch {epoch} (step {step})"
+            kept = f"{run}/checkpoints/last holds {where}.{best}"
             return kept + (f" Continue with: peftlab train --resume {run}" if how_to_continue else "")
-        kept = f"No epoch had finished, so nothing is resumable.{best}"
+        kept = f"Nothing resumable was saved yet (no checkpoints/last).{best}"
         return kept + (f" `peftlab train --resume {run}` starts the run again from step 0" if how_to_continue else "")
 
     def best_row(self) -> dict | None:
@@ -205,40 +262,57 @@ class Engine:
             row["step"] == history.best_step if history.best_step is not None else row["epoch"] == history.best_epoch)),
             None)  # training states written before best_step existed know the epoch only
 
-    def test_best(self, split: str) -> dict:
-        """Metrics of checkpoints/best on the held-out split, printed; the model keeps the best weights."""
+    def test_best(self, split: str, limit: int = 0) -> dict:
+        """Metrics of checkpoints/best on the held-out split (`limit`: N evenly spaced examples), printed; the model
+        keeps the best weights."""
         self.run.load_checkpoint(self.accelerator.unwrap_model(self.model), "best", self.base_model)
-        metrics = evaluate(self.model, self.task, self.task.encode(split), self.settings.eval_batch_size, self.accelerator)
-        self.accelerator.print(f"Test ({split}, best checkpoint of epoch {self.history.best_epoch}): "
-                               f"Loss: {metrics['loss']:.4f}, {self.task.format_metrics(metrics)}")
-        return {"split": split, "epoch": self.history.best_epoch} | metrics
+        examples = evenly_spaced(self.task.encode(split), limit)
+        metrics = evaluate(self.model, self.task, examples, self.settings.eval_batch_size, self.accelerator)
+        self.accelerator.print(f"Test ({split}, {len(examples)} examples, best checkpoint of step "
+                               f"{self.history.best_step}): Loss: {metrics['loss']:.4f}, "
+                               f"{self.task.format_metrics(metrics)}")
+        return {"split": split, "epoch": self.history.best_epoch, "step": self.history.best_step,
+                "examples": len(examples)} | metrics
 
     # --- one epoch, one step ---------------------------------------------------------------------------------
 
     def _run_epoch(self, epoch: int, batches: list[list[list[int]]], train_examples: list[Encoded],
                    val_examples: list[Encoded]) -> None:
-        settings, accelerator = self.settings, self.accelerator
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct predictions
+        settings, accelerator, history = self.settings, self.accelerator, self.history
+        start = history.batches_done  # > 0: resumed from a mid-epoch checkpoint
+        # loss sum, targets, correct predictions of the epoch so far
+        totals = torch.tensor(history.epoch_totals if start else [0.0, 0.0, 0.0], dtype=torch.float64)
+        seconds_before = history.epoch_seconds if start else 0.0
         started = time.perf_counter()
         self.model.train()
-        progress = tqdm(batches, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not accelerator.is_main_process,
-                        leave=False, dynamic_ncols=True, mininterval=2.0)
+        progress = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{self.num_epochs}", initial=start,
+                        disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True, mininterval=2.0)
         eval_seconds = 0.0  # mid-epoch evaluations, not counted as training time
-        for index, batch in enumerate(progress):
-            step_totals = self._step(batch, train_examples)
+        for index in range(start, len(batches)):
+            step_started = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            step_totals, grad_norm = self._step(batches[index], train_examples)
             totals += step_totals
-            self.history.step += 1
-            loss = (step_totals[0] / step_totals[1]).item()
-            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            history.step += 1
+            row = self._step_row(epoch, index, len(batches), step_totals, grad_norm, lr,
+                                 time.perf_counter() - step_started, sum(len(unit) for unit in batches[index]))
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             for callback in self.callbacks:
-                callback.on_step(self, loss)
+                callback.on_step(self, row)
             last_of_epoch = index == len(batches) - 1  # the epoch's own evaluation follows
-            if settings.eval_every and self.history.step % settings.eval_every == 0 and not last_of_epoch:
+            if settings.eval_every and history.step % settings.eval_every == 0 and not last_of_epoch:
                 eval_started = time.perf_counter()
                 self._evaluate_and_record(epoch, val_examples, None, None, final=False)
                 self.model.train()
                 eval_seconds += time.perf_counter() - eval_started
-        train_seconds = time.perf_counter() - started - eval_seconds
+            if settings.save_every and history.step % settings.save_every == 0 and not last_of_epoch:
+                history.batches_done, history.epoch_totals = index + 1, totals.tolist()
+                history.epoch_seconds = seconds_before + time.perf_counter() - started - eval_seconds
+                self._save(improved=False, last=True)
+        progress.close()
+        train_seconds = seconds_before + time.perf_counter() - started - eval_seconds
+        history.batches_done, history.epoch_totals, history.epoch_seconds = 0, None, 0.0
         row = self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)
         for callback in self.callbacks:
             callback.on_epoch_end(self, row)
@@ -273,7 +347,17 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return totals
+        return totals, float(grad_norm)
+
+    def _step_row(self, epoch: int, index: int, num_batches: int, totals: torch.Tensor, grad_norm: float, lr: float,
+                  seconds: float, examples: int) -> dict:
+        """The step's line of steps.jsonl (main process appends it)."""
+        row = {"step": self.history.step, "epoch": round(epoch + (index + 1) / num_batches, 4),
+               "loss": (totals[0] / totals[1]).item(), "lr": lr, "grad_norm": grad_norm,
+               "examples": examples, "seconds": seconds, "examples_per_second": examples / seconds}
+        if self.accelerator.is_main_process:
+            self.run.append_step(row)
+        return row
 
     def _diverged(self, what: str) -> PeftlabError:
         return PeftlabError(f"{what}; stopped before saving anything from that state. {self.kept(False)} "
@@ -303,13 +387,15 @@ class Engine:
         if final:
             self.history.epoch = epoch + 1
             self._print_epoch(row)
-        self._save(improved, final)
+        else:
+            self._print_evaluation(row)
+        self._save(improved, last=final)
         for callback in self.callbacks:
             callback.on_evaluation(self, row)
         return row
 
     def _print_epoch(self, row: dict) -> None:
-        epochs = self.settings.epochs
+        epochs = self.num_epochs
         say = self.accelerator.print
         say(f"Train Epoch: [{row['epoch']}/{epochs}], Loss: {row['train_loss']:.4f}, Accuracy: {row['train_accuracy']:.4f}, "
             f"Time: {row['train_seconds']:.1f}s")
@@ -317,23 +403,35 @@ class Engine:
         say(f"Val Epoch: [{row['epoch']}/{epochs}], Loss: {row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
             f"{row['val_examples_per_second']:.1f} examples/s")
 
-    def _save(self, improved: bool, final: bool) -> None:
+    def _print_evaluation(self, row: dict) -> None:
+        """A mid-epoch evaluation's line."""
+        metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
+        self.accelerator.print(f"Val Step: {row['step']}/{self.total_steps} (epoch {row['epoch']}), Loss: "
+                               f"{row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
+                               f"{row['val_examples_per_second']:.1f} examples/s")
+
+    def _save(self, improved: bool, last: bool) -> None:
+        """checkpoints/best when `improved`, checkpoints/last (everything resuming needs) when `last`, and
+        metrics.jsonl."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         model = accelerator.unwrap_model(self.model)
         rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
         rng_states = accelerator.gather_for_metrics([rng], use_gather_object=True) if accelerator.num_processes > 1 else [rng]
+        base, since = self._clock
+        self.history.seconds = base + time.perf_counter() - since
         if accelerator.is_main_process:
-            metadata = {"epoch": self.history.epoch, "step": self.history.step, "history": self.history.rows[-1]}
+            metadata = {"epoch": self.history.epoch, "step": self.history.step,
+                        "history": self.history.rows[-1] if self.history.rows else None}
             if improved:
                 self.run.save_best(model, self.base_model, metadata)
-            if final:
+            if last:
                 training_state = {"scheduler": self.scheduler.state_dict(), "rng": rng_states,
                                   "history": vars(self.history), "num_processes": accelerator.num_processes}
                 self.run.save_last(model, self.base_model, metadata, self.optimizer.state_dict(), training_state)
             self.run.write_metrics(self.history.rows)
-        if final:
-            self.saved_last = (self.history.epoch, self.history.step)
+        if last:
+            self.saved_last = (self.history.epoch, self.history.step, self.history.batches_done)
         accelerator.wait_for_everyone()
 
 

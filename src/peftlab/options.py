@@ -93,4 +93,5 @@ def _section(config: RunConfig, name: str):
 
 TRAIN_OPTIONS = settings_options(("task", "instruct", "model", "adapter", "train"))
 EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
-    "task", "objective", "template", "verbalizers", "data_dir", "max_length", "model", "init", "device")}
+    "task", "objective", "template", "verbalizers", "max_length", "model", "init")}
+RUN_PLACE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in ("device", "data_dir")}  # a run evaluated elsewhere

@@ -24,29 +24,48 @@ def save_figure(figure, path: Path) -> Path:
     return path
 
 
-def plot_history(rows: list[dict], directory: Path, title: str) -> list[Path]:
-    """loss.png (train and validation loss per epoch) and accuracy.png (accuracy, plus MCC when present)."""
-    epochs = [row for row in rows if row.get("final_of_epoch")]
-    if not epochs:
+METRIC_LABELS = {"accuracy": "accuracy", "mcc": "MCC", "score_accuracy": "accuracy by scoring",
+                 "agreement": "generate/score agreement", "exact_match": "exact match", "f1": "F1"}
+
+
+def plot_history(rows: list[dict], directory: Path, title: str, metric_names=("accuracy", "mcc"),
+                 select: str = "loss", best_step: int | None = None, steps: list[dict] | None = None) -> list[Path]:
+    """loss.png (training loss per step and per epoch, validation loss at every evaluation) and metrics.png (the
+    task's validation metrics at every evaluation, training accuracy per epoch where the task has one), against
+    optimizer steps; the best checkpoint (`best_step`, by `select`) is marked on both."""
+    if not rows:
         return []
     directory.mkdir(parents=True, exist_ok=True)
-    x = [row["epoch"] for row in epochs]
+    epochs = [row for row in rows if row.get("final_of_epoch") and "train_loss" in row]
     written = []
     for name, y_label, series in (
-        ("loss", "loss", [("train loss", "train_loss"), ("validation loss", "val_loss")]),
-        ("accuracy", "accuracy / MCC", [("train accuracy", "train_accuracy"),
-                                        ("validation accuracy", "val_accuracy"), ("validation MCC", "val_mcc")]),
+        ("loss", "loss", [("validation loss", "val_loss", rows), ("train loss (epoch)", "train_loss", epochs)]),
+        ("metrics", "score", [(f"validation {METRIC_LABELS.get(metric, metric)}", f"val_{metric}", rows)
+                              for metric in metric_names] + [("train accuracy (epoch)", "train_accuracy", epochs)]),
     ):
-        figure, axes = plt.subplots(figsize=(6, 4), dpi=110)
-        for label, key in series:
-            if all(key in row for row in epochs):
-                axes.plot(x, [row[key] for row in epochs], marker="o", label=label)
-        axes.set_xlabel("epoch")
+        figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+        if name == "loss" and steps:
+            axes.plot([row["step"] for row in steps], [row["loss"] for row in steps], color="0.75", linewidth=0.8,
+                      label="train loss (step)", zorder=1)
+        for label, key, points in series:
+            points = [row for row in points if isinstance(row.get(key), (int, float))]
+            if points:
+                axes.plot([row["step"] for row in points], [row[key] for row in points], marker="o", markersize=4,
+                          label=label, zorder=2)
+        best = next((row for row in rows if row["step"] == best_step), None)
+        key = f"val_{select}"
+        if best is not None and (name == "loss") == (select == "loss") and isinstance(best.get(key), (int, float)):
+            axes.plot([best_step], [best[key]], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                      linestyle="none", label=f"best checkpoint (step {best_step}, {select} {best[key]:.4f})", zorder=3)
+        if best is not None:
+            axes.axvline(best_step, color="gold", linestyle="--", linewidth=1, zorder=0)
+        for row in epochs:
+            axes.axvline(row["step"], color="0.9", linewidth=0.8, zorder=0)  # epoch ends
+        axes.set_xlabel("optimizer step (grey lines: epoch ends)")
         axes.set_ylabel(y_label)
-        axes.set_title(f"{title}: {name} per epoch")
-        axes.set_xticks(x)
+        axes.set_title(f"{title}: {name}", fontsize=10)
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize=8)
         figure.tight_layout()
         written.append(save_figure(figure, directory / f"{name}.png"))
     return written

@@ -3,10 +3,13 @@
 
     <run>/config.yaml          the whole configuration (written first)
     <run>/metrics.jsonl        one JSON object per evaluation
+    <run>/steps.jsonl          one JSON object per optimizer step (appended; trimmed to the checkpoint on resume)
     <run>/summary.json         written when the run (or an interrupted part of it) ends
     <run>/plots/*.png
     <run>/checkpoints/best     adapter of the best validation score so far
-    <run>/checkpoints/last     adapter + optimizer + training state after the last finished epoch
+    <run>/checkpoints/last     adapter + optimizer + training state after the last finished epoch, or after the
+                               last --save-every step (with the position in the epoch)
+    <run>/trackers/            TensorBoard / W&B files (--report-to)
 
 Every file is written atomically and every checkpoint folder is swapped in whole (`fileio.replace_directory`), so
 a process killed at any moment leaves at most a hidden staging folder or temporary file, or a checkpoint renamed
@@ -25,18 +28,20 @@ from torch import nn
 
 from peftlab.config import RunConfig, load_config, same_run, save_config
 from peftlab.errors import PeftlabError
-from peftlab.fileio import (finite_or_null, read_json, read_text, recover_directory, replace_directory,
+from peftlab.fileio import (atomic_write_file, finite_or_null, read_json, read_text, recover_directory, replace_directory,
                             retired_path, unfinished_writes, write_json_lines, write_text_atomic)
 from peftlab.peft import load_adapter, save_adapter
 from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
 SUMMARY = "summary.json"
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
 # What a training run writes at the top of its directory; a new run refuses a folder that already has any of it.
-RUN_ENTRIES = (CONFIG, METRICS, SUMMARY, PLOTS, CHECKPOINTS)
+TRACKERS = "trackers"
+RUN_ENTRIES = (CONFIG, METRICS, STEPS, SUMMARY, PLOTS, CHECKPOINTS, TRACKERS)
 # The files of checkpoints/last besides the adapter's: all of them, or the checkpoint is damaged.
 TRAINING_STATE_FILES = ("optimizer.safetensors", "optimizer.json", "training_state.safetensors", "training_state.json")
 
@@ -62,15 +67,17 @@ class RunDir:
     def state(self, epochs: int) -> str:
         """What training into the folder means now: new, restart, resume or done.
 
-        new: nothing of a run is there. done: summary.json records all `epochs`. resume: an epoch finished
-        (checkpoints/last, or its copy left mid-swap). restart: the run started but no epoch finished, so nothing
+        new: nothing of a run is there. done: summary.json says the run finished (all `epochs`, or its --max-steps).
+        resume: checkpoints/last is there (or its copy left mid-swap). restart: the run started but no epoch finished, so nothing
         is resumable and it starts again from step 0 with its own config.yaml (the same steps are replayed).
         """
         if not (self.path / CONFIG).is_file():
             return "new"
         summary = self.path / SUMMARY
-        if summary.is_file() and self.read_summary().get("epochs_completed") == epochs:
-            return "done"
+        if summary.is_file():
+            recorded = self.read_summary()
+            if recorded.get("finished", recorded.get("epochs_completed") == epochs):  # older summaries: epochs only
+                return "done"
         last = self.checkpoint("last")
         return "resume" if last.is_dir() or retired_path(last).is_dir() else "restart"
 
@@ -96,7 +103,7 @@ class RunDir:
         for name in ("best", "last"):
             done += [f"{CHECKPOINTS}/{line}" for line in recover_directory(self.checkpoint(name), ADAPTER_MARKER)]
         files = [self.path / name for name in (CONFIG, METRICS, SUMMARY)] + [self.plots / "loss.png",
-                                                                          self.plots / "accuracy.png"]
+                                                                          self.plots / "metrics.png"]
         for leftover in (path for file in files for path in unfinished_writes(file)):
             leftover.unlink()  # an atomic write that never got renamed into place
             done.append(f"removed the unfinished {leftover.relative_to(self.path)}")
@@ -117,10 +124,37 @@ class RunDir:
     def write_metrics(self, rows: list[dict]) -> None:
         write_json_lines(self.path / METRICS, rows)
 
+    def append_step(self, row: dict) -> None:
+        """One line of steps.jsonl; a line cut by a kill is dropped by `trim_steps` on resume."""
+        with open(self.path / STEPS, "a", encoding="utf-8") as file:
+            file.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
+
+    def trim_steps(self, step: int) -> None:
+        """steps.jsonl up to `step` (where checkpoints/last is): later lines are replayed by the resumed run."""
+        path = self.path / STEPS
+        if not path.is_file():
+            return
+        kept = []
+        for line in read_text(path, "steps file").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # the line a kill cut short, and nothing after it
+            if row.get("step", 0) > step:
+                break
+            kept.append(row)
+        write_json_lines(path, kept)
+
+    def read_steps(self) -> list[dict]:
+        return self._read_lines(STEPS, "steps file")
+
     def read_metrics(self) -> list[dict]:
-        """metrics.jsonl's rows; a line that is not JSON is an error naming file and line."""
-        path, rows = self.path / METRICS, []
-        for number, line in enumerate(read_text(path, "metrics file").splitlines(), start=1):
+        return self._read_lines(METRICS, "metrics file")
+
+    def _read_lines(self, name: str, what: str) -> list[dict]:
+        """A JSON-lines file's rows; a line that is not JSON is an error naming file and line."""
+        path, rows = self.path / name, []
+        for number, line in enumerate(read_text(path, what).splitlines(), start=1):
             try:
                 rows += [json.loads(line)] if line.strip() else []
             except ValueError as error:
@@ -219,8 +253,9 @@ def _unflatten(skeleton, tensors: dict[str, torch.Tensor]):
 def save_state(directory: Path, name: str, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
-    save_file(tensors, directory / f"{name}.safetensors")
-    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+    # Through fileio, so these files get the umask's mode like every other (safetensors' writer gives 0600).
+    atomic_write_file(directory / f"{name}.safetensors", lambda path: save_file(tensors, path))
+    write_text_atomic(directory / f"{name}.json", json.dumps(skeleton))
 
 
 def load_state(directory: Path, name: str) -> dict:

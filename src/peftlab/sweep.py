@@ -26,19 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from peftlab.config import RunConfig
+from peftlab.config import RunConfig, set_dotted
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.report import print_report, write_report
 from peftlab.runs import RunDir
 from peftlab.train import train
-
-
-def _set_dotted(values: dict, key: str, value, where: str) -> None:
-    parts = key.split(".")
-    if len(parts) != 2:
-        raise PeftlabError(f"{where}: '{key}' must be SECTION.KEY, e.g. adapter.rank or train.lr")
-    values.setdefault(parts[0], {})[parts[1]] = value
 
 
 def _label(value) -> str:
@@ -82,10 +75,21 @@ def run_configs(base: RunConfig, output_dir: str, grid: dict) -> list[RunConfig]
     for name, settings in expand_grid(grid):
         values = copy.deepcopy(base.to_dict())
         for key, value in settings.items():
-            _set_dotted(values, key, value, f"grid point {name}")
+            set_dotted(values, key, value, f"grid point {name}")
         values["output_dir"] = str(Path(output_dir) / name)
         configs.append(RunConfig.from_dict(values))
     return configs
+
+
+def parse_assignment(option: str) -> tuple[str, object]:
+    """'train.lr=3e-4' -> ('train.lr', '3e-4'); the value is read as a YAML scalar (so 16 is a number)."""
+    key, separator, value = option.partition("=")
+    if not separator or not key.strip() or not value:
+        raise PeftlabError(f"--set {option!r}: expected SECTION.KEY=VALUE (e.g. train.lr=3e-4)")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
 
 
 def parse_set_option(option: str) -> tuple[str, list]:

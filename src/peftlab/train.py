@@ -5,21 +5,25 @@ them to the engine (`peftlab.engine`) with the run directory (`peftlab.runs`), a
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from peftlab.config import InstructConfig, RunConfig
 from peftlab.data import evenly_spaced
+from peftlab.data.datasets import check_split
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
 from peftlab.hf import export_merged, export_peft, read_export_record
-from peftlab.models import hf_reference, load_model, resolve_device
+from peftlab.models import PRECISIONS, hf_reference, load_model, resolve_device, resolve_precision
 from peftlab.peft import parameter_report
 from peftlab.report import plot_history
-from peftlab.runs import RunDir
+from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir
 from peftlab.tasks import Task
+from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
 from peftlab.workloads import build_model, build_task, load_run, workload_for
 
 
@@ -40,10 +44,17 @@ def validate(config: RunConfig) -> None:
         (task.train_limit >= 0, f"--train-limit must be >= 0 (0 = all examples), got {task.train_limit}"),
         (task.eval_limit >= 0, f"--eval-limit must be >= 0 (0 = all examples), got {task.eval_limit}"),
         (task.max_length is None or task.max_length >= 1, f"--max-length must be >= 1, got {task.max_length}"),
+        (task.test_limit >= 0, f"--test-limit must be >= 0 (0 = all examples), got {task.test_limit}"),
+        (train.save_every >= 0, f"--save-every must be >= 0 (0 = at epoch ends only), got {train.save_every}"),
+        (train.max_steps >= 0, f"--max-steps must be >= 0 (0 = the epochs decide), got {train.max_steps}"),
+        (train.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got '{train.precision}'"),
+        (set(train.report_to) <= set(TRACKER_NAMES), f"--report-to takes {', '.join(TRACKER_NAMES)} (comma-separated), "
+                                                     f"got {','.join(train.report_to)}"),
     ]
     for ok, message in checks:
         if not ok:
             raise PeftlabError(message)
+    check_trackers(train.report_to)
 
 
 def selection_metric(config: RunConfig, task: Task) -> str:
@@ -56,7 +67,8 @@ def selection_metric(config: RunConfig, task: Task) -> str:
     return select
 
 
-def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
+def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False,
+          command: str | None = None) -> dict:
     """Train (or, with `resume`, continue) the run described by `config`; returns the run's summary.
 
     Args:
@@ -64,54 +76,133 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         resume: continue from `<output_dir>/checkpoints/last` (model, optimizer, scheduler, RNG, epoch); a run
             that never finished an epoch starts again from step 0; a finished run is left as it is.
         stop_after_epoch: stop after this many epochs as if interrupted (to be resumed later).
-        dry_run: build the model, print the parameter report and stop.
+        dry_run: build the model, encode the data, print the parameter report and the resolved plan, stop.
+        command: the command line that started the run, recorded in config.yaml.
     """
+    started = time.perf_counter()
     validate(config)
     run = RunDir(config.output_dir)
     device, _ = resolve_device(config.train.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    precision = resolve_precision(config.train.precision, device)
+    # Accelerate keeps one mixed-precision setting per process; runs of one process (a sweep) may differ in it.
+    # Only that state is reset: the processes' own (PartialState) stays.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+                              log_with=config.train.report_to or None, project_dir=str(run.path / TRACKERS))
     say = accelerator.print
     task = build_task(config)
     select = selection_metric(config, task)  # before the model loads, not after an epoch
     state = "new" if dry_run else _prepare_run_dir(run, config, resume, accelerator)
     if state == "done":
-        say(f"{run} has finished all {config.train.epochs} epochs already; nothing to do (its summary: "
-            f"{run.path / 'summary.json'})")
+        say(f"{run} has finished already; nothing to do. Its summary: {run.path / 'summary.json'}")
         return run.read_summary()
     model = build_model(config, task, accelerator.device, fresh=state in ("new", "restart") and not dry_run)
     report = parameter_report(model)
     say("\n".join(report.lines()))
-    if dry_run:
-        return {"parameters": vars(report) | {"reduction": report.reduction}}
 
+    callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else [])]
+    engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
+    if dry_run:
+        if not task.encoding_is_costly:
+            say(plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
+                          evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision, select))
+        return {"parameters": vars(report) | {"reduction": report.reduction}}
     train_examples = evenly_spaced(task.encode("train"), config.task.train_limit)
     val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
     if state == "new" and accelerator.is_main_process:  # written once the run is known to start
+        config.environment = run_environment(device, precision, accelerator.num_processes, command)
         run.write_config(config)
-    engine = Engine(task, model, config.train, run, config.model.name, select, accelerator,
-                    [PlotHistory(run, config.task.name)])
     try:
-        history = engine.fit(train_examples, val_examples, resume=state == "resume", stop_after_epoch=stop_after_epoch)
+        engine.fit(train_examples, val_examples, resume=state == "resume", stop_after_epoch=stop_after_epoch)
         summary = run_summary(config, engine, report, len(train_examples), len(val_examples))
-        if task.test_split and history.epoch == config.train.epochs:
-            summary["test"] = engine.test_best(task.test_split)
+        if task.test_split and engine.finished:
+            summary["test"] = engine.test_best(task.test_split, config.task.test_limit)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped at step {engine.history.step}. {engine.kept()}") from None
     if accelerator.is_main_process:
         run.write_summary(summary)
+        say(closing_text(run, engine, summary, time.perf_counter() - started))
     accelerator.wait_for_everyone()
     return summary
 
 
-class PlotHistory(Callback):
-    """plots/loss.png and plots/accuracy.png, redrawn after every evaluation (main process)."""
+def plan_text(config: RunConfig, engine: Engine, train_examples, val_examples, device, precision: str,
+              select: str) -> str:
+    """--dry-run's resolved plan: data, steps, schedule, evaluation, device and where the run goes."""
+    settings = config.train
+    plan = engine.plan(train_examples)
+    steps = sum(len(batches) for batches in plan)
+    warmup = round(settings.warmup_ratio * steps)
+    per_epoch = ", ".join(str(length) for length in dict.fromkeys(len(batches) for batches in plan))
+    cut = f", cut at --max-steps {settings.max_steps}" if settings.max_steps and steps == settings.max_steps else ""
+    lines = [
+        f"Plan for {config.output_dir}:",
+        f"  data        {len(train_examples):,} training and {len(val_examples):,} validation examples of "
+        f"{config.task.name}{f' (--train-limit {config.task.train_limit})' if config.task.train_limit else ''}",
+        f"  steps       {steps:,} optimizer steps: {len(plan)} epoch(s) of {per_epoch} steps, batch "
+        f"{settings.batch_size} (grad accumulation {settings.grad_accum}){cut}",
+        f"  schedule    lr {settings.lr:g}, {warmup} warm-up steps ({settings.warmup_ratio:g}), then "
+        f"{settings.schedule}; weight decay {settings.weight_decay:g}, clip {settings.max_grad_norm:g}",
+        f"  evaluation  every epoch{f' and every {settings.eval_every} steps' if settings.eval_every else ''}; "
+        f"checkpoints/best by validation {select}",
+        f"  saving      checkpoints/last at every epoch end"
+        f"{f' and every {settings.save_every} steps' if settings.save_every else ''}",
+        f"  device      {device}, {engine.accelerator.num_processes} process(es), fp32 weights, precision "
+        f"{'fp32' if precision == 'no' else precision}",
+        f"  trackers    {', '.join(settings.report_to) or 'none'}",
+    ]
+    return "\n".join(lines)
 
-    def __init__(self, run: RunDir, title: str):
-        self.run, self.title = run, title
+
+def closing_text(run: RunDir, engine: Engine, summary: dict, seconds: float) -> str:
+    """The lines a run ends with: what was done, the best evaluation, where everything is, how long it took."""
+    history, best = engine.history, summary.get("best") or {}
+    done = ("finished" if engine.finished else "stopped") + f" at step {history.step}/{engine.total_steps}"
+    lines = [f"Run {done} ({history.epoch} epoch(s)) in {_duration(seconds)}"
+             f"{' (this part)' if engine.resumed else ''}."]
+    if best:
+        lines.append(f"  best        validation {engine.select} {best[f'val_{engine.select}']:.4f} at step "
+                     f"{best['step']} (epoch {best['epoch']}): {run.checkpoint('best')}")
+    if engine.saved_last:
+        lines.append(f"  last        {run.checkpoint('last')} (step {engine.saved_last[1]}, resumable)")
+    if "test" in summary:
+        test = summary["test"]
+        metrics = {key: value for key, value in test.items() if key not in ("split", "epoch")}
+        lines.append(f"  test        {test['split']}: {engine.task.format_metrics(metrics)}")
+    lines.append(f"  files       {run}/: {METRICS}, {STEPS}, plots/, summary.json"
+                 f"{', trackers/' if (run.path / TRACKERS).is_dir() else ''}")
+    if not engine.finished:
+        lines.append(f"  continue    peftlab train --resume {run}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def run_environment(device, precision: str, num_processes: int, command: str | None) -> dict:
+    """What config.yaml records about where and how a run was started."""
+    from importlib import metadata
+
+    versions = {name: metadata.version(name) for name in ("peftlab", "torch", "transformers", "accelerate")}
+    return versions | {"command": command, "device": str(device), "precision": "fp32" if precision == "no" else precision,
+                       "weights": "fp32", "num_processes": num_processes,
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class PlotHistory(Callback):
+    """plots/loss.png and plots/<metric>.png, redrawn after every evaluation (main process)."""
+
+    def __init__(self, run: RunDir, config: RunConfig):
+        self.run = run
+        self.title = f"{run.path.name} ({config.task.name}, {config.adapter.method})"
 
     def on_evaluation(self, engine: Engine, row: dict) -> None:
         if engine.accelerator.is_main_process:
-            plot_history(engine.history.rows, self.run.plots, self.title)
+            plot_history(engine.history.rows, self.run.plots, self.title, engine.task.metric_names,
+                         engine.select, engine.history.best_step, self.run.read_steps())
 
 
 def run_summary(config: RunConfig, engine: Engine, report, num_train: int, num_val: int) -> dict:
@@ -125,7 +216,8 @@ def run_summary(config: RunConfig, engine: Engine, report, num_train: int, num_v
         "skipped_examples": engine.task.skipped,
         "num_processes": engine.accelerator.num_processes,
         "select_metric": engine.select, "best": engine.best_row(), "last": final_rows[-1] if final_rows else None,
-        "epochs_completed": engine.history.epoch,
+        "epochs_completed": engine.history.epoch, "steps_completed": engine.history.step,
+        "finished": engine.finished, "elapsed_seconds": engine.history.seconds,
         "seconds_per_epoch": [row["train_seconds"] for row in final_rows],
     }
 
@@ -151,19 +243,21 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) 
 
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
                  predict: str | None = None, limit: int = 0, config: RunConfig | None = None,
-                 predictions_file: str | None = None) -> dict:
+                 predictions_file: str | None = None, place: dict | None = None) -> dict:
     """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics.
 
     Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; instruct tasks only).
     `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples;
-    `predictions_file` receives every example's prediction (JSON lines).
+    `predictions_file` receives every example's prediction (JSON lines). `place` ({"device": ..., "data_dir": ...})
+    overrides where the run's config.yaml says it ran (a run trained on a GPU, or moved to another machine).
     """
     if limit < 0:
         raise PeftlabError(f"--limit must be >= 0 (0 = all examples), got {limit}")
     if predictions_file:
         check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
-        config = RunDir(run_dir).read_config()
+        config = read_run_config(run_dir, place)
+    check_split(config.task.name, split, config.task.data_dir)  # before the model loads
     if predict:
         if workload_for(config).name != "instruct":
             raise PeftlabError(f"--predict applies to instruct tasks; {config.task.name} here is "
@@ -194,8 +288,17 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
 EXPORT_FORMATS = ("peft", "merged")
 
 
+def read_run_config(run_dir: str, place: dict | None) -> RunConfig:
+    """A run's config.yaml with `place` (device, data_dir) put where it is used now."""
+    config = RunDir(run_dir).read_config()
+    for key, value in (place or {}).items():
+        setattr(config.train if key == "device" else config.task, key, value)
+    resolve_device(config.train.device)  # an unusable --device fails here, not after loading
+    return config
+
+
 def export_run(run_dir: str, output_dir: str, export_format: str = "peft", checkpoint: str = "best",
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, place: dict | None = None) -> Path:
     """Export a run's checkpoint for the Hugging Face ecosystem: a `peft` adapter or a merged plain model.
 
     `output_dir` must not exist, be empty, or hold an earlier export of this run; `overwrite` replaces anything
@@ -204,7 +307,7 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
     if export_format not in EXPORT_FORMATS:
         raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
     check_export_target(Path(run_dir), Path(output_dir), overwrite)  # before the model loads
-    config, task, model = load_run(run_dir, checkpoint)
+    config, task, model = load_run(run_dir, checkpoint, read_run_config(run_dir, place))
     refusal = workload_for(config).not_exportable
     if refusal:
         raise PeftlabError(f"{run_dir} is {refusal}: nothing to export; its checkpoints are safetensors + JSON already")

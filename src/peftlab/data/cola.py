@@ -17,6 +17,12 @@ SPLIT_FILES = {"train": "in_domain_train.tsv", "validation": "in_domain_dev.tsv"
 LABEL_NAMES = ("unacceptable", "acceptable")
 
 
+def present_splits(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The splits whose file is in the data directory."""
+    folder = resolve_data_dir(data_dir, "cola")
+    return [split for split, name in SPLIT_FILES.items() if (folder / name).is_file()]
+
+
 def read_cola(split: str, data_dir: str | os.PathLike | None = None) -> list[LabelledText]:
     """Read one CoLA split; any malformed line is an error naming file:line."""
     if split not in SPLIT_FILES:

@@ -15,6 +15,7 @@ class Dataset:
     name: str
     read: Callable[[str, str | os.PathLike | None], list]  # (split, data_dir) -> examples
     splits: tuple[str, ...]
+    present: Callable[[str | os.PathLike | None], list[str]]  # data_dir -> the splits whose files are there
     objectives: tuple[str, ...]  # the workloads it can be trained with; the first is the default
     max_length: int  # tokens per example when --max-length is not given
     test_split: str | None = None  # held-out split scored with checkpoints/best after training
@@ -26,12 +27,26 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {dataset.name: dataset for dataset in (
-    Dataset("cola", cola.read_cola, tuple(cola.SPLIT_FILES), ("classification", "instruct"), 128,
+    Dataset("cola", cola.read_cola, tuple(cola.SPLIT_FILES), cola.present_splits, ("classification", "instruct"), 128,
             label_names=cola.LABEL_NAMES),
     Dataset("rotten_tomatoes", rotten_tomatoes.read_rotten_tomatoes, tuple(rotten_tomatoes.SPLIT_SIZES),
-            ("instruct", "classification"), 128, test_split="test", label_names=rotten_tomatoes.LABEL_NAMES),
-    Dataset("squad", squad.read_squad, tuple(squad.SPLIT_FILES), ("qa",), 384),
+            rotten_tomatoes.present_splits, ("instruct", "classification"), 128, test_split="test",
+            label_names=rotten_tomatoes.LABEL_NAMES),
+    Dataset("squad", squad.read_squad, tuple(squad.SPLIT_FILES), squad.present_splits, ("qa",), 384),
 )}
+
+
+def check_split(name: str, split: str, data_dir: str | os.PathLike | None) -> None:
+    """`split` is one of the task's splits and its file is in the data directory (before any model loads)."""
+    dataset = get_dataset(name)
+    present = dataset.present(data_dir)
+    if split in present:
+        return
+    if split in dataset.splits:
+        raise PeftlabError(f"{name}'s {split} split has no file in the data directory (--data-dir / PEFTLAB_DATA); "
+                           f"present: {', '.join(present) or 'none'}")
+    raise PeftlabError(f"{name} has no split '{split}': it offers {', '.join(dataset.splits)}; present here: "
+                       f"{', '.join(present) or 'none'}")
 
 
 def get_dataset(name: str) -> Dataset:

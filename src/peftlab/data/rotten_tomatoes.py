@@ -45,6 +45,12 @@ def read_polarity_file(path) -> list[LabelledText]:
     return examples
 
 
+def present_splits(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Every split when both polarity files are in the data directory (the splits are cut from them)."""
+    folder = resolve_data_dir(data_dir, "rotten_tomatoes")
+    return list(SPLIT_SIZES) if all((folder / name).is_file() for name in FILES.values()) else []
+
+
 def read_rotten_tomatoes(split: str, data_dir: str | os.PathLike | None = None) -> list[LabelledText]:
     """One split (train, validation or test) of the deterministic balanced split described above."""
     if split not in SPLIT_SIZES:

@@ -33,6 +33,12 @@ class QAExample:
     origin: str  # file + question id
 
 
+def present_splits(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The splits with one of their files in the data directory."""
+    folder = resolve_data_dir(data_dir, "squad")
+    return [split for split, names in SPLIT_FILES.items() if any((folder / name).is_file() for name in names)]
+
+
 def split_path(split: str, data_dir: str | os.PathLike | None):
     if split not in SPLIT_FILES:
         raise PeftlabError(f"unknown SQuAD split '{split}': expected one of {', '.join(SPLIT_FILES)}")

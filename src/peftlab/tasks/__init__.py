@@ -61,6 +61,9 @@ class Task:
     # True: examples with the same first `shared_length` tokens are batched together (never split over processes
     # or micro-batches) and the task computes that prefix once for all of them (`peftlab.shared_prefix`).
     shares_prefixes: bool = False
+    # True when encoding computes something (a distillation's teacher labels the data): --dry-run then plans
+    # without reading the data.
+    encoding_is_costly: bool = False
 
     def encode(self, split: str) -> list[Encoded]:
         """Every usable example of a split; bad data is an error naming file and line."""

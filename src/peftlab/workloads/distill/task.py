@@ -278,6 +278,7 @@ class DistillationTask(Task):
     and for training the teacher's logits and the distillation loss."""
 
     model_task = "classification"
+    encoding_is_costly = True  # the teacher labels the training data
 
     def __init__(self, base: Task, config: RunConfig, load_run: RunLoader):
         """`base`: the teacher's classification task (its sentences, labels, tokenizer); `load_run` loads the

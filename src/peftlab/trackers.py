@@ -1,0 +1,83 @@
+"""Experiment trackers (`--report-to tensorboard,wandb`) through Hugging Face Accelerate: per-step training loss,
+learning rate, gradient norm and throughput, and every evaluation's metrics, under <run>/trackers.
+
+Both trackers are optional extras (`pip install 'peftlab[tensorboard]'` / `'peftlab[wandb]'`), checked before the
+model loads. W&B runs offline (nothing leaves the machine; `wandb sync` uploads later) unless an API key is set or
+WANDB_MODE says otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from peftlab.engine import Callback
+from peftlab.errors import PeftlabError
+
+TRACKER_NAMES = ("tensorboard", "wandb")
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each tracker's package is installed (before anything loads)."""
+    for name in names:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise PeftlabError(f"--report-to {name}: the {name} package is not installed. Fix: pip install "
+                               f"'peftlab[{name}]' (or .venv/bin/pip install {TRACKER_MODULES[name]})")
+
+
+def wandb_offline_by_default() -> bool:
+    """W&B without credentials would ask for a login or retry the network: run offline instead."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = os.path.expanduser("~/.netrc")
+    return not (os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="replace").read())
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict:
+    """A nested config as flat "section.key" values a tracker can show (lists joined)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+class Trackers(Callback):
+    """Starts the run's trackers on the first step and logs every step and evaluation (main process)."""
+
+    def __init__(self, config):
+        self.config, self.started = config, False
+
+    def _start(self, engine) -> None:
+        accelerator, config = engine.accelerator, self.config
+        if "wandb" in config.train.report_to and wandb_offline_by_default():
+            os.environ["WANDB_MODE"] = "offline"
+            accelerator.print(f"W&B: offline (no API key); upload later with `wandb sync {engine.run.path}/trackers/wandb/"
+                              "offline-run-*`")
+        name = engine.run.path.name
+        settings = {key: value for key, value in flat_settings(config.to_dict()).items() if value is not None}
+        # The project is "peftlab" (TensorBoard: <run>/trackers/peftlab), each run named by its folder.
+        accelerator.init_trackers("peftlab", config=settings, init_kwargs={
+            "wandb": {"dir": str(engine.run.path / "trackers"), "name": name}})
+        self.started = True
+
+    def on_step(self, engine, row: dict) -> None:
+        if not self.started:
+            self._start(engine)
+        values = {f"train/{key}": row[key] for key in ("loss", "lr", "grad_norm", "examples_per_second")}
+        engine.accelerator.log(values | {"train/epoch": row["epoch"]}, step=row["step"])
+
+    def on_evaluation(self, engine, row: dict) -> None:
+        if not self.started:
+            self._start(engine)
+        values = {f"val/{key.removeprefix('val_')}": value for key, value in row.items()
+                  if key.startswith("val_") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        engine.accelerator.log(values, step=row["step"])
+
+    def on_train_end(self, engine) -> None:
+        if self.started:
+            engine.accelerator.end_training()
+            self.started = False
