@@ -18,11 +18,8 @@ SERENITY_PROMPT = (
 MODES = {
     "gen": lambda seed: ["generate", "--prompt", SERENITY_PROMPT, "--max-new-tokens", "200", "--temperature", "0.8",
                          "--top-k", "200", "--top-p", "0.95", "--seed", seed],
-    # peftlab's CoLA recipe on the default model (README, "LoRA on CoLA"); the run directory is named by the seed.
-    "LoRA": lambda seed: ["train", "--task", "cola", "--model", "smollm2-135m", "--method", "lora",
-                          "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lora-dropout", "0.1",
-                          "--epochs", "4", "--batch-size", "32", "--lr", "3e-4", "--schedule", "cosine",
-                          "--eval-every", "67", "--seed", seed, "--output-dir", f"runs/LoRA-{seed}"],
+    # peftlab's CoLA recipe (`peftlab recipes`; README, "LoRA on CoLA"); the run directory is named by the seed.
+    "LoRA": lambda seed: ["train", "--recipe", "cola", "--seed", seed, "--output-dir", f"runs/LoRA-{seed}"],
 }
 
 

@@ -345,6 +345,12 @@ def test_compare_prints_one_table_over_seeds(teacher_run, tmp_path, monkeypatch,
         assert (tmp_path / "compare" / run / "summary.json").is_file()
     assert not (tmp_path / "compare/no-kd-seed0" / CACHE_DIR).exists()
     assert "alpha: 0.0" in (tmp_path / "compare/no-kd-seed1/config.yaml").read_text()
+    # The comparison as one HTML page: its table and plot, then every student run.
+    from peftlab.report_html import write_html_report
+
+    page = write_html_report([str(tmp_path / "compare")], tmp_path / "compare.html").read_text()
+    assert "no-KD student (lstm, alpha 0)" in page and "alt='comparison.png'" in page
+    assert all(f"Run {run}" in page for run in ("kd-seed0", "kd-seed1", "no-kd-seed0", "no-kd-seed1"))
     # Finished runs are reused: a second comparison only evaluates (same numbers; the speeds are measured anew).
     monkeypatch.setattr("peftlab.sweep.train", lambda *args, **kwargs: pytest.fail("trained again"))
     again = compare_students(config, seeds=2).read_text().splitlines()
@@ -395,7 +401,7 @@ def test_run_py_distil_trains_a_teacher_only_when_none_is_given(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
 
     assert script.run(["distil", "23006", "--augment", "2"]) == 0
-    assert calls[0][:3] == ["train", "--task", "cola"] and calls[0][-2:] == ["--output-dir", "runs/LoRA-23006"]
+    assert calls[0][:3] == ["train", "--recipe", "cola"] and calls[0][-2:] == ["--output-dir", "runs/LoRA-23006"]
     assert calls[1][:3] == ["distill", "--teacher", "runs/LoRA-23006"]
     assert calls[1][calls[1].index("--seed") + 1] == "23006" and calls[1][-2:] == ["--augment", "2"]
 

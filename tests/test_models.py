@@ -87,6 +87,24 @@ def test_gpt2_weights_unavailable_offline_says_how_to_fix(monkeypatch, tmp_path)
         load_model("gpt2-xl")
 
 
+def test_gpt2_without_a_reachable_hub_fails_at_once_without_retrying(monkeypatch, tmp_path):
+    import socket
+
+    import transformers
+
+    monkeypatch.setenv("PEFTLAB_MODELS", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    attempts = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: attempts.append(address) or (
+        _ for _ in ()).throw(OSError(-2, "Name or service not known")))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the hub was asked (it retries for a minute)"))
+    with pytest.raises(PeftlabError, match=r"the hub is not reachable from here \(hub.invalid: Name or service not "
+                                           r"known\).*--init random"):
+        load_model("gpt2")
+    assert attempts == [("hub.invalid", 443)]  # one probe, 3 s at most
+
 def test_local_directory_loads_and_matches(make_tiny_gpt2, gpt2_tokenizer, tmp_path):
     reference = make_tiny_gpt2(seed=3)
     reference.save_pretrained(tmp_path)

@@ -139,3 +139,36 @@ def test_the_html_report_of_runs_and_a_sweep_renders_in_chromium(tiny_model_dir,
     other.write_text("<html>mine</html>")
     assert main(["report", str(tmp_path / "sweep" / "rank2"), "--html", str(other)]) == 2
     assert other.read_text() == "<html>mine</html>" and "not a page peftlab wrote" in capsys.readouterr().err
+
+
+def test_a_sweep_on_local_ray_tune_trains_each_point_once_like_the_local_backend(tiny_model_dir, tmp_path):
+    import json
+
+    import pytest
+    from test_train import read_rows, tiny_config, write_cola
+
+    from peftlab.sweep import run_sweep
+
+    pytest.importorskip("ray.tune")
+    data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "unused", epochs=2)
+    base = {key: value for key, value in config.to_dict().items() if key != "output_dir"}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"base": base, "grid": {"adapter.rank": [2, 4]}}))
+    run_sweep(str(grid), output_dir=str(tmp_path / "local"))
+    run_sweep(str(grid), output_dir=str(tmp_path / "ray"), backend="ray", cpus_per_trial=1)
+    for name in ("rank2", "rank4"):  # the same run directories and trajectories as one after the other
+        ray_rows, local_rows = read_rows(tmp_path / "ray" / name), read_rows(tmp_path / "local" / name)
+        assert [row["step"] for row in ray_rows] == [row["step"] for row in local_rows] == [2, 4]
+        for row, reference in zip(ray_rows, local_rows):
+            assert row["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+    table = (tmp_path / "ray" / "report.md").read_text()
+    assert "| rank2 |" in table and "| rank4 |" in table
+    # Tune saw every evaluation of each trial.
+    results = sorted((tmp_path / "ray" / ".ray" / "tune").rglob("result.json"))
+    assert len(results) == 2
+    assert all([json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4] for path in results)
+    # Done points are skipped on Ray too: nothing is trained again.
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "ray").glob("rank*/summary.json")}
+    run_sweep(str(grid), output_dir=str(tmp_path / "ray"), backend="ray")
+    assert {path: path.stat().st_mtime_ns for path in before} == before

@@ -101,6 +101,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                        help="an axis of the grid, e.g. adapter.rank=16,128 (repeatable)")
     sweep.add_argument("--output-dir", help="folder of the sweep's runs (default: the grid file's output_dir)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local: one run after the other; ray: Ray Tune trials, as many at once as the resources "
+                       "allow (needs `pip install 'peftlab[ray]'`) (default: local)")
+    sweep.add_argument("--address", help="ray: the Ray cluster to use (default: a local Ray, started and stopped here)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1, help="ray: CPUs per trial (default: 1)")
+    sweep.add_argument("--gpus-per-trial", type=float, default=0, help="ray: GPUs per trial (default: 0)")
     sweep.set_defaults(handler=_run_sweep)
 
     report = commands.add_parser(
@@ -262,7 +268,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
     if not args.grid and not args.set:
         raise PeftlabError("nothing to sweep: give a grid file and/or --set KEY=V1,V2")
-    run_sweep(args.grid, args.set, args.output_dir)
+    run_sweep(args.grid, args.set, args.output_dir, args.backend, args.address, args.cpus_per_trial, args.gpus_per_trial)
 
 
 def _run_report(args: argparse.Namespace) -> None:

@@ -261,14 +261,47 @@ def _load_gpt2_pretrained(spec: ModelSpec, dtype: torch.dtype):
     local = local_models_dir() / spec.name
     if (local / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
+    no_weights = (f"no weights for '{spec.name}': not in {local}, not in the Hugging Face cache, and the hub is "
+                  "{why}. Fix: put a Hugging Face copy of " f"{spec.hub_id} in {local}, or use --init random for the "
+                  "architecture with random weights.")
+    unreachable = hub_unreachable()
+    if unreachable:  # the cache or fail now: transformers would retry the hub for about a minute first
+        cached = cached_snapshot(spec.hub_id)
+        if cached is None:
+            raise PeftlabError(no_weights.format(why=unreachable))
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype)
     except OSError as error:
-        raise PeftlabError(
-            f"no weights for '{spec.name}': not in {local} and the Hugging Face hub/cache has no "
-            f"'{spec.hub_id}' ({type(error).__name__}). Fix: put a Hugging Face copy of {spec.hub_id} in {local}, "
-            f"or use --init random for the architecture with random weights."
-        ) from None
+        raise PeftlabError(no_weights.format(why=f"no help ({type(error).__name__})")) from None
+
+
+def cached_snapshot(hub_id: str) -> Path | None:
+    """The model's folder in the Hugging Face cache (no network), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(hub_id, local_files_only=True))
+    except OSError:  # huggingface_hub's LocalEntryNotFoundError: not cached
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, or no connection within 3 s), else None."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "switched off (HF_HUB_OFFLINE)"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        return f"not reachable from here ({host}: {error.strerror or type(error).__name__})"
+    return None
 
 
 def hf_reference(name: str) -> str:

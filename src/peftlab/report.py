@@ -31,7 +31,7 @@ METRIC_LABELS = {"accuracy": "accuracy", "mcc": "MCC", "score_accuracy": "accura
 def plot_history(rows: list[dict], directory: Path, title: str, metric_names=("accuracy", "mcc"),
                  select: str = "loss", best_step: int | None = None, steps: list[dict] | None = None) -> list[Path]:
     """loss.png (training loss per step and per epoch, validation loss at every evaluation) and metrics.png (the
-    task's validation metrics at every evaluation, training accuracy per epoch where the task has one), against
+    task's validation metrics at every evaluation, training accuracy per epoch where accuracy is one of them), against
     optimizer steps; the best checkpoint (`best_step`, by `select`) is marked on both."""
     if not rows:
         return []
@@ -41,7 +41,10 @@ def plot_history(rows: list[dict], directory: Path, title: str, metric_names=("a
     for name, y_label, series in (
         ("loss", "loss", [("validation loss", "val_loss", rows), ("train loss (epoch)", "train_loss", epochs)]),
         ("metrics", "score", [(f"validation {METRIC_LABELS.get(metric, metric)}", f"val_{metric}", rows)
-                              for metric in metric_names] + [("train accuracy (epoch)", "train_accuracy", epochs)]),
+                              for metric in metric_names]
+                             # the training accuracy is on the validation metric's scale only where that is accuracy
+                             + ([("train accuracy (epoch)", "train_accuracy", epochs)] if "accuracy" in metric_names
+                                else [])),
     ):
         figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
         if name == "loss" and steps:

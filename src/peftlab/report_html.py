@@ -3,7 +3,7 @@ runs, sweeps or a distillation comparison.
 
 For several runs: the comparison table and plots of `peftlab report`. For a folder (a sweep, a comparison): its own
 tables (*.md) and plots (*.png), then its runs. For each run: what it trained (parameters, examples, time), a row
-per evaluation, its plots, the best checkpoint, its config.yaml and the command that started it. Images are
+per evaluation, its plots (drawn afresh), the best checkpoint, its config.yaml and the command that started it. Images are
 embedded as data URIs; a one-line script records how many of them the browser decoded (`data-images-decoded`).
 """
 
@@ -19,8 +19,9 @@ import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
-from peftlab.report import plot_score_vs_parameters, plot_validation_loss, read_run, runs_table
-from peftlab.runs import CONFIG, METRICS
+from peftlab.report import (METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, read_run,
+                            runs_table)
+from peftlab.runs import CONFIG, METRICS, STEPS, RunDir
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -109,7 +110,7 @@ def run_section(run: dict) -> str:
     environment = config.get("environment") or {}
     command = environment.get("command") or "(not recorded: the run predates peftlab 0.1's environment record)"
     recorded = {key: value for key, value in config.items() if key != "environment"}
-    plots = "".join(image(plot) for plot in sorted((path / "plots").glob("*.png")))
+    plots = run_plots(run, path)
     return (f"<h2>Run {html.escape(run['name'])}</h2>\n<p class='note'>{html.escape(str(path))}</p>\n"
             f"{facts_table(facts)}\n<h3>Evaluations</h3>\n{evaluations_table(rows, best.get('step'))}\n"
             f"<p>Best checkpoint: step {best.get('step', '—')} by validation {summary.get('select_metric', '—')} "
@@ -117,6 +118,19 @@ def run_section(run: dict) -> str:
             f"<h3>Command</h3>\n<pre>{html.escape(command)}</pre>\n"
             f"<h3>Environment</h3>\n<pre>{html.escape(json.dumps(environment, indent=1) if environment else '—')}</pre>\n"
             f"<h3>config.yaml</h3>\n<pre>{html.escape(yaml.safe_dump(recorded, sort_keys=False))}</pre>")
+
+
+def run_plots(run: dict, path: Path) -> str:
+    """The run's loss and metric plots, drawn afresh from metrics.jsonl and steps.jsonl (a run written by an older
+    peftlab has older plots on disk)."""
+    rows, summary = run["rows"], run["summary"]
+    metrics = [name for name in METRIC_LABELS if any(f"val_{name}" in row for row in rows)]
+    steps = RunDir(path).read_steps() if (path / STEPS).is_file() else None
+    best = (summary.get("best") or {}).get("step")
+    with tempfile.TemporaryDirectory() as folder:
+        title = f"{run['name']} ({run['config']['task']['name']}, {run['config']['adapter']['method']})"
+        written = plot_history(rows, Path(folder), title, metrics, summary.get("select_metric") or "loss", best, steps)
+        return "".join(image(plot) for plot in written)
 
 
 def evaluations_table(rows: list[dict], best_step: int | None) -> str:

@@ -15,12 +15,18 @@ A grid file (YAML):
 
 `--set KEY=V1,V2` adds an axis from the command line. Finished runs (summary.json present, all epochs done)
 are skipped, interrupted ones resumed, so a sweep can be re-run after a crash or extended with new values.
+
+`--backend ray` runs the points as Ray Tune trials (the optional extra `peftlab[ray]`): on the cluster at
+`--address`, else on a local Ray that peftlab starts and stops. Same run directories, same skip/resume rules, same
+report; each evaluation is reported to Tune (`val_loss`, the task's metrics, `step`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -31,7 +37,10 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.report import print_report, write_report
 from peftlab.runs import RunDir
+from peftlab.engine import Callback
 from peftlab.train import train
+
+BACKENDS = ("local", "ray")
 
 
 def _label(value) -> str:
@@ -125,10 +134,11 @@ def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tup
     return folder, run_configs(base, folder, grid)
 
 
-def train_points(configs: list[RunConfig]) -> None:
-    """Train each configured run unless it is done: new runs start, interrupted ones resume (or restart when no
-    epoch finished); a folder holding a run of another configuration is an error. The one set of skip/resume
-    rules for `peftlab sweep` and the distillation comparison."""
+def points_to_train(configs: list[RunConfig]) -> list[tuple[RunConfig, str]]:
+    """Each configured run that is not done, with its state (new, restart or resume); a folder holding a run of
+    another configuration is an error. The one set of skip/resume rules for every backend and the distillation
+    comparison."""
+    todo = []
     for index, config in enumerate(configs, start=1):
         run = RunDir(config.output_dir)
         state = run.state(config.train.epochs)
@@ -137,14 +147,91 @@ def train_points(configs: list[RunConfig]) -> None:
         print(f"[{index}/{len(configs)}] {config.output_dir}: {'already done, skipped' if state == 'done' else state}",
               flush=True)
         if state != "done":
-            train(config, resume=state != "new")
+            todo.append((config, state))
+    return todo
 
 
-def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None) -> list[str]:
-    """Train every grid point not done yet, then write <folder>/report.md and its plots (see `write_report`)."""
+def train_points(configs: list[RunConfig]) -> None:
+    """Train each configured run unless it is done (`points_to_train`), one after the other."""
+    for config, state in points_to_train(configs):
+        train(config, resume=state != "new")
+
+
+class ReportToTune(Callback):
+    """Every evaluation of a trial, as a Tune result."""
+
+    def on_evaluation(self, engine, row: dict) -> None:
+        from ray import tune
+
+        values = {key: value for key, value in row.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        tune.report(values)
+
+
+def _tune_trial(trial: dict) -> None:
+    """One Ray Tune trial: a grid point trained (or resumed) in its own run directory."""
+    point = trial["point"]
+    config = RunConfig.from_dict(point["config"])
+    train(config, resume=point["state"] != "new", callbacks=[ReportToTune()])
+
+
+def train_points_on_ray(configs: list[RunConfig], folder: str, address: str | None, cpus_per_trial: float,
+                        gpus_per_trial: float) -> None:
+    """The points not done yet as Ray Tune trials, at most as many at once as the resources allow."""
+    if importlib.util.find_spec("ray") is None:
+        raise PeftlabError("--backend ray needs Ray Tune. Fix: pip install 'peftlab[ray]'")
+    import ray
+    from ray import tune
+
+    todo = points_to_train(configs)
+    if not todo:
+        return
+    points = []
+    for config, state in todo:  # trials run in their own working directory: paths must not be relative
+        values = config.to_dict() | {"output_dir": str(Path(config.output_dir).resolve())}
+        points.append({"config": values, "state": state, "name": Path(config.output_dir).name})
+    environment = {name: os.environ[name] for name in ("PEFTLAB_DATA", "PEFTLAB_CACHE", "PEFTLAB_MODELS", "HF_HOME")
+                   if name in os.environ}
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": environment} if environment else None)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
+            param_space={"point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(trial_name_creator=lambda trial: trial.config["point"]["name"],
+                                        trial_dirname_creator=lambda trial: trial.config["point"]["name"]),
+            # Tune's own tables would print every setting of every trial; the trials' logs say what happens.
+            run_config=tune.RunConfig(name="tune", storage_path=str((Path(folder) / ".ray").resolve()), verbose=0),
+        )
+        results = tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    failed = [result for result in results if result.error]
+    if failed:
+        names = ", ".join(result.config["point"]["name"] for result in failed)
+        raise PeftlabError(f"{len(failed)} of {len(points)} Ray trial(s) failed ({names}): {failed[0].error}. Their run "
+                           "directories keep what was saved; run the sweep again to resume them")
+
+
+def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = None, backend: str = "local",
+              address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0) -> list[str]:
+    """Train every grid point not done yet (one after the other, or as Ray Tune trials), then write
+    <folder>/report.md and its plots (see `write_report`)."""
+    if backend not in BACKENDS:
+        raise PeftlabError(f"unknown --backend '{backend}': expected {' or '.join(BACKENDS)}")
+    if backend == "local" and (address or gpus_per_trial):
+        raise PeftlabError("--address and --gpus-per-trial are settings of --backend ray")
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise PeftlabError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     folder, configs = load_sweep(path, list(sets), output_dir)
-    print(f"sweep: {len(configs)} run(s) in {folder}")
-    train_points(configs)
+    print(f"sweep: {len(configs)} run(s) in {folder}{' on Ray Tune' if backend == 'ray' else ''}")
+    if backend == "ray":
+        train_points_on_ray(configs, folder, address, cpus_per_trial, gpus_per_trial)
+    else:
+        train_points(configs)
     run_dirs = [config.output_dir for config in configs]
     print_report(*write_report(run_dirs, folder))
     return run_dirs

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -68,7 +69,7 @@ def selection_metric(config: RunConfig, task: Task) -> str:
 
 
 def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False,
-          command: str | None = None) -> dict:
+          command: str | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Train (or, with `resume`, continue) the run described by `config`; returns the run's summary.
 
     Args:
@@ -78,6 +79,7 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         stop_after_epoch: stop after this many epochs as if interrupted (to be resumed later).
         dry_run: build the model, encode the data, print the parameter report and the resolved plan, stop.
         command: the command line that started the run, recorded in config.yaml.
+        callbacks: more `Callback`s (after the plots and trackers), e.g. a sweep backend's reporting.
     """
     started = time.perf_counter()
     validate(config)
@@ -100,7 +102,7 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     report = parameter_report(model)
     say("\n".join(report.lines()))
 
-    callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else [])]
+    callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else []), *callbacks]
     engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
     if dry_run:
         if not task.encoding_is_costly:
