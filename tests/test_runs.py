@@ -260,6 +260,10 @@ def test_a_moved_run_evaluates_with_data_dir_and_device_and_splits_are_checked_f
             in capsys.readouterr().err)
     assert main(["eval", str(tmp_path / "run"), "--device", "cuda:3"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+    monkeypatch.undo()
+    shutil.copy(moved_data / "cola" / "in_domain_dev.tsv", moved_data / "cola" / "out_of_domain_dev.tsv")
+    assert main(["eval", str(tmp_path / "run"), "--data-dir", str(moved_data), "--split", "validation_ood"]) == 0
+    assert f"validation_ood (8 examples): Loss: {recorded['val_loss']:.4f}" in capsys.readouterr().out
 
 
 def test_bf16_autocast_trains_on_cpu_and_fp16_asks_for_a_gpu(tiny_model_dir, tmp_path, capsys):

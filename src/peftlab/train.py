@@ -105,7 +105,9 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else []), *callbacks]
     engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
     if dry_run:
-        if not task.encoding_is_costly:
+        if task.encoding_is_costly:
+            say("Plan: not computed for a dry run (reading the data would have the teacher label it first)")
+        else:
             say(plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
                           evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision, select))
         return {"parameters": vars(report) | {"reduction": report.reduction}}
