@@ -8,7 +8,7 @@ import sys
 from importlib import metadata
 
 from peftlab import __version__
-from peftlab.config import RunConfig, did_you_mean
+from peftlab.config import RunConfig, closest
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.options import EVAL_BASE_OPTIONS, RUN_PLACE_OPTIONS, TRAIN_OPTIONS, add_options, apply_options
 from peftlab.workloads.distill.commands import add_distill_commands
@@ -172,7 +172,7 @@ def train_config_from_args(args: argparse.Namespace):
     for option in args.set:
         key, value = parse_assignment(option)
         set_dotted(values, key, value, f"--set {option}")
-    config = RunConfig.from_dict(values, args.recipe or "--set") if values else RunConfig()
+    config = RunConfig.from_dict(values) if values else RunConfig()
     apply_options(config, args, TRAIN_OPTIONS)
     if args.output_dir:
         config.output_dir = args.output_dir
@@ -339,12 +339,36 @@ def _quiet_library_logs() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# The names transformers' TrainingArguments, peft and litgpt give some of our options, for "did you mean".
+OTHER_TOOLS_NAMES = {"--learning-rate": "--lr", "--num-train-epochs": "--epochs", "--lora-r": "--rank",
+                     "--lora-alpha": "--alpha", "--per-device-train-batch-size": "--batch-size",
+                     "--per-device-eval-batch-size": "--eval-batch-size", "--gradient-accumulation-steps": "--grad-accum",
+                     "--lr-scheduler-type": "--schedule", "--target-modules": "--targets", "--save-steps": "--save-every",
+                     "--eval-steps": "--eval-every", "--report": "--report-to"}
+
+
 def unrecognized(unknown: list[str], parser: argparse.ArgumentParser, command: str) -> str:
     """argparse's message for unknown arguments, with the closest option of the command ("did you mean")."""
-    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    options = subparsers.choices[command]._option_string_actions
-    hints = [f"{item}{did_you_mean(item.split('=')[0], options)}" for item in unknown]
+    options = _command_parser(parser, command)._option_string_actions
+    hints = [f"{item} (did you mean {match}?)" if (match := _suggest(item.split("=")[0], options)) else item
+             for item in unknown]
     return f"unrecognized arguments: {' '.join(hints)} (see `peftlab {command} --help`)"
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[command]
+
+
+def _suggest(name: str, options) -> str | None:
+    """Our option for a misspelled one, one with underscores, or another tool's name for it."""
+    if not name.startswith("--"):
+        return None
+    name = name.replace("_", "-")
+    if name in options:
+        return name
+    alias = OTHER_TOOLS_NAMES.get(name) or OTHER_TOOLS_NAMES.get(closest(name, OTHER_TOOLS_NAMES) or "")
+    return alias if alias in options else closest(name, options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(unrecognized(unknown, parser, args.command))
+        _command_parser(parser, args.command).error(unrecognized(unknown, parser, args.command))
     args.command_line = shlex.join(["peftlab", *argv])
     _quiet_library_logs()
     try:

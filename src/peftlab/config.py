@@ -259,10 +259,16 @@ def _check_type(value, hint, where: str):
     return value
 
 
+def closest(name: str, choices) -> str | None:
+    """The one of `choices` closest to a misspelled `name`, if any is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean X?)' for the closest of `choices`, or nothing."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    match = closest(name, choices)
+    return f" (did you mean {match}?)" if match else ""
 
 
 def set_dotted(values: dict, key: str, value, where: str) -> None:
