@@ -346,7 +346,7 @@ def test_compare_prints_one_table_over_seeds(teacher_run, tmp_path, monkeypatch,
     assert not (tmp_path / "compare/no-kd-seed0" / CACHE_DIR).exists()
     assert "alpha: 0.0" in (tmp_path / "compare/no-kd-seed1/config.yaml").read_text()
     # The comparison as one HTML page: its table and plot, then every student run.
-    from peftlab.report_html import write_html_report
+    from peftlab.report.html import write_html_report
 
     page = write_html_report([str(tmp_path / "compare")], tmp_path / "compare.html").read_text()
     assert "no-KD student (lstm, alpha 0)" in page and "alt='comparison.png'" in page

@@ -125,7 +125,7 @@ def test_the_html_report_of_runs_and_a_sweep_renders_in_chromium(tiny_model_dir,
     assert "src='data:image/png;base64," in text and "<link" not in text and "src='http" not in text  # self-contained
     dom, shot = _browse(page, tmp_path)
     images = len(re.findall(r"<img ", dom))
-    assert images == 2 + 2 + 2 * 2  # comparison plots, the sweep's own plots, loss + metrics of each run
+    assert images == 2 + 2 * 2  # the comparison plots (drawn afresh, not the sweep's own again), loss + metrics of each run
     assert f'data-images-decoded="{images}/{images}"' in dom  # every embedded plot decoded in the browser
     visible = html.unescape(re.sub(r"<[^>]+>", " ", dom))
     assert "Comparison of 2 runs" in visible and "Run rank2" in visible and "Run rank4" in visible

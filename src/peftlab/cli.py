@@ -275,7 +275,7 @@ def _run_report(args: argparse.Namespace) -> None:
     from peftlab.report import print_report, write_methods_report, write_report
 
     if args.html:
-        from peftlab.report_html import write_html_report
+        from peftlab.report.html import write_html_report
 
         if args.by_method:
             raise PeftlabError("--html takes runs and folders as they are; drop --by-method (or --html)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from peftlab.engine import Callback
 from peftlab.errors import PeftlabError
@@ -30,8 +31,8 @@ def wandb_offline_by_default() -> bool:
     """W&B without credentials would ask for a login or retry the network: run offline instead."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return False
-    netrc = os.path.expanduser("~/.netrc")
-    return not (os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="replace").read())
+    netrc = Path.home() / ".netrc"  # where `wandb login` keeps the key
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="replace"))
 
 
 def flat_settings(config: dict, prefix: str = "") -> dict:

@@ -21,6 +21,8 @@ from peftlab.fileio import check_writable
 from peftlab.hf import export_merged, export_peft, read_export_record
 from peftlab.models import PRECISIONS, hf_reference, load_model, resolve_device, resolve_precision
 from peftlab.peft import parameter_report
+from peftlab.peft.methods import get_method
+from peftlab.peft.prepare import EXTRA_TRAINABLE
 from peftlab.report import plot_history
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir
 from peftlab.tasks import Task
@@ -55,6 +57,10 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PeftlabError(message)
+    get_method(config.adapter.method)  # an unknown method is named now, not after the model loads
+    unknown = [item for item in config.adapter.extra_trainable or [] if item not in EXTRA_TRAINABLE]
+    if unknown:
+        raise PeftlabError(f"--extra-trainable: unknown {', '.join(unknown)}: expected any of {', '.join(EXTRA_TRAINABLE)}")
     check_trackers(train.report_to)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,16 +20,17 @@ import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
-from peftlab.report import (METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, read_run,
-                            runs_table)
+from peftlab.report import REPORT_PLOTS
+from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss
+from peftlab.report.tables import read_run, runs_table
 from peftlab.runs import CONFIG, METRICS, STEPS, RunDir
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; }
+th { background: #f3f3f3; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { background: #fff6cc; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #eee; margin: .4em .4em 0 0; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
@@ -80,10 +82,13 @@ def comparison_section(runs: list[dict]) -> str:
 
 
 def folder_section(folder: Path) -> str:
-    """A sweep's or comparison's own tables and plots."""
-    tables = "".join(markdown_tables(read_text(path, "report")) for path in sorted(folder.glob("*.md")))
-    images = "".join(image(path) for path in sorted(folder.glob("*.png")))
-    return f"<h2>{html.escape(str(folder))}</h2>\n{tables}{images}"
+    """A folder's own tables and plots (a distillation's comparison.md and .png); `peftlab report`'s own files
+    are left out, as the page draws the comparison afresh."""
+    ours = {"report.md", *REPORT_PLOTS}
+    tables = "".join(markdown_tables(read_text(path, "report")) for path in sorted(folder.glob("*.md"))
+                     if path.name not in ours)
+    images = "".join(image(path) for path in sorted(folder.glob("*.png")) if path.name not in ours)
+    return f"<h2>{html.escape(str(folder))}</h2>\n{tables}{images}" if tables or images else ""
 
 
 def run_section(run: dict) -> str:
@@ -98,17 +103,19 @@ def run_section(run: dict) -> str:
              ("reduction", f"{100 * parameters['reduction']:.2f}%" if "reduction" in parameters else "—"),
              ("training examples", _count(summary.get("train_examples"))),
              ("validation examples", _count(summary.get("validation_examples"))),
-             ("steps", _count(summary.get("steps_completed"))),
-             ("finished", {True: "yes", False: "no (resumable)"}.get(summary.get("finished"), "—")),
-             ("time", f"{summary['elapsed_seconds']:.0f} s" if summary.get("elapsed_seconds") else "—")]
+             ("steps", _count(summary.get("steps_completed", rows[-1]["step"] if rows else None))),
+             ("finished", {True: "yes", False: "no (resumable)"}.get(finished(run), "—")),
+             ("training time", f"{sum(summary['seconds_per_epoch']):.0f} s" if summary.get("seconds_per_epoch") else "—"),
+             ("wall time", f"{summary['elapsed_seconds']:.0f} s" if summary.get("elapsed_seconds") else "—")]
     best = summary.get("best") or {}
     test = summary.get("test")
     if test:
-        facts.append((f"test ({test['split']}, {test.get('examples', '?')} examples)",
+        examples = f", {test['examples']} examples" if "examples" in test else ""
+        facts.append((f"test ({test['split']}{examples})",
                       ", ".join(f"{key} {value:.4f}" for key, value in test.items()
                                 if isinstance(value, float) and key != "examples_per_second")))
     environment = config.get("environment") or {}
-    command = environment.get("command") or "(not recorded: the run predates peftlab 0.1's environment record)"
+    command = environment.get("command") or "(not recorded: the run was written before config.yaml recorded its command)"
     recorded = {key: value for key, value in config.items() if key != "environment"}
     plots = run_plots(run, path)
     return (f"<h2>Run {html.escape(run['name'])}</h2>\n<p class='note'>{html.escape(str(path))}</p>\n"
@@ -118,6 +125,14 @@ def run_section(run: dict) -> str:
             f"<h3>Command</h3>\n<pre>{html.escape(command)}</pre>\n"
             f"<h3>Environment</h3>\n<pre>{html.escape(json.dumps(environment, indent=1) if environment else '—')}</pre>\n"
             f"<h3>config.yaml</h3>\n<pre>{html.escape(yaml.safe_dump(recorded, sort_keys=False))}</pre>")
+
+
+def finished(run: dict) -> bool | None:
+    """Whether the run did all it planned (summaries before `finished` existed: all its epochs)."""
+    summary = run["summary"]
+    if not summary:
+        return None
+    return summary.get("finished", summary.get("epochs_completed") == run["config"]["train"]["epochs"])
 
 
 def run_plots(run: dict, path: Path) -> str:
@@ -143,14 +158,14 @@ def evaluations_table(rows: list[dict], best_step: int | None) -> str:
     header = "".join(f"<th>{html.escape(key)}</th>" for key in keys)
     lines = []
     for row in rows:
-        cells = "".join(f"<td>{_cell(row.get(key))}</td>" for key in keys)
+        cells = "".join(_td(_cell(row.get(key)), escaped=True) for key in keys)
         lines.append(f"<tr{' class=best' if row.get('step') == best_step else ''}>{cells}</tr>")
     return f"<table><tr>{header}</tr>{''.join(lines)}</table>"
 
 
 def facts_table(facts: list[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(value))}</td></tr>"
-                               for name, value in facts) + "</table>"
+    rows = "".join(f"<tr><th>{html.escape(name)}</th>{_td(str(value))}</tr>" for name, value in facts)
+    return f"<table>{rows}</table>"
 
 
 def markdown_tables(text: str) -> str:
@@ -163,8 +178,7 @@ def markdown_tables(text: str) -> str:
         if table:
             header, *body = [row for row in table if not all(set(cell) <= set("-: ") for cell in row)]
             out.append("<table><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                                 for row in body) + "</table>")
+                       + "".join("<tr>" + "".join(_td(cell) for cell in row) + "</tr>" for row in body) + "</table>")
             table = []
         if line.strip() and not line.startswith("<!--"):
             out.append(f"<p>{html.escape(line.lstrip('# '))}</p>")
@@ -174,6 +188,12 @@ def markdown_tables(text: str) -> str:
 def image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f"<img alt='{html.escape(path.name)}' title='{html.escape(path.name)}' src='data:image/png;base64,{data}'>"
+
+
+def _td(text: str, escaped: bool = False) -> str:
+    """A table cell; numbers (and "—") right-aligned."""
+    number = bool(re.match(r"^[-+]?[\d—]", text))
+    return f"<td{' class=number' if number else ''}>{text if escaped else html.escape(text)}</td>"
 
 
 def _cell(value) -> str:

@@ -1,0 +1,153 @@
+"""Reading runs for comparison and the markdown tables of `peftlab report` (a row per run, or per method across
+task sweeps)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+from peftlab.runs import METRICS, SUMMARY, RunDir
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A finished or interrupted run's config (as a dict), history and summary (if written yet), for comparison."""
+    run = RunDir(run_dir)
+    if not (run.path / METRICS).is_file():
+        raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and {METRICS})")
+    config = run.read_config()
+    summary = run.read_summary() if (run.path / SUMMARY).is_file() else {}
+    return {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": run.read_metrics(),
+            "summary": summary}
+
+
+def _number(value, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def method_settings(adapter: dict) -> str:
+    """A run's method and its shape settings in a few characters, e.g. "lora r16 α32 all-linear", "prefix p10"."""
+    method = adapter["method"]
+    if method == "lora" and adapter["rank"] == 0:
+        return "full"
+    targets = ",".join(adapter["targets"])
+    if method in ("lora", "dora"):
+        return f"{method} r{adapter['rank']} α{adapter['alpha']:g} {targets}"
+    if method == "ia3":
+        return f"ia3 {targets}"
+    if method == "adapter":
+        return f"adapter {adapter['adapter_placement']} m{adapter['adapter_size']} {adapter['adapter_nonlinearity']}"
+    if method == "prefix":
+        projection = adapter.get("prefix_projection")
+        return f"prefix p{adapter['prefix_length']}" + (f" H{projection}" if projection else "")
+    return method
+
+
+def run_numbers(run: dict) -> dict:
+    """What the tables compare of one run: its selection metric, best validation score, test score (None when not
+    tested), trainable parameters and their share of the model, seconds per training epoch (mean), validation
+    examples/s (median over evaluations)."""
+    config, summary, rows = run["config"], run["summary"], run["rows"]
+    metric = summary.get("select_metric") or config["train"].get("select_metric") or "accuracy"
+    val_scores = [row[f"val_{metric}"] for row in rows if row.get(f"val_{metric}") is not None]
+    parameters = summary.get("parameters", {})
+    epochs = [row["train_seconds"] for row in rows if row.get("final_of_epoch") and "train_seconds" in row]
+    speeds = [row["val_examples_per_second"] for row in rows if row.get("val_examples_per_second")]
+    trainable, total = parameters.get("trainable"), parameters.get("total")
+    return {
+        "metric": metric,
+        "best_val": (min if metric == "loss" else max)(val_scores) if val_scores else None,
+        "best_val_loss": min((row["val_loss"] for row in rows if row.get("val_loss") is not None), default=None),
+        "test": (summary.get("test") or {}).get(metric),
+        "test_split": (summary.get("test") or {}).get("split"),
+        "trainable": trainable,
+        "share": trainable / total if trainable and total else None,
+        "seconds_per_epoch": statistics.fmean(epochs) if epochs else None,
+        "eval_per_second": statistics.median(speeds) if speeds else None,
+    }
+
+
+def _count(value) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _share(value) -> str:
+    return "—" if value is None else f"{100 * value:.3g}%"
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One markdown table: a row per run with its method, size, best validation numbers, test score and speed."""
+    lines = ["| run | method | trainable params | % of model | best val loss | best val (metric) | "
+             "test (split, metric) | s / epoch | val examples/s |", "|---" * 9 + "|"]
+    for run in runs:
+        numbers = run_numbers(run)
+        metric = numbers["metric"]
+        test_text = (f"{_number(numbers['test'])} ({numbers['test_split']}, {metric})"
+                     if numbers["test_split"] else "—")
+        lines.append(
+            f"| {run['name']} | {method_settings(run['config']['adapter'])} | {_count(numbers['trainable'])} | "
+            f"{_share(numbers['share'])} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
+            f"({metric}) | {test_text} | {_number(numbers['seconds_per_epoch'], 0)} | "
+            f"{_number(numbers['eval_per_second'], 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def score_of(run: dict) -> tuple[float | None, str]:
+    """The score a comparison plots: the test score when the run was tested, else its best validation score."""
+    numbers = run_numbers(run)
+    if numbers["test"] is not None:
+        return numbers["test"], f"test {numbers['metric']}"
+    return numbers["best_val"], f"best validation {numbers['metric']}"
+
+
+SEED_SUFFIX = re.compile(r"_seed\d+$")  # lora, lora_seed1, lora_seed2: one method, three seeds
+
+
+def method_name(run: dict) -> str:
+    return SEED_SUFFIX.sub("", run["name"])
+
+
+def scores_of(runs: list[dict]) -> list[float]:
+    return [score for score, _ in map(score_of, runs) if score is not None]
+
+
+def _score_cell(runs: list[dict]) -> str:
+    """One run's score, or mean ± sample std over the seeds of a method."""
+    scores = scores_of(runs)
+    if len(scores) < 2:
+        return _number(scores[0]) if scores else "—"
+    return f"{statistics.fmean(scores):.4f} ± {statistics.stdev(scores):.4f} ({len(scores)} seeds)"
+
+
+def _median_of(runs: list[dict], key: str):
+    values = [value for value in (run_numbers(run)[key] for run in runs) if value is not None]
+    return statistics.median(values) if values else None
+
+
+def methods_table(tasks: dict[str, list[dict]]) -> str:
+    """A row per method across task sweeps, fewest trainable parameters first (runs of the same name;
+    `<name>_seed<k>` runs are more seeds of `<name>`): size, each task's score (test when tested, else best validation; mean ± std over seeds), and the
+    median seconds per epoch and validation examples/s per task."""
+    names = list(dict.fromkeys(method_name(run) for runs in tasks.values() for run in runs))
+    size = {name: run_numbers(run)["trainable"] or 0 for runs in tasks.values() for run in runs[::-1]
+            for name in [method_name(run)]}
+    names.sort(key=lambda name: size[name])  # smallest first: size against quality reads down the table
+    by_task = {task: {name: [run for run in runs if method_name(run) == name] for name in names}
+               for task, runs in tasks.items()}
+    header = ["run", "method", "trainable params", "% of model"]
+    header += [f"{task} {score_of(runs[0])[1]}" for task, runs in tasks.items()]
+    header += [f"{task} {what}" for task in tasks for what in ("s / epoch", "val examples/s")]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name in names:
+        first = next(group[0] for groups in by_task.values() for group in [groups[name]] if group)
+        numbers = run_numbers(first)
+        cells = [name, method_settings(first["config"]["adapter"]), _count(numbers["trainable"]),
+                 _share(numbers["share"])]
+        cells += [_score_cell(groups[name]) for groups in by_task.values()]
+        for groups in by_task.values():
+            cells += [_number(_median_of(groups[name], "seconds_per_epoch"), 0),
+                      _number(_median_of(groups[name], "eval_per_second"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
