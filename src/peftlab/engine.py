@@ -406,9 +406,10 @@ class Engine:
     def _print_evaluation(self, row: dict) -> None:
         """A mid-epoch evaluation's line."""
         metrics = {key.removeprefix("val_"): value for key, value in row.items() if key.startswith("val_")}
-        self.accelerator.print(f"Val Step: {row['step']}/{self.total_steps} (epoch {row['epoch']}), Loss: "
-                               f"{row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
-                               f"{row['val_examples_per_second']:.1f} examples/s")
+        if self.accelerator.is_main_process:  # tqdm.write: the epoch's progress bar is on screen
+            tqdm.write(f"Val Step: {row['step']}/{self.total_steps} (epoch {row['epoch']}), Loss: "
+                       f"{row['val_loss']:.4f}, {self.task.format_metrics(metrics)}, "
+                       f"{row['val_examples_per_second']:.1f} examples/s")
 
     def _save(self, improved: bool, last: bool) -> None:
         """checkpoints/best when `improved`, checkpoints/last (everything resuming needs) when `last`, and
