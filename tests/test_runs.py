@@ -204,7 +204,7 @@ def test_recipe_set_and_options_resolve_in_order_and_dry_run_prints_the_plan(tin
     (["--learning_rate", "3"], "--learning_rate (did you mean --lr?)"),  # transformers' name
     (["--select-metric", "f1"], "--select-metric 'f1' is not a validation metric of cola"),
     (["--method", "lorra"], "unknown method 'lorra': expected one of lora,"),
-    (["--extra-trainable", "head,hed"], "--extra-trainable: unknown hed: expected any of head, biases, norms"),
+    (["--extra-trainable", "head,hed"], "--extra-trainable: unknown extra trainable(s) hed: expected any of head, biases, norms"),
     (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
 ])

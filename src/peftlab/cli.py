@@ -160,10 +160,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     """The run configuration: --resume's config.yaml; else the defaults, --recipe, --set, then the given options."""
-    from peftlab.config import set_dotted
+    from peftlab.config import parse_assignment, set_dotted
     from peftlab.recipes import recipe_values
     from peftlab.runs import RunDir
-    from peftlab.sweep import parse_assignment
 
     if args.resume:
         return RunDir(args.resume).read_config()
@@ -347,12 +346,12 @@ OTHER_TOOLS_NAMES = {"--learning-rate": "--lr", "--num-train-epochs": "--epochs"
                      "--eval-steps": "--eval-every", "--report": "--report-to"}
 
 
-def unrecognized(unknown: list[str], parser: argparse.ArgumentParser, command: str) -> str:
+def unrecognized(unknown: list[str], command_parser: argparse.ArgumentParser) -> str:
     """argparse's message for unknown arguments, with the closest option of the command ("did you mean")."""
-    options = _command_parser(parser, command)._option_string_actions
+    options = command_parser._option_string_actions
     hints = [f"{item} (did you mean {match}?)" if (match := _suggest(item.split("=")[0], options)) else item
              for item in unknown]
-    return f"unrecognized arguments: {' '.join(hints)} (see `peftlab {command} --help`)"
+    return f"unrecognized arguments: {' '.join(hints)} (see `{command_parser.prog} --help`)"
 
 
 def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -377,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _command_parser(parser, args.command).error(unrecognized(unknown, parser, args.command))
+        command_parser = _command_parser(parser, args.command)
+        command_parser.error(unrecognized(unknown, command_parser))
     args.command_line = shlex.join(["peftlab", *argv])
     _quiet_library_logs()
     try:

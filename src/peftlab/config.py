@@ -282,6 +282,28 @@ def set_dotted(values: dict, key: str, value, where: str) -> None:
     section[parts[1]] = value
 
 
+def split_assignment(option: str, expected: str) -> tuple[str, str]:
+    """A --set option's key and raw value: 'train.lr=3e-4' -> ('train.lr', '3e-4')."""
+    key, separator, value = option.partition("=")
+    if not separator or not key.strip() or not value:
+        raise PeftlabError(f"--set {option!r}: expected {expected}")
+    return key.strip(), value
+
+
+def yaml_scalar(text: str):
+    """A value as YAML reads it (16 is a number, true a bool), else the text itself."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignment(option: str) -> tuple[str, object]:
+    """'train.lr=3e-4' -> ('train.lr', '3e-4'): one value of `peftlab train --set`, read as a YAML scalar."""
+    key, value = split_assignment(option, "SECTION.KEY=VALUE (e.g. train.lr=3e-4)")
+    return key, yaml_scalar(value)
+
+
 def section_type(hint):
     """A section's dataclass, also when the section is optional (`DistillConfig | None`)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):

@@ -442,14 +442,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Accelerate's mixed_precision for --precision on `device`: "no" (fp32), "bf16" or "fp16" autocast over fp32
-    weights. auto = bf16 on a GPU that supports it, else fp32."""
+    """The precision --precision means on `device`: fp32, or bf16 / fp16 autocast over fp32 weights. auto = bf16 on
+    a GPU that supports it, else fp32."""
     gpu = device.type == "cuda"
     if precision == "auto":
-        return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not gpu:
         raise PeftlabError("--precision fp16 needs a GPU (CPU autocast supports bf16). Fix: --precision bf16 or fp32")
     if precision == "bf16" and gpu and not torch.cuda.is_bf16_supported():
         raise PeftlabError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16. "
                            "Fix: --precision fp16 or fp32")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return precision

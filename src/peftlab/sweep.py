@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from peftlab.config import RunConfig, set_dotted
+from peftlab.config import RunConfig, set_dotted, split_assignment, yaml_scalar
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.report import print_report, write_report
@@ -90,23 +90,10 @@ def run_configs(base: RunConfig, output_dir: str, grid: dict) -> list[RunConfig]
     return configs
 
 
-def parse_assignment(option: str) -> tuple[str, object]:
-    """'train.lr=3e-4' -> ('train.lr', '3e-4'); the value is read as a YAML scalar (so 16 is a number)."""
-    key, separator, value = option.partition("=")
-    if not separator or not key.strip() or not value:
-        raise PeftlabError(f"--set {option!r}: expected SECTION.KEY=VALUE (e.g. train.lr=3e-4)")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
-
-
 def parse_set_option(option: str) -> tuple[str, list]:
-    """'adapter.rank=16,128' -> ('adapter.rank', [16, 128]); values are read as YAML scalars."""
-    key, separator, values = option.partition("=")
-    if not separator or not key or not values:
-        raise PeftlabError(f"--set {option!r}: expected KEY=V1,V2,... (e.g. adapter.rank=16,128)")
-    return key.strip(), [yaml.safe_load(value) for value in values.split(",")]
+    """'adapter.rank=16,128' -> ('adapter.rank', [16, 128]): an axis of the grid, its values read as YAML scalars."""
+    key, values = split_assignment(option, "KEY=V1,V2,... (e.g. adapter.rank=16,128)")
+    return key, [yaml_scalar(value) for value in values.split(",")]
 
 
 def load_sweep(path: str | None, sets: list[str], output_dir: str | None) -> tuple[str, list[RunConfig]]:

@@ -20,10 +20,11 @@ from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
 from peftlab.hf import export_merged, export_peft, read_export_record
 from peftlab.models import PRECISIONS, hf_reference, load_model, resolve_device, resolve_precision
+from peftlab.options import RUN_PLACE_OPTIONS
 from peftlab.peft import parameter_report
 from peftlab.peft.methods import get_method
-from peftlab.peft.prepare import EXTRA_TRAINABLE
-from peftlab.report import plot_history
+from peftlab.peft.prepare import check_extra_trainable
+from peftlab.report import plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
@@ -58,9 +59,7 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise PeftlabError(message)
     get_method(config.adapter.method)  # an unknown method is named now, not after the model loads
-    unknown = [item for item in config.adapter.extra_trainable or [] if item not in EXTRA_TRAINABLE]
-    if unknown:
-        raise PeftlabError(f"--extra-trainable: unknown {', '.join(unknown)}: expected any of {', '.join(EXTRA_TRAINABLE)}")
+    check_extra_trainable(config.adapter.extra_trainable or [])
     check_trackers(train.report_to)
 
 
@@ -95,7 +94,7 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     # Accelerate keeps one mixed-precision setting per process; runs of one process (a sweep) may differ in it.
     # Only that state is reset: the processes' own (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision,
                               log_with=config.train.report_to or None, project_dir=str(run.path / TRACKERS))
     say = accelerator.print
     task = build_task(config)
@@ -157,8 +156,7 @@ def plan_text(config: RunConfig, engine: Engine, train_examples, val_examples, d
         f"checkpoints/best by validation {select}",
         f"  saving      checkpoints/last at every epoch end"
         f"{f' and every {settings.save_every} steps' if settings.save_every else ''}",
-        f"  device      {device}, {engine.accelerator.num_processes} process(es), fp32 weights, precision "
-        f"{'fp32' if precision == 'no' else precision}",
+        f"  device      {device}, {engine.accelerator.num_processes} process(es), fp32 weights, precision {precision}",
         f"  trackers    {', '.join(settings.report_to) or 'none'}",
     ]
     return "\n".join(lines)
@@ -197,22 +195,30 @@ def run_environment(device, precision: str, num_processes: int, command: str | N
     from importlib import metadata
 
     versions = {name: metadata.version(name) for name in ("peftlab", "torch", "transformers", "accelerate")}
-    return versions | {"command": command, "device": str(device), "precision": "fp32" if precision == "no" else precision,
-                       "weights": "fp32", "num_processes": num_processes,
+    return versions | {"command": command, "device": str(device), "precision": precision, "weights": "fp32", "num_processes": num_processes,
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class PlotHistory(Callback):
-    """plots/loss.png and plots/<metric>.png, redrawn after every evaluation (main process)."""
+    """plots/loss.png and plots/metrics.png, redrawn after every evaluation (main process). The step rows are kept
+    as they come; steps.jsonl is read once, for the steps of a run's earlier parts."""
 
     def __init__(self, run: RunDir, config: RunConfig):
-        self.run = run
-        self.title = f"{run.path.name} ({config.task.name}, {config.adapter.method})"
+        self.run, self.title = run, run_title(run.path.name, config.task.name, config.adapter.method)
+        self.steps: list[dict] | None = None
+
+    def on_step(self, engine: Engine, row: dict) -> None:
+        if not engine.accelerator.is_main_process:
+            return
+        if self.steps is None:
+            self.steps = self.run.read_steps()  # this step is in it already
+        else:
+            self.steps.append(row)
 
     def on_evaluation(self, engine: Engine, row: dict) -> None:
         if engine.accelerator.is_main_process:
             plot_history(engine.history.rows, self.run.plots, self.title, engine.task.metric_names,
-                         engine.select, engine.history.best_step, self.run.read_steps())
+                         engine.select, engine.history.best_step, self.steps)
 
 
 def run_summary(config: RunConfig, engine: Engine, report, num_train: int, num_val: int) -> dict:
@@ -301,8 +307,9 @@ EXPORT_FORMATS = ("peft", "merged")
 def read_run_config(run_dir: str, place: dict | None) -> RunConfig:
     """A run's config.yaml with `place` (device, data_dir) put where it is used now."""
     config = RunDir(run_dir).read_config()
-    for key, value in (place or {}).items():
-        setattr(config.train if key == "device" else config.task, key, value)
+    for dest, value in (place or {}).items():
+        option = RUN_PLACE_OPTIONS[dest]
+        setattr(getattr(config, option.section), option.field.name, value)
     resolve_device(config.train.device)  # an unusable --device fails here, not after loading
     return config
 

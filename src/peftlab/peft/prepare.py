@@ -33,6 +33,14 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
+def check_extra_trainable(extra: Sequence[str]) -> None:
+    """Every item of --extra-trainable is one peftlab knows (checked before any model loads, and again here)."""
+    unknown = [item for item in extra if item not in EXTRA_TRAINABLE]
+    if unknown:
+        raise PeftlabError(f"--extra-trainable: unknown extra trainable(s) {', '.join(unknown)}: expected any of "
+                           f"{', '.join(EXTRA_TRAINABLE)}")
+
+
 def mark_trainable(
     model: nn.Module, method: str = "lora", extra: Sequence[str] | None = None
 ) -> list[str]:
@@ -52,9 +60,7 @@ def mark_trainable(
     head = classifier_head(model)
     if extra is None:
         extra = ("head",) if head is not None else ()
-    unknown = [item for item in extra if item not in EXTRA_TRAINABLE]
-    if unknown:
-        raise PeftlabError(f"unknown extra trainable {unknown}: expected any of {', '.join(EXTRA_TRAINABLE)}")
+    check_extra_trainable(extra)
     if head is None and "head" in extra:
         raise PeftlabError("no classifier head to train: this is not a classification model (expected a `score` module)")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 from peftlab.report.plots import (METRIC_LABELS, plot_comparison, plot_history, plot_score_vs_parameters,
-                                  plot_validation_loss, save_figure)
+                                  plot_validation_loss, run_title, save_figure)
 from peftlab.report.tables import method_settings, methods_table, read_run, runs_table
 from peftlab.runs import METRICS
 
 __all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "method_settings", "methods_table", "plot_comparison",
-           "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report", "read_run", "runs_table",
-           "save_figure", "write_methods_report", "write_report"]
+           "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report", "read_run", "run_title",
+           "runs_table", "save_figure", "write_methods_report", "write_report"]
 
 
 REPORT_MARKER = "<!-- peftlab report -->"  # report.md's first line: only such a report (and its plot) is replaced

@@ -21,8 +21,8 @@ import yaml
 from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
 from peftlab.report import REPORT_PLOTS
-from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss
-from peftlab.report.tables import read_run, runs_table
+from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, run_title
+from peftlab.report.tables import count_text, read_run, runs_table
 from peftlab.runs import CONFIG, METRICS, STEPS, RunDir
 
 STYLE = """
@@ -97,13 +97,13 @@ def run_section(run: dict) -> str:
     parameters = summary.get("parameters") or {}
     facts = [("task", config["task"]["name"]), ("model", config["model"]["name"]),
              ("method", config["adapter"]["method"]),
-             ("total parameters", _count(parameters.get("total"))),
-             ("trainable parameters", _count(parameters.get("trainable"))),
-             ("adapter parameters", _count(parameters.get("adapter"))),
+             ("total parameters", count_text(parameters.get("total"))),
+             ("trainable parameters", count_text(parameters.get("trainable"))),
+             ("adapter parameters", count_text(parameters.get("adapter"))),
              ("reduction", f"{100 * parameters['reduction']:.2f}%" if "reduction" in parameters else "—"),
-             ("training examples", _count(summary.get("train_examples"))),
-             ("validation examples", _count(summary.get("validation_examples"))),
-             ("steps", _count(summary.get("steps_completed", rows[-1]["step"] if rows else None))),
+             ("training examples", count_text(summary.get("train_examples"))),
+             ("validation examples", count_text(summary.get("validation_examples"))),
+             ("steps", count_text(summary.get("steps_completed", rows[-1]["step"] if rows else None))),
              ("finished", {True: "yes", False: "no (resumable)"}.get(finished(run), "—")),
              ("training time", f"{sum(summary['seconds_per_epoch']):.0f} s" if summary.get("seconds_per_epoch") else "—"),
              ("wall time", f"{summary['elapsed_seconds']:.0f} s" if summary.get("elapsed_seconds") else "—")]
@@ -143,7 +143,7 @@ def run_plots(run: dict, path: Path) -> str:
     steps = RunDir(path).read_steps() if (path / STEPS).is_file() else None
     best = (summary.get("best") or {}).get("step")
     with tempfile.TemporaryDirectory() as folder:
-        title = f"{run['name']} ({run['config']['task']['name']}, {run['config']['adapter']['method']})"
+        title = run_title(run["name"], run["config"]["task"]["name"], run["config"]["adapter"]["method"])
         written = plot_history(rows, Path(folder), title, metrics, summary.get("select_metric") or "loss", best, steps)
         return "".join(image(plot) for plot in written)
 
@@ -201,6 +201,3 @@ def _cell(value) -> str:
         return f"{value:.4f}"
     return "—" if value is None else html.escape(str(value))
 
-
-def _count(value) -> str:
-    return "—" if value is None else f"{value:,}"

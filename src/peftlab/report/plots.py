@@ -27,6 +27,11 @@ METRIC_LABELS = {"accuracy": "accuracy", "mcc": "MCC", "score_accuracy": "accura
                  "agreement": "generate/score agreement", "exact_match": "exact match", "f1": "F1"}
 
 
+def run_title(name: str, task: str, method: str) -> str:
+    """How a run's plots name it: its folder, task and method."""
+    return f"{name} ({task}, {method})"
+
+
 def plot_history(rows: list[dict], directory: Path, title: str, metric_names=("accuracy", "mcc"),
                  select: str = "loss", best_step: int | None = None, steps: list[dict] | None = None) -> list[Path]:
     """loss.png (training loss per step and per epoch, validation loss at every evaluation) and metrics.png (the

@@ -68,7 +68,7 @@ def run_numbers(run: dict) -> dict:
     }
 
 
-def _count(value) -> str:
+def count_text(value) -> str:
     return "—" if value is None else f"{value:,}"
 
 
@@ -86,7 +86,7 @@ def runs_table(runs: list[dict]) -> str:
         test_text = (f"{_number(numbers['test'])} ({numbers['test_split']}, {metric})"
                      if numbers["test_split"] else "—")
         lines.append(
-            f"| {run['name']} | {method_settings(run['config']['adapter'])} | {_count(numbers['trainable'])} | "
+            f"| {run['name']} | {method_settings(run['config']['adapter'])} | {count_text(numbers['trainable'])} | "
             f"{_share(numbers['share'])} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
             f"({metric}) | {test_text} | {_number(numbers['seconds_per_epoch'], 0)} | "
             f"{_number(numbers['eval_per_second'], 1)} |"
@@ -143,7 +143,7 @@ def methods_table(tasks: dict[str, list[dict]]) -> str:
     for name in names:
         first = next(group[0] for groups in by_task.values() for group in [groups[name]] if group)
         numbers = run_numbers(first)
-        cells = [name, method_settings(first["config"]["adapter"]), _count(numbers["trainable"]),
+        cells = [name, method_settings(first["config"]["adapter"]), count_text(numbers["trainable"]),
                  _share(numbers["share"])]
         cells += [_score_cell(groups[name]) for groups in by_task.values()]
         for groups in by_task.values():
