@@ -19,6 +19,7 @@ import torch
 
 from peftlab.generate import generate
 from peftlab.models import load_model, smollm2_cache_path
+from peftlab.sampling import Sampling
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -79,10 +80,10 @@ def main() -> None:
     for batch_size in (1, 8):
         prompts = PROMPTS[:batch_size]
         run_plain(plain_model, plain_tokenizer, prompts, 8)  # warm-up, both sides
-        generate(ours_model, ours_tokenizer, prompts, max_new_tokens=8, temperature=0)
+        generate(ours_model, ours_tokenizer, prompts, Sampling(temperature=0, max_new_tokens=8))
         sides = {
             "ours": lambda: [texts[0] for texts in generate(ours_model, ours_tokenizer, prompts,
-                                                            max_new_tokens=args.new_tokens, temperature=0)],
+                                                            Sampling(temperature=0, max_new_tokens=args.new_tokens))],
             "plain": lambda: run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[0],
         }
         produced = run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[1]  # same for both (checked)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from peftlab.generation import left_pad
-from peftlab.workloads.instruct import parse_label
+from peftlab.workloads.instruct.workload import parse_label
 from peftlab.train import export_run
-from peftlab.workloads import load_run
+from peftlab.workloads.loading import load_run
 
 
 def peer_model(run_dir: str):

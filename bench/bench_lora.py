@@ -8,8 +8,8 @@ step is forward + backward + optimizer step. Measurements are interleaved (ours,
 in machine load hits both; each repeat times several steps after a warm-up step, and the table reports the median
 over repeats with the min-max spread. Raw samples go to bench/results/lora.json (lora-quick.json with --quick).
 
-Inference (no_grad forward of the same batch) compares the base model, ours merged (model.eval()), ours
-un-merged and peft's un-merged adapter: merged must cost what the base costs.
+Inference (no_grad forward of the same batch) compares the base model, ours merged (`merge_adapters`), ours
+un-merged (peftlab's default evaluation) and peft's un-merged adapter: merged must cost what the base costs.
 
 Notes: peft wraps the unconverted Hugging Face GPT-2 (Conv1D, weight (in, out)) while ours wraps the converted
 nn.Linear, so GPT-2 rows also include that base-layer difference; SmolLM2 (Llama) has nn.Linear on both sides.
@@ -28,7 +28,7 @@ import torch
 
 from peftlab.models import load_model, smollm2_cache_path
 from peftlab.hf import convert_linear_to_conv1d
-from peftlab.peft import apply_method, merge_and_strip
+from peftlab.peft import apply_method, merge_adapters, merge_and_strip
 
 RANK, ALPHA = 8, 16
 PEFT_TARGETS = {
@@ -56,7 +56,8 @@ def build_pair(name: str, device: torch.device):
         hf_base = AutoModelForCausalLM.from_pretrained(smollm2_cache_path(), dtype=torch.float32)
         fan_in_fan_out = False
     ours = copy.deepcopy(base)
-    apply_method(ours, "lora", targets=["all-linear"], rank=RANK, alpha=ALPHA, extra_trainable=[])
+    apply_method(ours, {"method": "lora", "targets": ["all-linear"], "rank": RANK, "alpha": ALPHA,
+                        "extra_trainable": []})
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS[name], fan_in_fan_out=fan_in_fan_out)
     peft_model = peft.get_peft_model(hf_base, config)
     ours_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
@@ -148,16 +149,13 @@ def main() -> None:
         training_rows.append(row(name, "train step, HF peft LoRA", steps["peft"], reference))
 
         base.eval()
-        peft_model.eval()  # peft does not merge on eval
-        unmerged = copy.deepcopy(ours)
-        for module in unmerged.modules():
-            if hasattr(module, "merge_on_eval"):
-                module.merge_on_eval = False
-        unmerged.eval()
-        ours.eval()  # merges
+        peft_model.eval()  # peft does not merge on eval, nor does peftlab unless asked
+        ours.eval()
+        merged = copy.deepcopy(ours)
+        merge_adapters(merged)
         forwards = interleaved(
-            {"base": make_forward(base, batch), "merged": make_forward(ours, batch),
-             "unmerged": make_forward(unmerged, batch), "peft": make_forward(peft_model, batch)},
+            {"base": make_forward(base, batch), "merged": make_forward(merged, batch),
+             "unmerged": make_forward(ours, batch), "peft": make_forward(peft_model, batch)},
             repeats, iterations, device,
         )
         reference = statistics.median(forwards["base"])
@@ -166,7 +164,7 @@ def main() -> None:
         inference_rows.append(row(name, "inference, peftlab un-merged", forwards["unmerged"], reference))
         inference_rows.append(row(name, "inference, HF peft un-merged", forwards["peft"], reference))
         results["models"][name] = {"trainable": trainable, "train_step_s": steps, "inference_s": forwards}
-        del base, ours, peft_model, unmerged
+        del base, ours, peft_model, merged
 
     header = "| model | measurement | median ms | min–max ms | vs reference |\n|---|---|---:|---:|---:|"
     print("Training step (reference: HF peft)\n" + header)

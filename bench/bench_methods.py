@@ -5,7 +5,7 @@ to Hugging Face peft's implementation of the same method where peft has one (LoR
 
 Every side gets the same base weights, the same random batch (16 x 48 tokens by default: CoLA/RT-like lengths) and
 AdamW; a training step is forward + backward + optimizer step of a causal-LM loss. Evaluation is a no-grad forward
-in eval mode (peftlab merges mergeable adapters there; peft's stay un-merged, as `PeftModel` runs them). All
+in eval mode, un-merged on both sides (peftlab's default evaluation, and how `PeftModel` runs them). All
 measurements of one method are interleaved (ours, peft, peft, ours, ...) so drift in machine load hits both; the
 table gives the median over repeats with the min–max spread. Raw samples go to bench/results/methods.json.
 """
@@ -51,7 +51,7 @@ def build(name: str, base, hf_base):
 
     settings, peft_config = METHODS[name]
     ours = copy.deepcopy(base)
-    apply_method(ours, extra_trainable=[], **settings)
+    apply_method(ours, {"extra_trainable": [], **settings})
     theirs = peft.get_peft_model(copy.deepcopy(hf_base), peft_config(peft)) if peft_config else None
     return ours, theirs, parameter_report(ours).trainable
 
@@ -97,7 +97,7 @@ def main() -> None:
         steps = interleaved({side: make_step(model, batch) for side, model in sides.items()}, repeats, iterations,
                             device)
         for model in sides.values():
-            model.eval()  # ours: mergeable adapters merge here
+            model.eval()  # un-merged: merged evaluation is bench_merge_eval.py's subject
         forwards = interleaved({side: make_forward(model, batch) for side, model in sides.items()}, repeats,
                                iterations, device)
         results["methods"][name] = {"trainable": trainable, "train_step_seconds": steps, "eval_seconds": forwards}

@@ -30,7 +30,7 @@ from peftlab.data import resolve_data_dir
 from peftlab.engine import evaluate
 from peftlab.generation import left_pad
 from peftlab.train import train
-from peftlab.workloads import load_run
+from peftlab.workloads.loading import load_run
 
 
 def paragraph_subset(source: Path, questions: int) -> dict:

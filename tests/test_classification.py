@@ -19,7 +19,7 @@ def test_mcc_hand_computed():
 
 def test_collate_pads_right_and_masks(gpt2_tokenizer):
     from peftlab.tasks import Encoded
-    from peftlab.workloads.classification import ClassificationTask
+    from peftlab.workloads.classification.workload import ClassificationTask
 
     task = ClassificationTask("t", ("a", "b"), lambda split: [], gpt2_tokenizer, 16)
     batch = task.collate([Encoded([5, 50256], 1, "x:1"), Encoded([7, 8, 9], 0, "x:2")])

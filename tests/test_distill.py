@@ -11,14 +11,16 @@ from safetensors.torch import save_file
 from test_train import read_rows, tiny_config, write_cola
 
 from peftlab import PeftlabError
+from peftlab.cache import stored_fingerprint
 from peftlab.workloads.distill import task as distill_module
 from peftlab.workloads.distill import transfer as transfer_module
 from peftlab.cli import main
-from peftlab.config import DistillConfig, RunConfig, save_config
+from peftlab.config import RunConfig, save_config
+from peftlab.workloads.distill import DistillConfig
 from peftlab.models import count_parameters, load_tokenizer
 from peftlab.tasks import Encoded
 from peftlab.train import evaluate_run, train
-from peftlab.workloads import get_task, load_run
+from peftlab.workloads.loading import get_task, load_run
 from peftlab.workloads.distill.compare import _seed_config, compare_students, distill
 from peftlab.workloads.distill.students import DistilRNN, build_student, principal_components
 from peftlab.workloads.distill.task import (
@@ -267,9 +269,10 @@ def test_teacher_logits_are_cached_until_the_teacher_or_the_data_change(tmp_path
     cache = tmp_path / "run" / CACHE_DIR
     first = teacher_logits(teacher, "best", "train", examples, cache, load_run)
     assert torch.equal(teacher_logits(teacher, "best", "train", examples, cache, load_run), first) and calls == [2]
-    fingerprint = json.loads((cache / "train.json").read_text())
+    fingerprint = stored_fingerprint(cache / "train.safetensors")
     assert fingerprint["split"] == "train" and set(fingerprint["data_files"]) == {"in_domain_train.tsv"}
     assert (cache / "train.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a length, then a JSON header
+    assert not (cache / "train.json").exists()  # the fingerprint lives in the file, written with its tensors
 
     save_file({"score.weight": torch.ones(2, 4)}, weights)  # a retrained teacher
     assert teacher_logits(teacher, "best", "train", examples, cache, load_run)[0, 0] == 2 and len(calls) == 2
@@ -280,6 +283,17 @@ def test_teacher_logits_are_cached_until_the_teacher_or_the_data_change(tmp_path
     teacher_logits(teacher, "best", "validation", examples, cache, load_run)  # another split has its own cache file
     teacher_logits(teacher, "best", "train", examples[:1], cache, load_run)
     assert len(calls) == 5 and (cache / "validation.safetensors").is_file()
+
+    # A cache written before peftlab.cache (tensors + <split>.json, no fingerprint inside) is recomputed once.
+    save_file({"teacher_logits": torch.full((2, 2), 9.0)}, cache / "train.safetensors")
+    (cache / "train.json").write_text(json.dumps(fingerprint))
+    assert teacher_logits(teacher, "best", "train", examples, cache, load_run)[0, 0] == 6 and len(calls) == 6
+    assert teacher_logits(teacher, "best", "train", examples, cache, load_run)[0, 0] == 6 and len(calls) == 6
+    # A damaged cache is an error naming the file, not a silent recomputation.
+    (cache / "train.safetensors").write_bytes((cache / "train.safetensors").read_bytes()[:-4])
+    with pytest.raises(PeftlabError, match=r"cannot read the cache .*train\.safetensors.*Fix: delete"):
+        teacher_logits(teacher, "best", "train", examples, cache, load_run)
+    assert len(calls) == 6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +312,7 @@ def test_distill_run_is_an_ordinary_run_that_reloads_exactly(teacher_run, tiny_m
     run = tmp_path / "student"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/metrics.png",
                  "checkpoints/best/peftlab_adapter.safetensors", "checkpoints/last/optimizer.safetensors",
-                 VOCABULARY_FILE, f"{CACHE_DIR}/train.safetensors", f"{CACHE_DIR}/train.json"):
+                 VOCABULARY_FILE, f"{CACHE_DIR}/train.safetensors"):
         assert (run / name).is_file(), name
     rows = read_rows(run)
     assert [row["epoch"] for row in rows] == [1, 2] and sum(rows[-1]["val_predicted_counts"].values()) == 24
@@ -352,7 +366,7 @@ def test_compare_prints_one_table_over_seeds(teacher_run, tmp_path, monkeypatch,
     assert "no-KD student (lstm, alpha 0)" in page and "alt='comparison.png'" in page
     assert all(f"Run {run}" in page for run in ("kd-seed0", "kd-seed1", "no-kd-seed0", "no-kd-seed1"))
     # Finished runs are reused: a second comparison only evaluates (same numbers; the speeds are measured anew).
-    monkeypatch.setattr("peftlab.sweep.train", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr("peftlab.commands.sweep.train", lambda *args, **kwargs: pytest.fail("trained again"))
     again = compare_students(config, seeds=2).read_text().splitlines()
     assert [line.split("|")[:6] for line in again] == [line.split("|")[:6] for line in lines]
 
@@ -464,9 +478,10 @@ def test_transfer_set_command_writes_the_kept_sentences(teacher_run, tiny_model_
     samples = iter(tokenizer(f" number {index} sat.\nnext", add_special_tokens=False)["input_ids"] for index in range(1000))
     calls = []
 
-    def fake_generate_batch(model, prompts, max_new_tokens, stop_ids, pad_id, pick_next):
+    def fake_generate_batch(model, prompts, max_new_tokens, stop_ids, pad_id, pick_next, stop_strings, detokenize):
         calls.append(max_new_tokens)
         assert tokenizer.eos_token_id in stop_ids and tokenizer("\n")["input_ids"][0] in stop_ids
+        assert stop_strings == [] and detokenize([464]) == tokenizer.decode([464])
         return [next(samples) for _ in prompts]
 
     monkeypatch.setattr(transfer_module, "decode", fake_generate_batch)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from peftlab.peft.methods import METHODS
-from peftlab.sweep import load_sweep
+from peftlab.commands.sweep import load_sweep
 from peftlab.train import validate
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))

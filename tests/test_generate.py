@@ -1,11 +1,16 @@
 import copy
 import io
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from peftlab import PeftlabError
 from peftlab.generate import generate, read_prompt_file
+from peftlab.generation import decode, token_picker
+from peftlab.sampling import Sampling
 from peftlab.models import convert_conv1d_to_linear
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a land far away, there lived"]
@@ -33,7 +38,7 @@ def test_batched_greedy_equals_naive_decoding_of_each_prompt(architecture, make_
     model = make_tiny_gpt2(seed=1) if architecture == "gpt2" else make_tiny_llama(seed=1)
     convert_conv1d_to_linear(model)
     # Prompts of different lengths: the batch is left-padded, which must not change any continuation.
-    outputs = generate(model, gpt2_tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    outputs = generate(model, gpt2_tokenizer, PROMPTS, Sampling(temperature=0, max_new_tokens=12))
     for prompt, (continuation,) in zip(PROMPTS, outputs):
         assert continuation == naive_greedy(model, gpt2_tokenizer, prompt, 12)
 
@@ -45,15 +50,15 @@ def test_converted_greedy_equals_transformers_greedy_on_the_hf_model(make_tiny_g
     ids = gpt2_tokenizer(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
         expected = hf_model.generate(**ids, max_new_tokens=15, do_sample=False, pad_token_id=50256)
-    (continuation,), = generate(ours, gpt2_tokenizer, PROMPTS[0], max_new_tokens=15, temperature=0)
+    (continuation,), = generate(ours, gpt2_tokenizer, PROMPTS[0], Sampling(temperature=0, max_new_tokens=15))
     assert continuation == gpt2_tokenizer.decode(expected[0, ids["input_ids"].shape[1]:])
 
 
 def test_same_seed_same_text_other_seed_other_text(tiny_gpt2, gpt2_tokenizer):
-    settings = dict(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, num_samples=3)
-    first = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, seed=23006, **settings)
-    again = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, seed=23006, **settings)
-    other = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, seed=1, **settings)
+    settings = dict(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0)
+    first = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, Sampling(seed=23006, **settings), num_samples=3)
+    again = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, Sampling(seed=23006, **settings), num_samples=3)
+    other = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, Sampling(seed=1, **settings), num_samples=3)
     assert first == again
     assert first != other
     assert [len(samples) for samples in first] == [3, 3]
@@ -61,15 +66,16 @@ def test_same_seed_same_text_other_seed_other_text(tiny_gpt2, gpt2_tokenizer):
 
 
 def test_top_k_one_is_greedy(tiny_gpt2, gpt2_tokenizer):
-    greedy = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, max_new_tokens=10, temperature=0)
-    top_one = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, max_new_tokens=10, temperature=1.5, top_k=1, seed=5)
+    greedy = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, Sampling(temperature=0, max_new_tokens=10))
+    top_one = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, Sampling(1.5, top_k=1, seed=5, max_new_tokens=10))
     assert greedy == top_one
 
 
 def test_stream_writes_the_generated_text(tiny_gpt2, gpt2_tokenizer):
     stream = io.StringIO()
-    streamed = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], max_new_tokens=10, temperature=0, stream=stream)
-    batched = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], max_new_tokens=10, temperature=0)
+    greedy = Sampling(temperature=0, max_new_tokens=10)
+    streamed = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], greedy, stream=stream)
+    batched = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], greedy)
     assert streamed == batched
     assert stream.getvalue().strip() == batched[0][0].strip()
 
@@ -77,7 +83,7 @@ def test_stream_writes_the_generated_text(tiny_gpt2, gpt2_tokenizer):
 def test_prompt_longer_than_context_is_a_clear_error(tiny_gpt2, gpt2_tokenizer):
     long_prompt = " ".join(["word"] * 60)  # 60 tokens; the tiny model's context is 64
     with pytest.raises(PeftlabError, match=r"prompt 1 is 60 tokens.*context of 64 tokens.*at most 4"):
-        generate(tiny_gpt2, gpt2_tokenizer, long_prompt, max_new_tokens=10)
+        generate(tiny_gpt2, gpt2_tokenizer, long_prompt, Sampling(max_new_tokens=10))
 
 
 @pytest.mark.parametrize(
@@ -86,14 +92,43 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_gpt2, gpt2_tokenizer):
         (dict(temperature=-1), "--temperature must be >= 0"),
         (dict(top_p=0.0), "--top-p must be in"),
         (dict(top_k=-3), "--top-k must be >= 0"),
-        (dict(num_samples=0), "--num-samples must be >= 1"),
         (dict(max_new_tokens=0), "--max-new-tokens must be >= 1"),
-        (dict(temperature=0, num_samples=2), "greedy decoding gives the same text"),
+        (dict(stop=["x", ""]), "--stop strings must not be empty"),
     ],
 )
-def test_bad_settings_are_rejected(tiny_gpt2, gpt2_tokenizer, settings, message):
+def test_bad_settings_are_rejected_when_made_and_when_used(tiny_gpt2, gpt2_tokenizer, settings, message):
     with pytest.raises(PeftlabError, match=message):
-        generate(tiny_gpt2, gpt2_tokenizer, "hi", **settings)
+        Sampling(**settings)
+    sampling = Sampling()
+    for name, value in settings.items():  # as command-line options set them, after construction
+        setattr(sampling, name, value)
+    with pytest.raises(PeftlabError, match=message):
+        generate(tiny_gpt2, gpt2_tokenizer, "hi", sampling)
+
+
+@pytest.mark.parametrize("num_samples, temperature, message", [
+    (0, 0.8, "--num-samples must be >= 1"), (2, 0, "greedy decoding gives the same text")])
+def test_bad_sample_counts_are_rejected(tiny_gpt2, gpt2_tokenizer, num_samples, temperature, message):
+    with pytest.raises(PeftlabError, match=message):
+        generate(tiny_gpt2, gpt2_tokenizer, "hi", Sampling(temperature=temperature), num_samples=num_samples)
+
+
+def test_the_defaults_are_the_generate_commands(tiny_gpt2, gpt2_tokenizer):
+    assert Sampling() == Sampling(temperature=0.8, top_k=200, top_p=0.95, seed=1337, max_new_tokens=200, stop=[])
+    explicit = Sampling(temperature=0.8, top_k=200, top_p=0.95, seed=1337, max_new_tokens=8)
+    assert generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, replace(Sampling(), max_new_tokens=8)) == generate(
+        tiny_gpt2, gpt2_tokenizer, PROMPTS, explicit)
+
+
+def test_a_stop_string_ends_the_continuation_with_the_token_that_completes_it(tiny_gpt2, gpt2_tokenizer):
+    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=3, max_new_tokens=12)
+    prompt_ids = gpt2_tokenizer(PROMPTS[0])["input_ids"]
+    tokens = decode(tiny_gpt2, [prompt_ids], 12, set(), gpt2_tokenizer.pad_token_id, token_picker(sampling))[0]
+    texts = [gpt2_tokenizer.decode(tokens[:end]) for end in range(len(tokens) + 1)]  # the text after each token
+    end = next(end for end in range(3, len(tokens)) if gpt2_tokenizer.decode(tokens[end - 1 : end]) not in texts[end - 1])
+    stop = gpt2_tokenizer.decode(tokens[end - 1 : end])  # first appears with token `end`, not the last one
+    (stopped,), = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], replace(sampling, stop=[stop]))
+    assert stopped == texts[end] and len(stopped) < len(texts[-1])
 
 
 def test_prompt_file_one_prompt_per_line(tmp_path):
@@ -105,3 +140,10 @@ def test_prompt_file_one_prompt_per_line(tmp_path):
         read_prompt_file(str(tmp_path / "empty.txt"))
     with pytest.raises(PeftlabError, match="cannot read prompt file"):
         read_prompt_file(str(tmp_path / "missing.txt"))
+
+
+def test_the_sampling_settings_import_without_torch():
+    """The command line builds `generate`'s and `transfer-set`'s options from `Sampling` before torch loads."""
+    code = "import sys, peftlab.sampling; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

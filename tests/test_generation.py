@@ -4,7 +4,8 @@ rows leaving the batch and streaming must not change a single token."""
 import pytest
 import torch
 
-from peftlab.generation import Sampling, decode
+from peftlab.generation import decode, token_picker
+from peftlab.sampling import Sampling
 from peftlab.models import convert_conv1d_to_linear
 
 PROMPTS = [[464, 3290, 286, 1204, 318], [7454, 2402, 257, 640], [40, 1842, 340, 994, 262, 6881, 290]]
@@ -41,13 +42,13 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(model):
 
 def test_sampling_is_the_seeded_picker_applied_step_by_step(model):
     sampling = Sampling(temperature=1.3, top_k=50, top_p=0.9, seed=11)
-    ours = decode(model, [PROMPTS[0]], 10, set(), pad_id=0, pick_next=sampling.picker())[0]
-    pick, ids = sampling.picker(), list(PROMPTS[0])
+    ours = decode(model, [PROMPTS[0]], 10, set(), pad_id=0, pick_next=token_picker(sampling))[0]
+    pick, ids = token_picker(sampling), list(PROMPTS[0])
     with torch.no_grad():
         for _ in range(10):  # the naive loop: the whole sequence again each step, no cache
             ids.append(int(pick(model(torch.tensor([ids])).logits[:, -1])[0]))
     assert ours == ids[len(PROMPTS[0]):]
-    assert decode(model, [PROMPTS[0]], 10, set(), pad_id=0, pick_next=Sampling(1.3, 50, 0.9, 12).picker())[0] != ours
+    assert decode(model, [PROMPTS[0]], 10, set(), pad_id=0, pick_next=token_picker(Sampling(1.3, 50, 0.9, 12)))[0] != ours
 
 
 def test_streaming_sees_every_token_in_order_and_stop_strings_end_a_row(model):

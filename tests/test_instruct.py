@@ -7,15 +7,18 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from peftlab import PeftlabError
 from peftlab.cli import main
-from peftlab.config import InstructConfig, RunConfig
+from peftlab.config import RunConfig
+from peftlab.workloads.instruct import InstructConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
-from peftlab.workloads import get_task
+from peftlab.workloads.loading import get_task
 from peftlab.generation import decode
 from peftlab.tasks.completion import IGNORE, score_choices
-from peftlab.workloads.instruct import UNPARSABLE, parse_label, resolve_template
+from peftlab.workloads.instruct.templates import resolve_template
+from peftlab.workloads.instruct.workload import UNPARSABLE, parse_label
 from peftlab.train import evaluate_run, train
 
 WORDS = ["the", "film", "is", "a", "movie", "plot", "story", "with"]
@@ -112,7 +115,7 @@ def test_the_longest_matching_verbalizer_wins():
 
 
 def test_verbalizers_must_match_the_labels(gpt2_tokenizer, rt_data):
-    config = RunConfig(instruct=InstructConfig(verbalizers=["bad"]))
+    config = RunConfig(sections={"instruct": InstructConfig(verbalizers=["bad"])})
     config.task.name, config.task.data_dir = "rotten_tomatoes", rt_data
     with pytest.raises(PeftlabError, match="1 verbalizers"):
         get_task(config, gpt2_tokenizer)
@@ -125,7 +128,7 @@ def test_verbalizers_must_match_the_labels(gpt2_tokenizer, rt_data):
 
 
 def rt_task(tokenizer, data, **overrides):
-    config = RunConfig(instruct=InstructConfig())
+    config = RunConfig(sections={"instruct": InstructConfig()})
     config.task.name, config.task.data_dir = "rotten_tomatoes", data
     for key, value in overrides.items():
         setattr(config.instruct if key in ("template", "verbalizers", "predict") else config.task, key, value)
@@ -239,7 +242,7 @@ def test_scoring_equals_hand_computed_log_likelihoods(make_tiny_llama):
 def test_predict_both_equals_generate_and_score_apart_and_reuses_the_prefill(verbalizers, make_tiny_gpt2,
                                                                               gpt2_tokenizer, rt_data, monkeypatch):
     from peftlab.models import convert_conv1d_to_linear
-    from peftlab.workloads import instruct
+    from peftlab.workloads.instruct import workload as instruct
 
     model = make_tiny_gpt2(seed=4)
     convert_conv1d_to_linear(model)
@@ -335,8 +338,14 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_writes_table_and_plot(tin
     table = (tmp_path / "sweep" / "report.md").read_text()
     assert "| rank2-alpha8 | lora r2 α8 all-linear |" in table and "| methodfull-lr0.0001 | full |" in table
     assert "(test, accuracy)" in table
-    for plot in ("val_loss.png", "score_vs_parameters.png"):
-        assert (tmp_path / "sweep" / plot).stat().st_size > 1000
+    # One evaluation per run: validation loss as two bars (7 x 2.3 in at 110 dpi); one panel with two points (7.5 x
+    # 4.8 in, about 70 coloured pixels a point). Axes, text and grid are grey: the coloured pixels are the data.
+    plots = {"val_loss.png": ((770, 253), 10_000), "score_vs_parameters.png": ((825, 528), 100)}
+    for plot, (size, coloured) in plots.items():
+        with Image.open(tmp_path / "sweep" / plot) as image:
+            assert (image.format, image.size) == ("PNG", size), plot
+            saturation = image.convert("RGB").convert("HSV").getchannel("S").histogram()
+        assert sum(saturation[100:]) > coloured, plot
     capsys.readouterr()
     assert main(["sweep", str(grid)]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 2
@@ -345,7 +354,7 @@ def test_sweep_trains_the_grid_skips_finished_runs_and_writes_table_and_plot(tin
 
 
 def test_sweep_run_names_spell_out_each_point():
-    from peftlab.sweep import expand_grid
+    from peftlab.commands.sweep import expand_grid
 
     names = [name for name, _ in expand_grid({"setting": [{"adapter.rank": 4, "adapter.alpha": 8},
                                                           {"adapter.targets": ["q", "k", "v", "o"]}],

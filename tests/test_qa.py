@@ -12,9 +12,9 @@ from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.config import RunConfig
 from peftlab.data.squad import read_squad
-from peftlab.workloads import get_task
+from peftlab.workloads.loading import get_task
 from peftlab.tasks.completion import IGNORE
-from peftlab.workloads.qa import exact_match, f1_score, normalize_answer
+from peftlab.workloads.qa.workload import exact_match, f1_score, normalize_answer
 from peftlab.engine import write_predictions
 from peftlab.train import evaluate_run, train
 
@@ -168,7 +168,6 @@ def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_pat
     summary = train(config)
     assert summary["select_metric"] == "f1" and summary["skipped_examples"] == {"train": 0, "validation": 0}
     best = summary["best"]
-    assert 0 <= best["val_exact_match"] <= best["val_f1"] <= 100
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     # `peftlab eval --predictions` writes a line per validation question.
@@ -177,6 +176,16 @@ def test_qa_training_run_selects_by_f1_and_reports_em_f1(tiny_model_dir, tmp_pat
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(records) == summary["validation_examples"]
     assert {record["origin"].split()[0] for record in records} == {"dev-split-validation.json"}
+    # The best checkpoint's EM and F1, by hand from its answers: every gold answer is one colour word g, so a
+    # prediction p (after normalisation) matches exactly when p == g, and overlaps it with precision 1/len(p) and
+    # recall 1 when g is one of p's words: F1 = 2 / (len(p) + 1).
+    answers = [(normalize_answer(record["prediction"]).split(), record["reference"]["answers"][0]) for record in records]
+    exact = [100.0 * (words == [gold]) for words, gold in answers]
+    f1 = [100.0 * 2 / (len(words) + 1) if gold in words else 0.0 for words, gold in answers]
+    assert [record["exact_match"] for record in records] == exact
+    assert [record["f1"] for record in records] == pytest.approx(f1)
+    assert best["val_exact_match"] == pytest.approx(sum(exact) / len(exact), abs=1e-9)
+    assert best["val_f1"] == pytest.approx(sum(f1) / len(f1), abs=1e-9)
     (tmp_path / "a-file").write_text("")
     for bad in (tmp_path / "a-file" / "p.jsonl", tmp_path):  # under a file; a folder
         with pytest.raises(PeftlabError, match=f"cannot write {bad}"):
@@ -197,7 +206,11 @@ def test_predictions_file_gives_each_question_its_answers_and_own_em_f1(gpt2_tok
     assert [record["exact_match"] for record in records] == [100, 0, 0]
     # "the X door" vs "X": after normalisation 2 predicted tokens, 1 in common: P 1/2, R 1, F1 2/3.
     assert [record["f1"] for record in records] == pytest.approx([100, 200 / 3, 0])
-    assert sum(record["f1"] for record in records) / 3 == pytest.approx(task.metrics(predictions, examples)["f1"])
+    # The split's metrics are the means in percent: EM (100 + 0 + 0) / 3, F1 (100 + 200/3 + 0) / 3.
+    assert task.metrics(predictions, examples) == pytest.approx(
+        {"exact_match": 100 / 3, "f1": 500 / 9, "empty_answers": 0, "answer_cut": 0})
+    assert task.metrics(["", gold[1], gold[1]], examples) == pytest.approx(
+        {"exact_match": 100 / 3, "f1": 100 / 3, "empty_answers": 1, "answer_cut": 0})
 
 
 # --- shared contexts (peftlab.shared_prefix) ---------------------------------------------------------------------
@@ -246,7 +259,7 @@ def test_shared_contexts_evaluate_exactly_like_one_question_at_a_time(long_tiny_
     """`evaluate` answers from the loss pass's own cache, `predict` from a prefill of each context: both give the
     unshared answers and loss, also with prefix tuning's cache in front."""
     from peftlab.engine import evaluate
-    from peftlab.workloads import load_run
+    from peftlab.workloads.loading import load_run
 
     data = write_squad(tmp_path / "data", two_painter_paragraphs(12), two_painter_paragraphs(6, offset=4))
     config = qa_run_config(long_tiny_model_dir, data, tmp_path / "run", epochs=1)
@@ -305,7 +318,7 @@ def test_real_model_answers_the_first_paragraphs_alike_shared_or_not(smollm2, tm
     from pathlib import Path
 
     from peftlab.engine import evaluate, example_units
-    from peftlab.workloads.qa import QATask
+    from peftlab.workloads.qa.workload import QATask
 
     data = os.environ.get("PEFTLAB_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     if not Path(data, "squad").is_dir():
@@ -331,7 +344,7 @@ def test_real_model_answers_the_first_paragraphs_alike_shared_or_not(smollm2, tm
 def test_contexts_are_shared_only_where_they_can_be(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import torch
 
-    from peftlab.workloads import build_model, build_task
+    from peftlab.workloads.loading import build_model, build_task
 
     data = write_squad(tmp_path / "data", two_painter_paragraphs(2), two_painter_paragraphs(1))
     config = squad_config(data)
@@ -340,7 +353,7 @@ def test_contexts_are_shared_only_where_they_can_be(tiny_model_dir, tmp_path, mo
     assert not build_task(squad_config(data, share_prefix=False)).shares_prefixes  # --no-share-prefix
     assert not build_task(squad_config(data, loss_on="all")).shares_prefixes  # a learned context is learned once
     reason = "the attention backend 'flash_attention_2' cannot take a block attention mask"
-    monkeypatch.setattr("peftlab.workloads.qa.block_mask_unsupported", lambda model: reason)
+    monkeypatch.setattr("peftlab.workloads.qa.workload.block_mask_unsupported", lambda model: reason)
     task = build_task(config)
     build_model(config, task, torch.device("cpu"))
     assert not task.shares_prefixes and f"Note: contexts are not shared: {reason}" in capsys.readouterr().out

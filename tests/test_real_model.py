@@ -5,13 +5,15 @@ import torch
 
 from peftlab.generate import generate
 from peftlab.models import count_parameters
+from peftlab.sampling import Sampling
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
     model, tokenizer = smollm2
-    ((continuation,),) = generate(model, tokenizer, "The capital of France is", max_new_tokens=8, temperature=0)
+    ((continuation,),) = generate(model, tokenizer, "The capital of France is",
+                                  Sampling(temperature=0, max_new_tokens=8))
     assert "Paris" in continuation
 
 
@@ -25,6 +27,7 @@ def test_smollm2_architecture_and_tokenizer(smollm2):
 def test_smollm2_batched_generation_matches_single_prompts(smollm2):
     model, tokenizer = smollm2
     prompts = ["The capital of France is", "Water boils at a temperature of"]
-    batched = generate(model, tokenizer, prompts, max_new_tokens=10, temperature=0)
-    single = [generate(model, tokenizer, prompt, max_new_tokens=10, temperature=0)[0] for prompt in prompts]
+    batched = generate(model, tokenizer, prompts, Sampling(temperature=0, max_new_tokens=10))
+    single = [generate(model, tokenizer, prompt, Sampling(temperature=0, max_new_tokens=10))[0]
+              for prompt in prompts]
     assert batched == single

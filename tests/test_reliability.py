@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.fileio import replace_directory, write_text_atomic
-from peftlab.workloads.classification import ClassificationTask
+from peftlab.workloads.classification.workload import ClassificationTask
 from peftlab.train import export_run, train
 
 
@@ -271,7 +271,7 @@ def test_a_damaged_last_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path, ca
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "Traceback" not in error
+    assert error.count("\n") == 1 and "Traceback" not in error, error
     assert f"checkpoints/last is damaged ({name}" in error and "move" in error
 
 
@@ -303,7 +303,7 @@ def test_ctrl_c_prints_one_line_with_what_was_kept(tiny_model_dir, tmp_path, mon
                  "--batch-size", "16", "--device", "cpu", "--output-dir", str(run)]
     assert main(arguments) == 130
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "Traceback" not in error
+    assert error.count("\n") == 1 and "Traceback" not in error, error
     assert f"interrupted: stopped at step 2. {run}/checkpoints/last holds epoch 1 (step 2)" in error
     assert f"Continue with: peftlab train --resume {run}" in error
 

@@ -2,6 +2,8 @@
 
 import struct
 
+from PIL import Image
+
 from peftlab.report import plot_validation_loss
 
 
@@ -56,6 +58,23 @@ def test_methods_table_pairs_runs_by_name_across_tasks_and_scores_tested_runs_on
     assert table[3] == "| lora | lora r16 α32 all-linear | 5,000 | 0.5% | 0.4500 | 0.8350 | 120 | 40.5 | 120 | 40.0 |"
 
 
+def test_each_method_describes_its_own_settings_in_the_tables():
+    """The tables ask the method (`AdapterMethod.describe`); nothing in report/ knows a method's settings."""
+    from peftlab.report import method_settings
+
+    adapter = {"targets": ["q", "v"], "rank": 4, "alpha": 8.0, "dropout": 0.1, "adapter_size": 16,
+               "adapter_placement": "pfeiffer", "adapter_nonlinearity": "gelu", "prefix_length": 5,
+               "prefix_projection": 12}
+    expected = {"lora": "lora r4 α8 q,v", "dora": "dora r4 α8 q,v", "ia3": "ia3 q,v",
+                "adapter": "adapter pfeiffer m16 gelu", "prefix": "prefix p5 H12", "full": "full", "bitfit": "bitfit",
+                "head": "head"}
+    assert {method: method_settings(adapter | {"method": method}) for method in expected} == expected
+    assert method_settings(adapter | {"method": "lora", "rank": 0}) == "full"  # the course spec's rank 0
+    written_before_projections = {"method": "prefix", "targets": ["q", "v"], "rank": 8, "prefix_length": 10}
+    assert method_settings(written_before_projections) == "prefix p10"
+    assert method_settings({"method": "retired"}) == "retired"  # a method no longer registered: its name
+
+
 def test_more_seeds_of_a_method_are_one_row_with_mean_and_std():
     from peftlab.report import methods_table
 
@@ -108,7 +127,7 @@ def test_the_html_report_of_runs_and_a_sweep_renders_in_chromium(tiny_model_dir,
     from test_train import tiny_config, write_cola
 
     from peftlab.cli import main
-    from peftlab.sweep import run_sweep
+    from peftlab.commands.sweep import run_sweep
 
     if not _chromium():
         pytest.skip("needs headless Chromium (Debian: apt-get install chromium; .ci/run installs it)")
@@ -133,7 +152,9 @@ def test_the_html_report_of_runs_and_a_sweep_renders_in_chromium(tiny_model_dir,
     assert f"{summary['parameters']['adapter']:,}" in visible and "Evaluations" in visible
     assert f"{summary['best']['val_mcc']:.4f}" in visible and "config.yaml" in visible
     width, height = _png_size(shot)
-    assert (width, height) == (1280, 2400) and shot.stat().st_size > 50_000  # a rendered page, not a blank one
+    saturation = Image.open(shot).convert("RGB").convert("HSV").getchannel("S").histogram()
+    # A rendered page, not a blank one: its plots' coloured lines and markers show (text and borders are grey).
+    assert (width, height) == (1280, 2400) and sum(saturation[100:]) > 1000
     # A file peftlab did not write is never replaced.
     other = tmp_path / "mine.html"
     other.write_text("<html>mine</html>")
@@ -147,7 +168,7 @@ def test_a_sweep_on_local_ray_tune_trains_each_point_once_like_the_local_backend
     import pytest
     from test_train import read_rows, tiny_config, write_cola
 
-    from peftlab.sweep import run_sweep
+    from peftlab.commands.sweep import run_sweep
 
     pytest.importorskip("ray.tune")
     data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)

@@ -256,8 +256,8 @@ def test_a_moved_run_evaluates_with_data_dir_and_device_and_splits_are_checked_f
     assert main(["eval", str(tmp_path / "run"), "--data-dir", str(moved_data), "--device", "cpu"]) == 0
     assert f"MCC: {recorded['val_mcc']:.4f}" in capsys.readouterr().out
 
-    import peftlab.workloads
-    monkeypatch.setattr(peftlab.workloads, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    import peftlab.workloads.loading
+    monkeypatch.setattr(peftlab.workloads.loading, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     assert main(["eval", str(tmp_path / "run"), "--data-dir", str(moved_data), "--split", "validation_ood"]) == 2
     assert "cola's validation_ood split has no file in the data directory" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "run"), "--data-dir", str(moved_data), "--split", "dev"]) == 2

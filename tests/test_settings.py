@@ -7,9 +7,10 @@ import pytest
 import yaml
 from test_train import read_rows, write_cola
 
-from peftlab.cli import _build_parser, main, train_config_from_args
-from peftlab.options import TRAIN_OPTIONS
-from peftlab.workloads.distill.commands import DISTILL_OPTIONS
+from peftlab.cli import _build_parser, main
+from peftlab.commands.run import train_config_from_args
+from peftlab.options import train_options
+from peftlab.workloads.distill.command_line import distill_options
 from peftlab.config import RunConfig
 
 
@@ -58,11 +59,11 @@ def test_every_documented_setting_is_an_option_showing_its_default():
     for section in sections:
         for item in dataclasses.fields(getattr(RunConfig(), section)):
             flag = "--" + (item.metadata.get("option") or item.name.replace("_", "-"))
-            assert TRAIN_OPTIONS[flag[2:].replace("-", "_")].field is item
+            assert train_options()[flag[2:].replace("-", "_")].field is item
             assert f"{flag} " in help_text, flag
     assert "--lr LR peak learning rate (default: 0.0005)" in help_text
     assert "(default: the head of a classifier, else nothing)" in help_text
-    assert DISTILL_OPTIONS["epochs"].field.name == "epochs" and "teacher" not in DISTILL_OPTIONS
+    assert distill_options()["epochs"].field.name == "epochs" and "teacher" not in distill_options()
 
 
 def test_options_land_in_their_fields_and_lists_split_on_commas():
@@ -76,9 +77,11 @@ def test_options_land_in_their_fields_and_lists_split_on_commas():
 
 
 def test_the_same_run_rule_matches_resolved_values_but_not_other_settings():
-    from peftlab.config import InstructConfig, same_run
+    from peftlab.config import same_run
+    from peftlab.workloads.instruct import InstructConfig
 
-    recorded = RunConfig(instruct=InstructConfig(template="Review: {text}\nSentiment:", verbalizers=["bad", "good"]))
+    recorded = RunConfig(sections={"instruct": InstructConfig(template="Review: {text}\nSentiment:",
+                                                                verbalizers=["bad", "good"])})
     recorded.task.name, recorded.task.objective, recorded.task.max_length = "rotten_tomatoes", "instruct", 128
     recorded.adapter.extra_trainable, recorded.train.select_metric = [], "accuracy"
     given = RunConfig()

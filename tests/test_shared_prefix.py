@@ -4,16 +4,19 @@ cache equal the whole prompts. Training: packed rows with the block mask give th
 the same LoRA gradients as one row per example, on GPT-2 (learned positions) and Llama (RoPE, grouped-query
 attention), with the SDPA and the eager backend, and with prefix tuning's own cache in front."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from peftlab.engine import epoch_batches, process_share
-from peftlab.generation import Sampling, decode, prefill
+from peftlab.generation import decode, left_pad, prefill, token_picker
 from peftlab.models import convert_conv1d_to_linear
 from peftlab.peft import apply_method
-from peftlab.shared_prefix import IGNORE, block_mask_unsupported, model_attention_mask, pack, prefix_units
+from peftlab.sampling import Sampling
+from peftlab.shared_prefix import (IGNORE, PrefixCache, block_mask_unsupported, continuation_inputs,
+                                   model_attention_mask, pack, prefix_units)
 from peftlab.tasks import Encoded
 from peftlab.tasks.completion import CompletionTarget, CompletionTask, score_choices
 
@@ -49,9 +52,9 @@ def test_decoding_after_a_prefix_cache_equals_the_whole_prompts(model):
     alone = decode(model, whole, 8, set(), pad_id=0)
     stops = [{alone[0][1]}, set(), {alone[2][3]}, set(), set(), {alone[5][0]}]  # rows leave at different steps
     assert decode(model, suffixes, 8, stops, 0, prefix=cache.rows(rows)) == decode(model, whole, 8, stops, 0)
-    sampled = Sampling(temperature=1.2, top_k=40, seed=5)
-    assert decode(model, suffixes, 8, set(), 0, sampled.picker(), prefix=cache.rows(rows)) == decode(
-        model, whole, 8, set(), 0, sampled.picker())
+    sampled = Sampling(temperature=1.2, top_k=40, top_p=1.0, seed=5)
+    assert decode(model, suffixes, 8, set(), 0, token_picker(sampled), prefix=cache.rows(rows)) == decode(
+        model, whole, 8, set(), 0, token_picker(sampled))
 
 
 def test_choice_scores_after_a_prefix_cache_equal_the_whole_prompts(model):
@@ -63,6 +66,42 @@ def test_choice_scores_after_a_prefix_cache_equal_the_whole_prompts(model):
                                    atol=1e-5, rtol=1e-5)
     # The prefix was not used up: decoding from it again gives the same tokens.
     assert decode(model, suffixes, 4, set(), 0, prefix=prefix) == decode(model, whole, 4, set(), 0)
+
+
+def per_row_copy(prefix: PrefixCache, rows: list[int]) -> PrefixCache:
+    """The expansion as it was before views: a deep copy of the whole cache, then one copied row per row."""
+    index = torch.tensor(rows)
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_select_indices(index)
+    return PrefixCache(cache, prefix.attention_mask[index])
+
+
+def continued_logits(model, prefix: PrefixCache, suffixes) -> torch.Tensor:
+    input_ids, attention_mask, position_ids = left_pad(suffixes, 0)
+    attention_mask, position_ids, cache = continuation_inputs(prefix, input_ids, attention_mask, position_ids)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits
+
+
+@pytest.mark.parametrize("rows", [[1] * 6, [0, 0, 0, 1, 2, 2]], ids=["one-prefix", "three-prefixes"])
+@torch.inference_mode()
+def test_expanded_prefix_rows_equal_per_row_copies_and_share_the_prefix_memory(model, rows):
+    suffixes, _, _ = flat_prompts()
+    prefix = prefill(model, PREFIXES, pad_id=0)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+    expanded = prefix.rows(rows)
+    assert expanded.cache is prefix.cache  # rows() adds a row index, not a copy of the keys and values
+    torch.testing.assert_close(continued_logits(model, expanded, suffixes),
+                               continued_logits(model, per_row_copy(prefix, rows), suffixes), atol=1e-5, rtol=1e-5)
+    assert decode(model, suffixes, 4, set(), 0, prefix=expanded) == decode(
+        model, [PREFIXES[row] + suffix for row, suffix in zip(rows, suffixes)], 4, set(), 0)
+    for layer, (keys, values) in zip(prefix.cache.layers, before):  # continuing never wrote into the prefix
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    if len(set(rows)) == 1:  # one prefix for every row: views of its one copy, whatever the number of rows
+        many = prefix.rows([1] * 1000).expanded()
+        for layer, original in zip(many.layers, prefix.cache.layers):
+            for tensor, source in ((layer.keys, original.keys), (layer.values, original.values)):
+                assert tensor.shape[0] == 1000 and tensor.stride(0) == 0
+                assert tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
 
 
 def test_prefix_cache_rows_must_match_the_prompts(model):
@@ -108,7 +147,7 @@ def target_log_probs(model, task, examples) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_packed_rows_give_the_log_probs_and_lora_gradients_of_one_row_per_example(model, backend):
     model.config._attn_implementation = backend
-    apply_method(model, "lora", ["all-linear"], rank=4, alpha=8)
+    apply_method(model, {"method": "lora", "targets": ["all-linear"], "rank": 4, "alpha": 8})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -131,7 +170,7 @@ def test_packed_rows_give_the_log_probs_and_lora_gradients_of_one_row_per_exampl
 
 
 def test_packed_rows_compose_with_prefix_tuning(model):
-    apply_method(model, "prefix", prefix_length=3)
+    apply_method(model, {"method": "prefix", "prefix_length": 3})
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.config import RunConfig
+from peftlab import engine as engine_module
 from peftlab.engine import epoch_batches, lr_multiplier, process_share
+from peftlab.peft.base import adapter_modules
 from peftlab.train import evaluate_run, train
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "quickly", "big", "small", "a", "house"]
@@ -85,7 +87,7 @@ def test_process_share_splits_every_example_once():
     assert [process_share(units, rank, 2, 2) for rank in range(2)] == [[[0, 1, 2], [4, 5]], [[3], [6, 7, 8, 9]]]
 
 
-def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, capsys):
+def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data = write_cola(tmp_path / "data")
     summary = train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=4))
     captured = capsys.readouterr()
@@ -107,6 +109,22 @@ def test_training_learns_and_writes_the_run_directory(tiny_model_dir, tmp_path, 
     again = evaluate_run(str(run), "validation", "best")
     assert again["mcc"] == pytest.approx(best["val_mcc"], abs=1e-9)
     assert again["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    # Merged evaluation is asked for, never implied: the same scores, the adapters merged only for it.
+    merges = []
+    real_merged = engine_module.merged
+
+    def counting_merged(model):
+        modules = [module for _, module in adapter_modules(model) if module.mergeable]
+        assert modules  # the run's LoRA layers
+        merges.append(sum(module.merged for module in modules))
+        return real_merged(model)
+
+    monkeypatch.setattr(engine_module, "merged", counting_merged)
+    assert evaluate_run(str(run), "validation", "best")["loss"] == again["loss"] and merges == []
+    merged_again = evaluate_run(str(run), "validation", "best", merge_for_evaluation=True)
+    assert merges == [0]  # nothing was merged before the merged evaluation asked for it
+    assert merged_again["mcc"] == pytest.approx(again["mcc"], abs=1e-9)
+    assert merged_again["loss"] == pytest.approx(again["loss"], rel=1e-5)
 
 
 def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -135,7 +153,7 @@ def test_an_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_a_message(tiny_model_dir, tmp_path, monkeypatch):
-    from peftlab.workloads.classification import ClassificationTask
+    from peftlab.workloads.classification.workload import ClassificationTask
 
     data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
     original = ClassificationTask.forward
@@ -194,7 +212,7 @@ def test_export_run_merged_and_peft_reproduce_our_logits(tiny_model_dir, tmp_pat
     from transformers import AutoModelForSequenceClassification
 
     from peftlab.train import export_run
-    from peftlab.workloads import load_run
+    from peftlab.workloads.loading import load_run
 
     data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
     train(tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=1))

@@ -1,12 +1,13 @@
-"""Run configuration: typed, documented dataclasses that are both the YAML schema of `config.yaml` and, through
-their field metadata (`setting`), the command line's options (generated in cli.py: no name, default or help
-text is written twice).
+"""Run configuration: a run's typed sections (model, adapter, task, train, and its workload's own section) are the
+YAML schema of `config.yaml` and, through their field metadata (`peftlab.settings.setting`), the command line's
+options (generated in `peftlab.options`).
 
-None means "the task's own" for a few fields; `peftlab.workloads.resolve_config` fills them in when a run
-starts, so a run's config.yaml records the values it actually used. Files written before that used "", 0 or []
-for the same fields; loading maps those to None (`LEGACY_UNSET`). `RunConfig.from_dict` / `load_config` reject
-unknown keys and wrong types with the offending key named, so a typo in a YAML file is an error instead of a
-silently ignored setting.
+A workload's section is declared by the workload (`peftlab.workloads.registry.WorkloadSpec.settings`) and lives in
+`RunConfig.sections`; `config.instruct` reads it (None when the run has none). None means "the task's own" for a few
+fields; the run's workload resolves them when the run starts (`Workload.resolve`), so a run's config.yaml records
+the values it actually used. Files written before that used "", 0 or [] for the same fields; loading maps those
+to None (the fields' `legacy_unset`). `RunConfig.from_dict` / `load_config` reject unknown keys and wrong types
+with the offending key named, so a typo in a YAML file is an error instead of a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -21,26 +22,18 @@ from pathlib import Path
 
 import yaml
 
-from peftlab.data.datasets import DATASETS
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
-
-
-def setting(default, help: str, option: str | None = None, default_text: str | None = None):
-    """A documented field: `help` is its one line on the command line and `option` its CLI name when that is not
-    the field's own (`--lora-dropout` for adapter.dropout). `default_text` describes a None default (resolved per
-    task when the run starts, see `peftlab.workloads.resolve_config`)."""
-    metadata = {"help": help, "option": option, "default_text": default_text}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+from peftlab.settings import resolved_when_run_starts, setting
+from peftlab.workloads.registry import registered_workloads, section_types
 
 
 @dataclass
 class ModelConfig:
     name: str = setting("smollm2-135m", "known model name (see `peftlab models`) or a local Hugging Face directory",
-                        option="model")
-    init: str = setting("pretrained", "pretrained | random (the architecture with random weights)")
+                        option="model", evaluation="zero-shot")
+    init: str = setting("pretrained", "pretrained | random (the architecture with random weights)",
+                        evaluation="zero-shot")
 
 
 @dataclass
@@ -52,7 +45,8 @@ class AdapterConfig:
     alpha: float = setting(16.0, "LoRA alpha; scaling = alpha/rank")
     dropout: float = setting(0.0, "dropout on the LoRA branch", option="lora-dropout")
     extra_trainable: list[str] | None = setting(None, "also train: comma-separated head,biases,norms",
-                                                default_text="the head of a classifier, else nothing")
+                                                default_text="the head of a classifier, else nothing",
+                                                legacy_unset=[])
     adapter_size: int = setting(64, "method adapter: the bottleneck size m")
     adapter_placement: str = setting("houlsby", "method adapter: houlsby (after attention and after the MLP of every "
                                      "block) | pfeiffer (after the MLP only)")
@@ -64,31 +58,21 @@ class AdapterConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = setting("cola", "task to train on: cola, rotten_tomatoes, squad", option="task")
+    name: str = setting("cola", "task to train on: cola, rotten_tomatoes, squad", option="task", evaluation="zero-shot")
     data_dir: str | None = setting(None, "data directory", default_text="$PEFTLAB_DATA")
     max_length: int | None = setting(None, "tokens per example at most; longer is an error, except squad contexts, "
-                                     "which are cut", default_text="the task's: 128, squad 384")
+                                     "which are cut", default_text="the task's: 128, squad 384",
+                                     legacy_unset=0, evaluation="zero-shot")
     train_limit: int = setting(0, "use only N evenly spaced training examples; 0 = all")
     objective: str | None = setting(None, "classification (a head on the last token) | instruct (generated labels) | "
-                                    "qa (squad)", default_text="the task's own, see `peftlab templates`")
+                                    "qa (squad)", default_text="the task's own, see `peftlab templates`",
+                                    legacy_unset="", evaluation="zero-shot")
     loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
     eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
     test_limit: int = setting(0, "the end-of-training test on N evenly spaced test examples; 0 = all")
     share_prefix: bool = setting(True, "squad: compute each paragraph's context once for all its questions (packed "
                                  "rows with a block attention mask in training, one prefix cache in evaluation; "
                                  "needs --loss-on answer); --no-share-prefix: every question on its own")
-
-
-@dataclass
-class InstructConfig:
-    """The instruct workload's own settings: how a label becomes a prompt and an answer, and how it is predicted."""
-
-    template: str | None = setting(None, "instruct prompt: a name from `peftlab templates` or a format string with "
-                                   "{text} (\\n = newline)", default_text="the task's first")
-    verbalizers: list[str] | None = setting(None, "instruct: comma-separated answer text per label, in label order",
-                                            default_text="the task's, else the label names")
-    predict: str = setting("generate", "instruct: generate (greedy, parse the text) | score (likelihood of each "
-                           "verbalizer) | both")
 
 
 @dataclass
@@ -109,48 +93,20 @@ class TrainConfig:
     max_steps: int = setting(0, "stop after N optimizer steps in all (the schedule ends there too); 0 = the epochs "
                              "decide")
     select_metric: str | None = setting(None, "validation metric choosing checkpoints/best; loss = lowest",
-                                        default_text="the task's: mcc, accuracy or f1")
+                                        default_text="the task's: mcc, accuracy or f1",
+                                        legacy_unset="")
     device: str = setting("auto", "auto | cpu | cuda[:N] (auto = cuda if available)")
     precision: str = setting("auto", "auto | fp32 | bf16 | fp16: bf16/fp16 autocast with fp32 weights (auto = bf16 "
                              "on a GPU that supports it, else fp32; fp16 needs a GPU)")
+    merge_for_evaluation: bool = setting(False, "evaluate with LoRA/DoRA/IA3 merged into the base weights (merged for "
+                                         "each evaluation, un-merged after): faster for all-linear LoRA and DoRA; a "
+                                         "fp32 un-merge may move a weight by an ulp", evaluation="any")
     report_to: list[str] = setting([], "trackers for per-step and evaluation metrics: tensorboard,wandb (W&B runs "
                                    "offline when no API key is set); files under <run>/trackers")
 
 
-@dataclass
-class DistillConfig:
-    """Knowledge distillation into a small student (W2); `peftlab distill` fills it from a teacher run."""
-
-    teacher: str = setting("", "the teacher: a classification run of `peftlab train`; empty = not a distillation")
-    teacher_checkpoint: str = setting("best", "the teacher's checkpoint: best | last")
-    student: str = setting("lstm", "rnn | gru | lstm")
-    layers: int = setting(1, "stacked RNN layers")
-    hidden_size: int = setting(256, "RNN state size per direction")
-    embedding_size: int = setting(128, "token embedding size")
-    bidirectional: bool = setting(True, "read both directions")
-    dropout: float = setting(0.2, "dropout on embeddings, between layers, before the classifier")
-    alpha: float = setting(0.5, "weight of the distillation term; 0 = no distillation")
-    temperature: float = setting(2.0, "softmax temperature T of the distillation term")
-    augment: int = setting(0, "Tang et al. 2019 transfer set: N augmented copies per training sentence (word masking, "
-                           "n-gram sampling; seeded), labelled by the teacher")
-    mask_probability: float = setting(0.1, "augmentation: chance of masking a word")
-    ngram_probability: float = setting(0.25, "augmentation: chance of keeping an n-gram only")
-    augment_seed: int = setting(0, "augmentation seed; fixed across student seeds, so the teacher labels the "
-                                "transfer set once")
-    transfer_file: str = setting("", "transfer set: a file of unlabelled sentences, one per line, labelled by the "
-                                 "teacher (see `peftlab transfer-set`); empty = none")
-    edit_probability: float = setting(0.0, "augmentation: chance of one word-order edit per copy (swap neighbours, "
-                                      "delete or move a word)")
-    embedding_init: str = setting("random", "student embedding: random | teacher (PCA of the teacher's token "
-                                  "embeddings to --embedding-size)")
-
-
-DISTILL_TRAIN_DEFAULTS = {"epochs": 10, "lr": 2e-3}  # a student's own defaults (`peftlab distill`)
 CONFIG_VERSION = 2  # 2: None for "the task's own" (resolved when the run starts); 1 (no version key): "", 0, []
-LEGACY_UNSET = {("task", "max_length"): 0, ("task", "objective"): "", ("instruct", "template"): "",
-                ("instruct", "verbalizers"): [], ("adapter", "extra_trainable"): [], ("train", "select_metric"): ""}
-WORKLOAD_SECTIONS = ("instruct", "distill")  # present only in the runs of their workload
-INSTRUCT_KEYS = ("template", "verbalizers", "predict")  # in the task section before version 2
+CORE_SECTIONS = ("model", "adapter", "task", "train")
 
 
 @dataclass
@@ -160,36 +116,58 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    instruct: InstructConfig | None = None  # the instruct workload's section; only instruct runs have it
-    distill: DistillConfig | None = None  # the distill workload's section; only a distillation has it
+    # The run's workload's own section (name -> its settings dataclass); a run has at most its workload's.
+    sections: dict[str, object] = field(default_factory=dict)
     version: int = CONFIG_VERSION
     # Where and how the run was started (versions, command line, device, precision); written by the run, not a
     # setting: `same_run` ignores it.
     environment: dict | None = None
 
+    def __getattr__(self, name: str):
+        """`config.instruct`: a registered workload's section, or None when this run has none."""
+        if name in section_types():
+            return self.__dict__.get("sections", {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute or workload section '{name}'")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in section_types():
+            self.sections.pop(name, None) if value is None else self.sections.__setitem__(name, value)
+        else:
+            super().__setattr__(name, value)
+
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        return {key: value for key, value in values.items()
-                if not ((key in WORKLOAD_SECTIONS or key == "environment") and value is None)}
+        values = {"output_dir": self.output_dir}
+        values |= {name: dataclasses.asdict(getattr(self, name)) for name in CORE_SECTIONS}
+        values |= {name: dataclasses.asdict(section) for name, section in self.sections.items()}
+        values["version"] = self.version
+        return values | ({"environment": self.environment} if self.environment is not None else {})
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "RunConfig":
-        return _build(cls, _upgrade(values), where)
+        return _build_run_config(_upgrade(values), where)
 
 
-RESOLVED_LATER = tuple(LEGACY_UNSET)  # the (section, key) settings whose None a run resolves
+def all_sections() -> dict[str, type]:
+    """Every section config.yaml may have: the core ones, then the registered workloads'."""
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in CORE_SECTIONS} | section_types()
+
+
+def resolved_later() -> list[tuple[str, str, object]]:
+    """(section, key, version-1 unset value) of the settings whose None a run resolves when it starts."""
+    return [(name, item.name, item.metadata["legacy_unset"]) for name, cls in all_sections().items()
+            for item in dataclasses.fields(cls) if resolved_when_run_starts(item)]
 
 
 def same_run(recorded: RunConfig, config: RunConfig) -> bool:
     """Whether `config` describes the run `recorded` (a config.yaml) is: equal everywhere, a None of `config`
     matching whatever the run resolved it to; where the run lives (output_dir) does not count."""
     mine, theirs = config.to_dict(), recorded.to_dict()
-    hints = typing.get_type_hints(RunConfig)
-    for section in WORKLOAD_SECTIONS:  # a workload adds its section, with its defaults, when the run starts
-        if section in theirs and section not in mine:
-            mine[section] = dataclasses.asdict(section_type(hints[section])())
-    for section, key in RESOLVED_LATER:
-        if section in mine and mine[section][key] is None:
+    for name, cls in section_types().items():  # a workload adds its section, with its defaults, when the run starts
+        if name in theirs and name not in mine:
+            mine[name] = dataclasses.asdict(cls())
+    for section, key, _ in resolved_later():
+        if section in mine and section in theirs and mine[section][key] is None:
             mine[section][key] = theirs[section][key]
     mine["output_dir"] = theirs["output_dir"]
     mine.pop("environment", None), theirs.pop("environment", None)
@@ -197,28 +175,41 @@ def same_run(recorded: RunConfig, config: RunConfig) -> bool:
 
 
 def _upgrade(values):
-    """A version-1 mapping (no `version` key: old run directories, hand-written YAML) in today's terms."""
+    """A version-1 mapping (no `version` key: old run directories, hand-written YAML) in today's terms: each
+    workload moves its own settings (`WorkloadSpec.upgrade_v1`), then "", 0 and [] that meant "the task's own"
+    become None."""
     if not isinstance(values, dict) or "version" in values:
         return values
     values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
-    if isinstance(values.get("distill"), dict) and not values["distill"].get("teacher"):
-        del values["distill"]  # every run carried an idle distill section; only a distillation has one now
-    task = values.get("task") if isinstance(values.get("task"), dict) else {}
-    instruct = {key: task.pop(key) for key in INSTRUCT_KEYS if key in task}
-    dataset = DATASETS.get(task.get("name", "cola"), DATASETS["cola"])
-    if instruct and (task.get("objective") or dataset.default_objective) == "instruct":
-        values["instruct"] = instruct  # the instruct settings lived in the task section
-    for (section, key), unset in LEGACY_UNSET.items():
+    for spec in registered_workloads():
+        if spec.upgrade_v1 is not None:
+            spec.upgrade_v1(values)
+    for section, key, unset in resolved_later():
         if isinstance(values.get(section), dict) and values[section].get(key, None) == unset:
             values[section][key] = None
     return values | {"version": CONFIG_VERSION}
 
 
-def _build(cls, values, where: str):
+def _build_run_config(values, where: str) -> RunConfig:
+    """A RunConfig from a mapping whose top level holds the core sections and at most workload sections."""
+    if not isinstance(values, dict):
+        raise PeftlabError(f"{where}: expected a mapping, found {type(values).__name__}")
+    workload_sections = section_types()
+    known = set(values) & set(workload_sections)
+    sections = {name: _build(workload_sections[name], values[name], f"{where}.{name}")
+                for name in values if name in known and values[name] is not None}
+    config = _build(RunConfig, {key: value for key, value in values.items() if key not in known}, where,
+                    extra_known=workload_sections)
+    config.sections = sections
+    return config
+
+
+def _build(cls, values, where: str, extra_known=()):
     if not isinstance(values, dict):
         raise PeftlabError(f"{where}: expected a mapping, found {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {item.name for item in dataclasses.fields(cls)}
+    known = {item.name for item in dataclasses.fields(cls) if item.name != "sections"}
+    known |= set(extra_known)
     unknown = sorted(set(values) - known)
     if unknown:
         raise PeftlabError(f"{where}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)}; expected "
@@ -305,7 +296,7 @@ def parse_assignment(option: str) -> tuple[str, object]:
 
 
 def section_type(hint):
-    """A section's dataclass, also when the section is optional (`DistillConfig | None`)."""
+    """A section's dataclass, also when the section is optional (`ModelConfig | None`)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         classes = [item for item in typing.get_args(hint) if dataclasses.is_dataclass(item)]
         return classes[0] if classes else hint
@@ -321,7 +312,7 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         values = yaml.safe_load(read_text(Path(path), "config"))
     except yaml.YAMLError as error:
         raise PeftlabError(f"{path}: not valid YAML: {error}") from None
-    return _build(RunConfig, _upgrade(values or {}), str(path))
+    return _build_run_config(_upgrade(values or {}), str(path))
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -17,6 +17,14 @@ Every optimizer step is a line of steps.jsonl (loss, learning rate, gradient nor
 checkpoints/last is also written mid-epoch with the epoch's position and partial totals, so a killed run resumes at
 that step and ends with the uninterrupted run's metrics. `max_steps` cuts the plan (and the schedule) short.
 
+A task may return its own per-batch quantities (`StepOutput.sums`, each a sum and its count, e.g. DPO's rewards):
+the engine adds sums and counts over micro-batches, processes and steps and writes the means, Σ sum / Σ count,
+in steps.jsonl (per step), metrics.jsonl (`train_<name>` per epoch, `val_<name>` per evaluation) and the trackers.
+
+`evaluate` (every evaluation: end of epoch, mid-epoch, the test split, `peftlab eval`) calls
+`Task.begin_evaluation` before its first batch and `Task.end_evaluation` after its last, also after an error, so a
+task can compute once what every batch of an evaluation shares (a prefix cache, a calibration pass).
+
 Callbacks (`Callback`) see every optimizer step, every evaluation and every epoch end, after the engine has saved
 what it saves; trackers, plots and sweeps hook in there.
 """
@@ -39,12 +47,15 @@ from peftlab.config import TrainConfig
 from peftlab.data import evenly_spaced
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
+from peftlab.peft import merged
 from peftlab.runs import RunDir
 from peftlab.shared_prefix import prefix_units
-from peftlab.tasks import Encoded, Task
+from peftlab.tasks import Encoded, StepOutput, Task
 
 SCHEDULES = ("linear", "cosine", "constant")
 LENGTH_GROUP_WINDOW = 50  # batches per sorting window
+# The engine's own keys of a steps.jsonl line; a task's own sums (`StepOutput.sums`) follow under their names.
+STEP_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "examples", "seconds", "examples_per_second")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +137,66 @@ def process_share(batch: list[list[int]], process_index: int, num_processes: int
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sums over micro-batches, processes and steps
+
+
+def float64_zeros(size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=torch.float64)
+
+
+@dataclass
+class Totals:
+    """What the engine adds up over micro-batches, processes and steps: the summed loss, its targets and the
+    correct predictions (`core`), and the task's own sums (`task`: name -> [sum, count], `StepOutput.sums`), whose
+    written value is the mean Σ sum / Σ count."""
+
+    core: torch.Tensor = field(default_factory=lambda: float64_zeros(3))  # (loss sum, targets, correct)
+    task: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (sum, count), float64
+
+    def add(self, output: StepOutput, counted: bool = True) -> None:
+        """Add one batch; one that is not `counted` (a process without examples) adds only the names of its sums,
+        so every process reduces a vector of the same length."""
+        if counted:
+            self.core += torch.tensor([output.loss_sum.item(), output.num_targets, output.num_correct],
+                                      dtype=torch.float64)
+        for name, (total, count) in output.sums.items():
+            value = torch.tensor([float(total), float(count)], dtype=torch.float64) if counted else float64_zeros(2)
+            self.task[name] = self.task.get(name, float64_zeros(2)) + value
+
+    def __iadd__(self, other: "Totals") -> "Totals":
+        self.core = self.core + other.core
+        for name, value in other.task.items():
+            self.task[name] = self.task.get(name, float64_zeros(2)) + value
+        return self
+
+    def reduce(self, accelerator) -> "Totals":
+        """The sums over all processes (one all-reduce of core + task sums, names in sorted order)."""
+        names = sorted(self.task)
+        flat = torch.cat([self.core] + [self.task[name] for name in names])  # (3 + 2 * names,)
+        flat = accelerator.reduce(flat.to(accelerator.device), "sum").cpu()
+        return Totals(flat[:3], {name: flat[3 + 2 * index : 5 + 2 * index] for index, name in enumerate(names)})
+
+    def task_means(self) -> dict[str, float | None]:
+        """Each task sum's mean, Σ sum / Σ count (None when it counted nothing)."""
+        return {name: (value[0] / value[1]).item() if value[1] else None for name, value in self.task.items()}
+
+    @classmethod
+    def restore(cls, core: list[float] | None, task: dict[str, list[float]] | None) -> "Totals":
+        """The totals saved in a mid-epoch checkpoint (`History.epoch_totals`, `History.epoch_sums`)."""
+        return cls(torch.tensor(core, dtype=torch.float64) if core else float64_zeros(3),
+                   {name: torch.tensor(value, dtype=torch.float64) for name, value in (task or {}).items()})
+
+
+def own_names(values: dict, taken: dict, whose: str) -> dict:
+    """`values`, when none of its names is in `taken` already (a task's sum may not overwrite the engine's keys)."""
+    clash = sorted(set(values) & set(taken))
+    if clash:
+        raise PeftlabError(f"{whose} returns {', '.join(clash)}, which the engine writes itself. Fix: rename them "
+                           f"(the engine's own: {', '.join(taken)})")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -141,6 +212,7 @@ class History:
     # (loss sum, targets, correct) and training seconds. All 0/None at epoch boundaries.
     batches_done: int = 0
     epoch_totals: list[float] | None = None
+    epoch_sums: dict[str, list[float]] | None = None  # the task's own sums so far: name -> [sum, count]
     epoch_seconds: float = 0.0
     seconds: float = 0.0  # wall-clock seconds of training and evaluation up to the saved state (all parts)
 
@@ -267,7 +339,8 @@ class Engine:
         keeps the best weights."""
         self.run.load_checkpoint(self.accelerator.unwrap_model(self.model), "best", self.base_model)
         examples = evenly_spaced(self.task.encode(split), limit)
-        metrics = evaluate(self.model, self.task, examples, self.settings.eval_batch_size, self.accelerator)
+        metrics = evaluate(self.model, self.task, examples, self.settings.eval_batch_size, self.accelerator,
+                           merge_adapters=self.settings.merge_for_evaluation)
         self.accelerator.print(f"Test ({split}, {len(examples)} examples, best checkpoint of step "
                                f"{self.history.best_step}): Loss: {metrics['loss']:.4f}, "
                                f"{self.task.format_metrics(metrics)}")
@@ -280,8 +353,7 @@ class Engine:
                    val_examples: list[Encoded]) -> None:
         settings, accelerator, history = self.settings, self.accelerator, self.history
         start = history.batches_done  # > 0: resumed from a mid-epoch checkpoint
-        # loss sum, targets, correct predictions of the epoch so far
-        totals = torch.tensor(history.epoch_totals if start else [0.0, 0.0, 0.0], dtype=torch.float64)
+        totals = Totals.restore(history.epoch_totals, history.epoch_sums) if start else Totals()  # the epoch so far
         seconds_before = history.epoch_seconds if start else 0.0
         started = time.perf_counter()
         self.model.train()
@@ -307,39 +379,41 @@ class Engine:
                 self.model.train()
                 eval_seconds += time.perf_counter() - eval_started
             if settings.save_every and history.step % settings.save_every == 0 and not last_of_epoch:
-                history.batches_done, history.epoch_totals = index + 1, totals.tolist()
+                history.batches_done, history.epoch_totals = index + 1, totals.core.tolist()
+                history.epoch_sums = {name: value.tolist() for name, value in totals.task.items()}
                 history.epoch_seconds = seconds_before + time.perf_counter() - started - eval_seconds
                 self._save(improved=False, last=True)
         progress.close()
         train_seconds = seconds_before + time.perf_counter() - started - eval_seconds
-        history.batches_done, history.epoch_totals, history.epoch_seconds = 0, None, 0.0
+        history.batches_done, history.epoch_totals, history.epoch_sums, history.epoch_seconds = 0, None, None, 0.0
         row = self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)
         for callback in self.callbacks:
             callback.on_epoch_end(self, row)
 
-    def _step(self, batch: list[list[int]], examples: list[Encoded]) -> torch.Tensor:
+    def _step(self, batch: list[list[int]], examples: list[Encoded]) -> tuple[Totals, float]:
+        """One optimizer step on a global batch (units of example indices); returns its totals over every process
+        and the gradient norm."""
         accelerator, settings = self.accelerator, self.settings
+        # This process's micro-batches, each a list of example indices (units whole): [[i, ...], ...]
         micro_batches = process_share(batch, accelerator.process_index, accelerator.num_processes, settings.grad_accum)
-        collated = []
-        for micro in micro_batches or [batch[0][:1]]:  # a process with no examples still joins the all-reduce
-            inputs = {key: value.to(accelerator.device) for key, value in self.task.collate([examples[i] for i in micro]).items()}
-            collated.append(inputs)
+        # One padded batch per micro-batch, e.g. input_ids (b, T): b <= batch_size / (P * grad_accum) rows of the
+        # micro-batch's longest length T. A process with no examples still joins the all-reduce with one example.
+        collated = [self._collate([examples[index] for index in micro]) for micro in micro_batches or [batch[0][:1]]]
         # Targets of the whole global batch, over all processes: the normaliser of the summed loss.
         count = sum(self.task.count_targets(inputs) for inputs in collated) if micro_batches else 0
         global_targets = float(accelerator.reduce(torch.tensor(float(count), device=accelerator.device), "sum").item())
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = Totals()
         for index, inputs in enumerate(collated):
             sync = index == len(collated) - 1
             with nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
                 output = self.task.forward(self.model, inputs)
                 weight = accelerator.num_processes / global_targets if micro_batches else 0.0
                 accelerator.backward(output.loss_sum * weight)
-            if micro_batches:
-                totals += torch.tensor([output.loss_sum.item(), output.num_targets, output.num_correct])
-        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+            totals.add(output, counted=bool(micro_batches))
+        totals = totals.reduce(accelerator)
         step = self.history.step + 1
-        if not math.isfinite(totals[0].item()):
-            raise self._diverged(f"the training loss became {totals[0].item()} at step {step}")
+        if not math.isfinite(totals.core[0].item()):
+            raise self._diverged(f"the training loss became {totals.core[0].item()} at step {step}")
         # The norm of the gradients of all processes (clipped when --max-grad-norm > 0; inf only measures it).
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm or math.inf)
         if not math.isfinite(float(grad_norm)):
@@ -349,12 +423,18 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return totals, float(grad_norm)
 
-    def _step_row(self, epoch: int, index: int, num_batches: int, totals: torch.Tensor, grad_norm: float, lr: float,
+    def _collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        """`Task.collate` of the examples, on this process's device."""
+        return {key: value.to(self.accelerator.device) for key, value in self.task.collate(examples).items()}
+
+    def _step_row(self, epoch: int, index: int, num_batches: int, totals: Totals, grad_norm: float, lr: float,
                   seconds: float, examples: int) -> dict:
-        """The step's line of steps.jsonl (main process appends it)."""
+        """The step's line of steps.jsonl (main process appends it): the engine's `STEP_KEYS`, then the means of
+        the task's own sums."""
         row = {"step": self.history.step, "epoch": round(epoch + (index + 1) / num_batches, 4),
-               "loss": (totals[0] / totals[1]).item(), "lr": lr, "grad_norm": grad_norm,
+               "loss": (totals.core[0] / totals.core[1]).item(), "lr": lr, "grad_norm": grad_norm,
                "examples": examples, "seconds": seconds, "examples_per_second": examples / seconds}
+        row |= own_names(totals.task_means(), row, f"{type(self.task).__name__}'s StepOutput.sums")
         if self.accelerator.is_main_process:
             self.run.append_step(row)
         return row
@@ -366,17 +446,21 @@ class Engine:
 
     # --- evaluation and checkpoints --------------------------------------------------------------------------
 
-    def _evaluate_and_record(self, epoch, val_examples, train_totals, train_seconds, final: bool) -> dict:
-        evaluation = evaluate(self.model, self.task, val_examples, self.settings.eval_batch_size, self.accelerator)
+    def _evaluate_and_record(self, epoch: int, val_examples: list[Encoded], train_totals: Totals | None,
+                             train_seconds: float | None, final: bool) -> dict:
+        evaluation = evaluate(self.model, self.task, val_examples, self.settings.eval_batch_size, self.accelerator,
+                              merge_adapters=self.settings.merge_for_evaluation)
         if not math.isfinite(evaluation["loss"]):
             raise self._diverged(f"the validation loss became {evaluation['loss']} at step {self.history.step}")
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             raise self._diverged(f"some trained weights are no longer finite at step {self.history.step}")
         row = {"epoch": epoch + 1, "step": self.history.step, "final_of_epoch": final, "lr": self.scheduler.get_last_lr()[0]}
         if train_totals is not None:
-            row |= {"train_loss": train_totals[0].item() / train_totals[1].item(),
-                    "train_accuracy": train_totals[2].item() / train_totals[1].item(),
+            core = train_totals.core
+            row |= {"train_loss": core[0].item() / core[1].item(), "train_accuracy": core[2].item() / core[1].item(),
                     "train_seconds": train_seconds}
+            row |= own_names({f"train_{name}": mean for name, mean in train_totals.task_means().items()}, row,
+                             f"{type(self.task).__name__}'s StepOutput.sums")
         row |= {f"val_{key}": value for key, value in evaluation.items()}
         self.history.rows.append(row)
         value = evaluation[self.select]
@@ -441,48 +525,67 @@ class Engine:
 
 
 def evaluate(model, task: Task, examples: list[Encoded], batch_size: int, accelerator=None,
-             predictions_file: str | Path | None = None) -> dict:
-    """Loss and task metrics on `examples`, with the model in eval mode (mergeable adapters merged).
+             predictions_file: str | Path | None = None, merge_adapters: bool = False) -> dict:
+    """Loss and task metrics on `examples`, with the model in eval mode; adapters stay unmerged unless
+    `merge_adapters` (`--merge-for-evaluation`: merged for this evaluation, un-merged after, see `peft.merged`).
 
     Examples (units of examples sharing a prefix, see `Task.shares_prefixes`) are sorted by length so batches carry
-    little padding; with several processes each evaluates every
-    P-th example and the results are gathered, so every process returns the same metrics. `predictions_file`:
-    also write every example's prediction and reference there (JSON lines, in example order).
+    little padding; with several processes each evaluates every P-th unit and the results are gathered, so every
+    process returns the same metrics. `Task.begin_evaluation` sees every example before the first batch and
+    `Task.end_evaluation` ends it, also after an error. The task's own sums (`StepOutput.sums`) are reported as
+    their means. `predictions_file`: also write every example's prediction and reference there (JSON lines, in
+    example order).
     """
     process_index = accelerator.process_index if accelerator else 0
     num_processes = accelerator.num_processes if accelerator else 1
-    device = accelerator.device if accelerator else next(model.parameters()).device
     plain = accelerator.unwrap_model(model) if accelerator else model
     plain.eval()
     units = example_units(examples, task.shares_prefixes, batch_size)
     units = sorted(units, key=lambda unit: unit_length(examples, unit))[process_index::num_processes]
-    results, loss_sum, targets = [], 0.0, 0
     started = time.perf_counter()
-    progress = tqdm(total=sum(len(unit) for unit in units), desc="evaluate", unit="example", leave=False,
-                    dynamic_ncols=True, mininterval=2.0, disable=accelerator is not None and not accelerator.is_main_process)
-    with torch.inference_mode(), progress:
-        for batch_units in fill_batches(units, batch_size):
-            indices = [index for unit in batch_units for index in unit]
-            batch = [examples[i] for i in indices]
-            inputs = {key: value.to(device) for key, value in task.collate(batch).items()}
-            with accelerator.autocast() if accelerator else nullcontext():
-                output = task.forward(plain, inputs)
-                predictions = output.predictions if output.predictions is not None else task.predict(plain, batch)
-            loss_sum += output.loss_sum.item()
-            targets += output.num_targets
-            results += list(zip(indices, predictions))
-            progress.update(len(indices))
+    with merged(plain) if merge_adapters else nullcontext(), torch.inference_mode(), \
+            accelerator.autocast() if accelerator else nullcontext():
+        task.begin_evaluation(plain, examples)
+        try:
+            results, totals = evaluation_pass(plain, task, examples, fill_batches(units, batch_size), accelerator)
+        finally:
+            task.end_evaluation()
     seconds = time.perf_counter() - started
     if num_processes > 1:
-        gathered = accelerator.gather_for_metrics([(results, loss_sum, targets, seconds)], use_gather_object=True)
-        results = [item for part in gathered for item in part[0]]
-        loss_sum, targets = sum(part[1] for part in gathered), sum(part[2] for part in gathered)
-        seconds = max(part[3] for part in gathered)
+        gathered = accelerator.gather_for_metrics([(results, totals, seconds)], use_gather_object=True)
+        results, totals = [item for part in gathered for item in part[0]], Totals()
+        for part in gathered:
+            totals += part[1]
+        seconds = max(part[2] for part in gathered)
     predictions = [prediction for _, prediction in sorted(results)]
     metrics = task.metrics(predictions, examples)
     if predictions_file:
         write_predictions(Path(predictions_file), task, predictions, examples)
-    return {"loss": loss_sum / targets} | metrics | {"examples_per_second": len(examples) / seconds}
+    metrics |= own_names(totals.task_means(), metrics, f"{type(task).__name__}'s StepOutput.sums")
+    return {"loss": totals.core[0].item() / totals.core[1].item()} | metrics | {
+        "examples_per_second": len(examples) / seconds}
+
+
+def evaluation_pass(model, task: Task, examples: list[Encoded], batches: list[list[list[int]]],
+                    accelerator=None) -> tuple[list[tuple[int, object]], Totals]:
+    """Every batch of units through `task.forward` (and `task.predict` when forward predicts nothing), with a
+    progress bar: (example index, prediction) pairs and the totals."""
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    results, totals = [], Totals()
+    progress = tqdm(total=sum(len(unit) for batch in batches for unit in batch), desc="evaluate", unit="example",
+                    leave=False, dynamic_ncols=True, mininterval=2.0,
+                    disable=accelerator is not None and not accelerator.is_main_process)
+    with progress:
+        for batch_units in batches:
+            indices = [index for unit in batch_units for index in unit]
+            batch = [examples[i] for i in indices]
+            inputs = {key: value.to(device) for key, value in task.collate(batch).items()}
+            output = task.forward(model, inputs)
+            predictions = output.predictions if output.predictions is not None else task.predict(model, batch)
+            totals.add(output)
+            results += list(zip(indices, predictions))
+            progress.update(len(indices))
+    return results, totals
 
 
 def write_predictions(path: Path, task: Task, predictions: list, examples: Sequence[Encoded]) -> None:

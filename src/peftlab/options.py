@@ -1,5 +1,6 @@
-"""Command-line options generated from the settings dataclasses (`peftlab.config.setting`): each documented field's
+"""Command-line options generated from the settings dataclasses (`peftlab.settings.setting`): each documented field's
 name (or its `option`), type, default and one-line help become one option, so none of these is written twice.
+The registered workloads' sections are included as they are registered (the option tables are functions).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import types
 import typing
 from dataclasses import dataclass
 
-from peftlab.config import RunConfig, section_type
+from peftlab.config import CORE_SECTIONS, RunConfig, all_sections
+from peftlab.sampling import Sampling
+from peftlab.workloads.registry import registered_workloads
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,9 @@ def documented_fields(cls, section: str | None) -> dict[str, Option]:
 
 
 def settings_options(sections: tuple[str, ...]) -> dict[str, Option]:
-    """dest -> Option for every documented field of these RunConfig sections, in order."""
-    hints = typing.get_type_hints(RunConfig)
-    return {dest: option for section in sections
-            for dest, option in documented_fields(section_type(hints[section]), section).items()}
+    """dest -> Option for every documented field of these config.yaml sections (core or a workload's), in order."""
+    types_ = all_sections()
+    return {dest: option for section in sections for dest, option in documented_fields(types_[section], section).items()}
 
 
 def add_options(parser: argparse.ArgumentParser, options: dict[str, Option], defaults: dict | None = None,
@@ -87,11 +89,30 @@ def apply_options(target, args: argparse.Namespace, options: dict[str, Option]) 
 def _section(config: RunConfig, name: str):
     """A config section, created with its defaults when an option of a workload's own section is given."""
     if getattr(config, name) is None:
-        setattr(config, name, section_type(typing.get_type_hints(RunConfig)[name])())
+        setattr(config, name, all_sections()[name]())
     return getattr(config, name)
 
 
-TRAIN_OPTIONS = settings_options(("task", "instruct", "model", "adapter", "train"))
-EVAL_BASE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in (
-    "task", "objective", "template", "verbalizers", "max_length", "model", "init")}
-RUN_PLACE_OPTIONS = {dest: TRAIN_OPTIONS[dest] for dest in ("device", "data_dir")}  # a run evaluated elsewhere
+def train_options() -> dict[str, Option]:
+    """The options of `peftlab train`: the task, the sections of the workloads that take theirs there, then the model,
+    adapter and training settings."""
+    workloads = tuple(spec.name for spec in registered_workloads() if spec.settings is not None and spec.train_options)
+    return settings_options(("task", *workloads, "model", "adapter", "train"))
+
+
+def eval_options(scope: str) -> dict[str, Option]:
+    """The settings `peftlab eval` takes: scope "zero-shot" (describing the un-tuned model evaluated without RUN_DIR)
+    or "any" (also changing how a run is evaluated)."""
+    scopes = ("zero-shot", "any") if scope == "zero-shot" else ("any",)
+    return {dest: option for dest, option in settings_options(tuple(all_sections())).items()
+            if option.field.metadata.get("evaluation") in scopes}
+
+
+def sampling_options() -> dict[str, Option]:
+    """The options of every command that samples text (`peftlab generate`, `peftlab transfer-set`, ...)."""
+    return documented_fields(Sampling, None)
+
+
+# Where a run is evaluated or exported now, instead of where its config.yaml says it ran.
+RUN_PLACE_OPTIONS = {dest: option for dest, option in settings_options(CORE_SECTIONS).items()
+                     if dest in ("device", "data_dir")}

@@ -21,10 +21,10 @@ already computes every prompt's keys and values, so its cache, re-cut into one r
 own prompt columns), continues each suffix by generation: the prefix is computed once for loss and answers.
 
 Inference (`generation.prefill` -> `PrefixCache`): the distinct prefixes are run once, as one left-padded batch,
-and their key/value cache is expanded to the rows that continue them (`PrefixCache.rows`). `generation.decode(...,
-prefix=)` and `tasks.completion.score_choices(..., prefix=)` continue every suffix from that cache: the suffix
-positions start after the row's own prefix length, and the 2-D attention mask is the prefix's mask followed by the
-suffix's (padding inside the row is masked, never attended).
+and their key/value cache is expanded to the rows that continue them (`PrefixCache.rows`: a row index, no copy
+of the keys and values). `generation.decode(..., prefix=)` and `tasks.completion.score_choices(..., prefix=)`
+continue every suffix from that cache: the suffix positions start after the row's own prefix length, and the 2-D
+attention mask is the prefix's mask followed by the suffix's (padding inside the row is masked, never attended).
 
 Losses and gradients equal those of the unshared computation to fp32 tolerance (tested on GPT-2 and Llama). The
 block mask is a (rows, 1, T, T) tensor, which the eager and SDPA attention backends take; others (flash
@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
-
-from peftlab.tasks import Encoded
 
 IGNORE = -100  # a column without a target (cross_entropy's ignore_index)
 PAD_SEGMENT = -1
@@ -50,7 +48,18 @@ BLOCK_MASK_BACKENDS = ("sdpa", "eager")
 # Which examples share a prefix
 
 
-def prefix_units(examples: Sequence[Encoded], max_size: int) -> list[list[int]]:
+class PrefixSharing(Protocol):
+    """What this module reads of an example (`peftlab.tasks.Encoded` is one): its tokens and how many leading
+    tokens other examples may share. Stated here, so this floor needs nothing from the tasks above it."""
+
+    @property
+    def input_ids(self) -> list[int]: ...
+
+    @property
+    def shared_length(self) -> int: ...
+
+
+def prefix_units(examples: Sequence[PrefixSharing], max_size: int) -> list[list[int]]:
     """Indices of examples grouped by identical shared prefix (`input_ids[:shared_length]`, length > 0), in order of
     first appearance; a group larger than `max_size` is split. Examples that share nothing are groups of one."""
     groups: dict[tuple, list[int]] = {}
@@ -189,30 +198,60 @@ def model_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Te
 
 @dataclass
 class PrefixCache:
-    """The key/value cache of left-padded prefixes, one row per prompt that continues it, and their mask."""
+    """The key/value cache of left-padded prefixes, computed once, and the rows (prompts) that continue them.
 
-    cache: object  # a transformers Cache with `len(attention_mask)` rows
+    `cache` holds one row per distinct prefix and is never written to; row i of this PrefixCache continues cache
+    row `prefix_rows[i]`. Expanding over rows (`rows`) and continuing (`continuation_inputs`) copy no key or value
+    per row where that can be a view: rows that all continue one prefix (few-shot demonstrations shared by every
+    example) see it through `Tensor.expand` (stride 0 over rows: the memory of one row whatever the batch). Rows of
+    several prefixes are gathered once, when a continuation starts (`expand_rows`).
+    """
+
+    cache: object  # a transformers Cache (DynamicLayer-s): one row per distinct prefix, never written to
     attention_mask: torch.Tensor  # (rows, prefix width), 1 = a real prefix token
+    prefix_rows: torch.Tensor | None = None  # (rows,) the cache row each row continues; None: row i is cache row i
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(-1)
 
     def rows(self, indices: Sequence[int]) -> "PrefixCache":
-        """A new cache whose row i is this one's row indices[i] (a row may repeat: one prefix, many suffixes)."""
-        index = torch.tensor(list(indices), device=self.attention_mask.device)
-        cache = copy.deepcopy(self.cache)
-        cache.batch_select_indices(index)
-        return PrefixCache(cache, self.attention_mask[index])
+        """Row i of the result is this one's row indices[i] (a row may repeat: one prefix, many suffixes). Only the
+        row index and the mask are new; the keys and values stay the one computed copy."""
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.attention_mask.device)
+        prefix_rows = index if self.prefix_rows is None else self.prefix_rows[index]
+        return PrefixCache(self.cache, self.attention_mask[index], prefix_rows)
+
+    def expanded(self) -> object:
+        """A new cache object with one row per row of this PrefixCache, its tensors views of (or, over several
+        prefixes, one gather from) `cache`'s. Safe to hand to the model: transformers' DynamicLayer.update
+        concatenates (`torch.cat` makes new tensors and rebinds them) and never writes into the past it holds."""
+        expanded = copy.copy(self.cache)
+        expanded.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in expanded.layers:
+            layer.keys, layer.values = (expand_rows(tensor, self.prefix_rows) for tensor in (layer.keys, layer.values))
+        return expanded
+
+
+def expand_rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`tensor[rows]` along the first (batch) dimension: the tensor itself when `rows` is None; an expanded view
+    (no copy) when every row is the same one; else a gather (a copy of len(rows) rows)."""
+    if rows is None:
+        return tensor
+    if len(rows) and bool((rows == rows[0]).all()):
+        first = int(rows[0])
+        return tensor[first : first + 1].expand(len(rows), *tensor.shape[1:])  # (rows, heads, width, head size)
+    return tensor.index_select(0, rows)
 
 
 def continuation_inputs(prefix: PrefixCache, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor,
                         suffix_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """(attention_mask, position_ids, cache) that continue left-padded suffixes after the prefix's rows; the cache is
-    a copy, so one prefix can be continued several times (generated, then scored)."""
+    """(attention_mask, position_ids, cache) that continue left-padded suffixes after the prefix's rows. The cache
+    is a new object over the prefix's tensors (`PrefixCache.expanded`), so one prefix can be continued several
+    times (generated, then scored)."""
     if len(prefix.attention_mask) != len(suffix_ids):
         raise ValueError(f"{len(suffix_ids)} suffixes for a prefix cache of {len(prefix.attention_mask)} rows; "
                          "expand it with PrefixCache.rows")
-    attention_mask = torch.cat([prefix.attention_mask, suffix_mask], dim=1)
-    position_ids = suffix_positions + prefix.lengths[:, None]
-    return attention_mask, position_ids, copy.deepcopy(prefix.cache)
+    attention_mask = torch.cat([prefix.attention_mask, suffix_mask], dim=1)  # (rows, prefix width + suffix width)
+    position_ids = suffix_positions + prefix.lengths[:, None]  # each suffix starts after its own prefix
+    return attention_mask, position_ids, prefix.expanded()

@@ -1,5 +1,6 @@
 """Experiment trackers (`--report-to tensorboard,wandb`) through Hugging Face Accelerate: per-step training loss,
-learning rate, gradient norm and throughput, and every evaluation's metrics, under <run>/trackers.
+learning rate, gradient norm, throughput and the task's own quantities (`StepOutput.sums`), and every
+evaluation's metrics, under <run>/trackers.
 
 Both trackers are optional extras (`pip install 'peftlab[tensorboard]'` / `'peftlab[wandb]'`), checked before the
 model loads. W&B runs offline (nothing leaves the machine; `wandb sync` uploads later) unless an API key is set or
@@ -12,7 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from peftlab.engine import Callback
+from peftlab.engine import STEP_KEYS, Callback
 from peftlab.errors import PeftlabError
 
 TRACKER_NAMES = ("tensorboard", "wandb")
@@ -69,6 +70,7 @@ class Trackers(Callback):
         if not self.started:
             self._start(engine)
         values = {f"train/{key}": row[key] for key in ("loss", "lr", "grad_norm", "examples_per_second")}
+        values |= {f"train/{key}": value for key, value in row.items() if key not in STEP_KEYS and value is not None}
         engine.accelerator.log(values | {"train/epoch": row["epoch"]}, step=row["step"])
 
     def on_evaluation(self, engine, row: dict) -> None:

@@ -1,5 +1,7 @@
-"""Training, evaluating and exporting a configured run: builds the task and model a run's config describes, hands
-them to the engine (`peftlab.engine`) with the run directory (`peftlab.runs`), and writes the summary.
+"""The run service: training, evaluating and exporting a configured run. It builds the task and model a run's
+config describes through the workload registry (`peftlab.workloads.loading`; it names no workload), hands them to
+the engine (`peftlab.engine`) with the run directory (`peftlab.runs`), and writes the summary. The commands that
+orchestrate several runs (`peftlab.commands`, a workload's `commands`) sit above it.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from typing import Sequence
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from peftlab.config import InstructConfig, RunConfig
+from peftlab.catalog import PRECISIONS, hf_reference
+from peftlab.config import CORE_SECTIONS, RunConfig
 from peftlab.data import evenly_spaced
 from peftlab.data.datasets import check_split
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
 from peftlab.hf import export_merged, export_peft, read_export_record
-from peftlab.models import PRECISIONS, hf_reference, load_model, resolve_device, resolve_precision
-from peftlab.options import RUN_PLACE_OPTIONS
+from peftlab.models import resolve_device, resolve_precision
+from peftlab.options import RUN_PLACE_OPTIONS, eval_options
 from peftlab.peft import parameter_report
 from peftlab.peft.methods import get_method
 from peftlab.peft.prepare import check_extra_trainable
@@ -28,7 +31,8 @@ from peftlab.report import plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
-from peftlab.workloads import build_model, build_task, load_run, workload_for
+from peftlab.workloads.loading import build_model, build_task, load_run, workload_for
+from peftlab.workloads.registry import spec_for
 
 
 def validate(config: RunConfig) -> None:
@@ -258,14 +262,15 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) 
 
 
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
-                 predict: str | None = None, limit: int = 0, config: RunConfig | None = None,
-                 predictions_file: str | None = None, place: dict | None = None) -> dict:
+                 limit: int = 0, config: RunConfig | None = None, predictions_file: str | None = None,
+                 place: dict | None = None, **settings) -> dict:
     """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics.
 
-    Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; instruct tasks only).
-    `predict` overrides an instruct task's prediction mode; `limit` keeps N evenly spaced examples;
-    `predictions_file` receives every example's prediction (JSON lines). `place` ({"device": ..., "data_dir": ...})
-    overrides where the run's config.yaml says it ran (a run trained on a GPU, or moved to another machine).
+    Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; language-model tasks).
+    `limit` keeps N evenly spaced examples; `predictions_file` receives every example's prediction (JSON lines).
+    `place` ({"device": ..., "data_dir": ...}) overrides where the run's config.yaml says it ran (a run trained on a
+    GPU, or moved to another machine). `settings`: the evaluation settings of the run's workload section, by option
+    name (e.g. predict="score" for an instruct run; see `peftlab.options.eval_options("any")`).
     """
     if limit < 0:
         raise PeftlabError(f"--limit must be >= 0 (0 = all examples), got {limit}")
@@ -274,12 +279,7 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     if run_dir:
         config = read_run_config(run_dir, place)
     check_split(config.task.name, split, config.task.data_dir)  # before the model loads
-    if predict:
-        if workload_for(config).name != "instruct":
-            raise PeftlabError(f"--predict applies to instruct tasks; {config.task.name} here is "
-                               f"{workload_for(config).name}")
-        config.instruct = config.instruct or InstructConfig()
-        config.instruct.predict = predict
+    apply_evaluation_settings(config, settings)
     if run_dir:
         config, task, model = load_run(run_dir, checkpoint, config)
         label = f"{run_dir} [{checkpoint}]"
@@ -288,17 +288,39 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         if task.model_task != "causal-lm":
             raise PeftlabError(f"a {task.name} classifier without fine-tuning has a random head: give a RUN_DIR")
         device, dtype = resolve_device(config.train.device)
-        model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, dtype=dtype)
-        model.to(device)
+        model = workload_for(config).base_model(config, task, dtype).to(device)
         label = f"{config.model.name} (no fine-tuning)"
     examples = evenly_spaced(task.encode(split), limit)
     metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size,
-                       predictions_file=predictions_file)
+                       predictions_file=predictions_file, merge_adapters=config.train.merge_for_evaluation)
     print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
           f"{metrics['examples_per_second']:.1f} examples/s")
     if predictions_file:
         print(f"predictions: {predictions_file}")
     return metrics
+
+
+def apply_evaluation_settings(config: RunConfig, settings: dict) -> None:
+    """Put `evaluate_run`'s evaluation settings (option name -> value) into the run's config: a core setting
+    (e.g. merge_for_evaluation) where it lives, a workload's into the run's workload section; a setting of another
+    workload's section is an error naming the option."""
+    options = eval_options("any")
+    workload = spec_for(config).name
+    for dest, value in settings.items():
+        if dest not in options:
+            raise PeftlabError(f"evaluate_run: unknown evaluation setting '{dest}' (expected one of "
+                               f"{', '.join(options) or 'none'})")
+        if value is None:
+            continue
+        option = options[dest]
+        if option.section in CORE_SECTIONS:
+            setattr(getattr(config, option.section), option.field.name, value)
+            continue
+        if option.section != workload:
+            raise PeftlabError(f"{option.flag} applies to {option.section} runs; {config.task.name} here is {workload}")
+        if config.sections.get(workload) is None:
+            config.sections[workload] = spec_for(config).settings()
+        setattr(config.sections[workload], option.field.name, value)
 
 
 EXPORT_FORMATS = ("peft", "merged")

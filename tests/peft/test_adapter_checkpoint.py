@@ -14,6 +14,7 @@ from peftlab.peft import (
     apply_method,
     load_adapter,
     lora_layers,
+    merge_adapters,
     read_adapter_config,
     save_adapter,
 )
@@ -26,7 +27,8 @@ ATOL = 1e-5
 
 def _trained_classifier(hf):
     model = tiny_classifier(hf)
-    apply_method(model, "lora", targets=["q", "v", "mlp"], rank=2, alpha=8, dropout=0.1, extra_trainable=["head", "norms"])
+    apply_method(model, {"method": "lora", "targets": ["q", "v", "mlp"], "rank": 2, "alpha": 8, "dropout": 0.1,
+                         "extra_trainable": ["head", "norms"]})
     randomize_adapters(model)
     randomize_parameters([p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n])
     return model.eval()
@@ -62,8 +64,8 @@ def test_loading_into_a_model_that_already_has_the_adapters_even_merged(tmp_path
     expected = model(**tokens)
     save_adapter(model, tmp_path, base_model="tiny-gpt2")
     target = tiny_classifier(hf)
-    apply_method(target, "lora", targets=["q", "v", "mlp"], rank=2, alpha=8)
-    target.eval()
+    apply_method(target, {"method": "lora", "targets": ["q", "v", "mlp"], "rank": 2, "alpha": 8})
+    merge_adapters(target)
     assert all(layer.merged for _, layer in lora_layers(target))
     load_adapter(target, tmp_path, base_model="tiny-gpt2")
     torch.testing.assert_close(target(**tokens), expected, atol=ATOL, rtol=0)
@@ -110,7 +112,7 @@ def test_bad_files_give_clear_errors(tmp_path):
 def test_non_lora_methods_save_their_trained_tensors(tmp_path, tokens):
     hf = tiny_gpt2_hf()
     model = tiny_classifier(hf)
-    apply_method(model, "bitfit", extra_trainable=["head"])
+    apply_method(model, {"method": "bitfit", "extra_trainable": ["head"]})
     randomize_parameters([p for p in model.parameters() if p.requires_grad])
     save_adapter(model, tmp_path, base_model="tiny-gpt2")
     fresh = tiny_classifier(hf)

@@ -39,7 +39,7 @@ def test_placement_identity_at_init_disable_and_round_trip(family, placement, wr
     hf = tiny_gpt2_hf() if family == "gpt2" else tiny_llama_hf()
     model = converted(hf)
     base = logits(model, tokens)
-    apply_method(model, "adapter", adapter_size=4, adapter_placement=placement, extra_trainable=[])
+    apply_method(model, {"method": "adapter", "adapter_size": 4, "adapter_placement": placement, "extra_trainable": []})
     names = [name for name, _ in adapter_modules(model)]
     assert {name.split(".", 3)[-1] for name in names} == wrapped and len(names) == 2 * len(wrapped)  # 2 blocks
     assert parameter_report(model).adapter == parameter_report(model).trainable == len(names) * (2 * 4 * 32 + 32 + 4)

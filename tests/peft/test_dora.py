@@ -59,7 +59,7 @@ def test_identity_at_init_merged_equals_unmerged_disabled_is_base_and_round_trip
     hf = tiny_gpt2_hf() if family == "gpt2" else tiny_llama_hf()
     model = converted(hf)
     base = logits(model, tokens)
-    apply_method(model, "dora", targets=["all-linear"], rank=2, alpha=8, extra_trainable=[])
+    apply_method(model, {"method": "dora", "targets": ["all-linear"], "rank": 2, "alpha": 8, "extra_trainable": []})
     model.train()
     torch.testing.assert_close(logits(model, tokens), base, atol=ATOL, rtol=0)
     randomize_dora(model)
@@ -86,7 +86,7 @@ def test_gpt2_q_v_slices_are_dora_on_separate_projections_and_leave_k_alone(tmp_
     hf = tiny_gpt2_hf()
     model = converted(hf)
     base = logits(model, tokens)
-    apply_method(model, "dora", targets=["q", "v"], rank=2, alpha=4, extra_trainable=[])
+    apply_method(model, {"method": "dora", "targets": ["q", "v"], "rank": 2, "alpha": 4, "extra_trainable": []})
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
     assert isinstance(layer, FusedDoRALinear) and list(layer.slices) == ["q", "v"]
     torch.testing.assert_close(logits(model, tokens), base)  # B = 0, m = ‖W0‖: the base model
@@ -126,7 +126,7 @@ def test_same_factors_same_logits_as_peft_dora(family, tokens):
     hf = tiny_gpt2_hf() if family == "gpt2" else tiny_llama_hf()
     ours = converted(hf)
     targets = ["c_attn", "mlp.c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
-    apply_method(ours, "dora", targets=targets, rank=2, alpha=8, extra_trainable=[])
+    apply_method(ours, {"method": "dora", "targets": targets, "rank": 2, "alpha": 8, "extra_trainable": []})
     randomize_dora(ours)
     theirs = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2, lora_alpha=8, target_modules=targets, use_dora=True,
                                                           fan_in_fan_out=family == "gpt2", lora_dropout=0.0))

@@ -35,7 +35,7 @@ def test_identity_at_init_then_merged_equals_unmerged_and_disabled_is_the_base(f
     hf = tiny_gpt2_hf() if family == "gpt2" else tiny_llama_hf()
     model = converted(hf)
     base = logits(model, tokens)
-    apply_method(model, "ia3", targets=["k", "v", "down"], extra_trainable=[])
+    apply_method(model, {"method": "ia3", "targets": ["k", "v", "down"], "extra_trainable": []})
     torch.testing.assert_close(logits(model, tokens), base)  # every vector starts at one
     randomize_ia3(model)
     unmerged = logits(model, tokens)
@@ -68,7 +68,7 @@ def test_output_and_input_scaling_by_hand():
 
 def test_gpt2_k_and_v_slices_leave_the_queries_unscaled(tokens):
     model = converted(tiny_gpt2_hf())
-    apply_method(model, "ia3", targets=["k", "v"], extra_trainable=[])
+    apply_method(model, {"method": "ia3", "targets": ["k", "v"], "extra_trainable": []})
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
     assert isinstance(layer, IA3Linear) and list(layer.slices) == ["k", "v"]
     randomize_ia3(model)
@@ -84,7 +84,7 @@ def test_gpt2_k_and_v_slices_leave_the_queries_unscaled(tokens):
 def test_llama_parameter_count_and_checkpoint_round_trip(tmp_path, tokens):
     hf = tiny_llama_hf()
     model = converted(hf)
-    apply_method(model, "ia3", targets=["k", "v", "down"], extra_trainable=[])
+    apply_method(model, {"method": "ia3", "targets": ["k", "v", "down"], "extra_trainable": []})
     # per layer: k and v outputs (2 kv heads x 8 = 16 each) + the down projection's input (intermediate 64)
     assert parameter_report(model).adapter == 2 * (16 + 16 + 64)
     randomize_ia3(model)
@@ -105,7 +105,7 @@ def test_same_vectors_same_logits_as_peft_ia3(family, tokens):
     # peft scales the whole fused c_attn of GPT-2; naming the module gives ours the same shape.
     targets, feedforward = ((["c_attn", "mlp.c_proj"], ["mlp.c_proj"]) if family == "gpt2"
                             else (["k_proj", "v_proj", "down_proj"], ["down_proj"]))
-    apply_method(ours, "ia3", targets=targets, extra_trainable=[])
+    apply_method(ours, {"method": "ia3", "targets": targets, "extra_trainable": []})
     randomize_ia3(ours)
     theirs = get_peft_model(copy.deepcopy(hf), IA3Config(target_modules=targets, feedforward_modules=feedforward,
                                                          fan_in_fan_out=family == "gpt2"))

@@ -115,7 +115,7 @@ def _trainable(model) -> set[str]:
 
 def test_lora_trains_the_adapters_and_the_head_of_a_classifier_by_default():
     model = tiny_classifier(tiny_gpt2_hf())
-    apply_method(model, "lora", targets=["q", "v"], rank=2, alpha=4)
+    apply_method(model, {"method": "lora", "targets": ["q", "v"], "rank": 2, "alpha": 4})
     assert _trainable(model) == {
         "backbone.h.0.attn.c_attn.lora_a.q", "backbone.h.0.attn.c_attn.lora_a.v",
         "backbone.h.0.attn.c_attn.lora_b.q", "backbone.h.0.attn.c_attn.lora_b.v",
@@ -127,7 +127,7 @@ def test_lora_trains_the_adapters_and_the_head_of_a_classifier_by_default():
 
 def test_extras_norms_biases_and_the_methods():
     llama = converted(tiny_llama_hf())
-    apply_method(llama, "lora", targets=["o"], rank=2, alpha=4, extra_trainable=["norms"])
+    apply_method(llama, {"method": "lora", "targets": ["o"], "rank": 2, "alpha": 4, "extra_trainable": ["norms"]})
     norms = {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
     assert _trainable(llama) - {n for n in _trainable(llama) if ".lora_" in n} == norms | {"model.norm.weight"}
 
@@ -146,21 +146,22 @@ def test_extras_norms_biases_and_the_methods():
     assert "backbone.h.0.mlp.c_fc.weight" not in _trainable(classifier)
 
     lora_biases = converted(tiny_gpt2_hf())
-    apply_method(lora_biases, "lora", targets=["q"], rank=2, alpha=4, extra_trainable=["biases"])
+    apply_method(lora_biases, {"method": "lora", "targets": ["q"], "rank": 2, "alpha": 4,
+                               "extra_trainable": ["biases"]})
     assert "transformer.h.0.attn.c_attn.base.bias" in _trainable(lora_biases)
     assert "transformer.h.0.attn.c_attn.base.weight" not in _trainable(lora_biases)
 
 
 def test_rank_zero_is_full_fine_tuning_and_method_errors():
     model = converted(tiny_gpt2_hf())
-    assert apply_method(model, "lora", rank=0) == []
+    assert apply_method(model, {"method": "lora", "rank": 0}) == []
     assert parameter_report(model).trainable == parameter_report(model).total
     with pytest.raises(PeftlabError, match="no LoRALayer modules. Fix: apply_method"):
         mark_trainable(converted(tiny_gpt2_hf()), "lora")
     with pytest.raises(PeftlabError, match="no classifier head"):
         mark_trainable(converted(tiny_gpt2_hf()), "head")
     with pytest.raises(PeftlabError, match="unknown method"):
-        apply_method(converted(tiny_gpt2_hf()), "prompt-tuning")
+        apply_method(converted(tiny_gpt2_hf()), {"method": "prompt-tuning"})
     with pytest.raises(PeftlabError, match="unknown extra"):
         mark_trainable(converted(tiny_gpt2_hf()), "bitfit", extra=["embeddings"])
     adapted = converted(tiny_gpt2_hf())
@@ -190,7 +191,8 @@ def _meta_model(name: str, task: str = "classification"):
 def test_seed_parameter_report(name, total, trainable, lines):
     """Rank 4 on every block linear (c_attn, attn.c_proj, c_fc, mlp.c_proj) + LayerNorms + head trainable."""
     model = _meta_model(name)
-    apply_method(model, "lora", targets=["all-linear"], rank=4, alpha=64, extra_trainable=["head", "norms"])
+    apply_method(model, {"method": "lora", "targets": ["all-linear"], "rank": 4, "alpha": 64,
+                         "extra_trainable": ["head", "norms"]})
     report = parameter_report(model)
     assert (report.total, report.trainable) == (total, trainable)
     for line in lines:

@@ -1,4 +1,5 @@
-"""The LoRA layers: the math, initialisation, dropout placement, merge/unmerge, eval/train, disabling."""
+"""The LoRA layers: the math, initialisation, dropout placement, merge/unmerge, disabling (adapter state across
+eval/train: test_adapter_state.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from peftlab.peft import (
     lora_layers,
     merge_adapters,
     merge_and_strip,
+    merged,
     unmerge_adapters,
 )
 
@@ -78,6 +80,16 @@ def test_dropout_acts_on_the_lora_branch_only():
     torch.testing.assert_close(layer(x), layer(x), atol=0, rtol=0)
 
 
+def test_a_layer_takes_the_mode_of_the_layer_it_wraps_dropout_included():
+    """Adapters loaded into a model in eval mode (a checkpoint for evaluation) must not drop anything."""
+    layer = LoRALinear(_base().eval(), rank=4, alpha=8, dropout=0.5)
+    assert not layer.training and not layer.dropout.training
+    _randomize(layer)
+    x = torch.randn(8, 16)
+    assert torch.equal(layer(x), layer(x))
+    assert LoRALinear(_base().train(), rank=4, alpha=8, dropout=0.5).dropout.training
+
+
 def test_dropout_drops_with_probability_p_and_keeps_the_mean():
     dropout = Dropout(0.1).train()
     x = torch.ones(400, 1000)
@@ -118,27 +130,6 @@ def test_merge_is_explicit_idempotent_and_exact():
     torch.testing.assert_close(layer(x), unmerged, atol=ATOL, rtol=0)
 
 
-def test_model_eval_merges_and_train_unmerges():
-    model = converted(tiny_gpt2_hf())
-    apply_adapters(model, "all-linear", rank=2, alpha=4)
-    randomize_adapters(model)
-    model.train()
-    x = torch.randint(1, 100, (2, 9))
-    layers = [layer for _, layer in lora_layers(model)]
-    assert layers and not any(layer.merged for layer in layers)
-    unmerged_logits = model(x).logits
-    model.train(False)  # what model.eval() calls
-    assert all(layer.merged for layer in layers)
-    merged_logits = model(x).logits
-    torch.testing.assert_close(merged_logits, unmerged_logits, atol=ATOL, rtol=0)
-    model.train()
-    assert not any(layer.merged for layer in layers)
-    layers[0].merge_on_eval = False  # opt-out per layer
-    model.eval()
-    assert not layers[0].merged and layers[1].merged
-    torch.testing.assert_close(model(x).logits, merged_logits, atol=ATOL, rtol=0)
-
-
 def test_fused_slices_adapt_only_their_rows():
     base = _base(d=48)  # [q | k | v] of 16 rows each
     reference = copy.deepcopy(base)
@@ -150,8 +141,7 @@ def test_fused_slices_adapt_only_their_rows():
     torch.testing.assert_close(out[:, :16], plain[:, :16] + 3 * x @ layer.lora_a["q"].T @ layer.lora_b["q"].T, atol=ATOL, rtol=0)
     assert torch.equal(out[:, 16:32], plain[:, 16:32])  # k untouched
     torch.testing.assert_close(out[:, 32:], plain[:, 32:] + 3 * x @ layer.lora_a["v"].T @ layer.lora_b["v"].T, atol=ATOL, rtol=0)
-    layer.eval()
-    assert layer.merged
+    layer.merge()
     torch.testing.assert_close(layer(x), out, atol=ATOL, rtol=0)
     torch.testing.assert_close(layer.base.weight[16:32], reference.weight[16:32], atol=0, rtol=0)
 
@@ -196,13 +186,13 @@ def test_changing_lora_weights_while_merged_stays_consistent():
     w0 = base.weight.detach().clone()
     layer = LoRALinear(base, rank=2, alpha=2).train()
     _randomize(layer)
-    layer.eval()
+    layer.merge()
     x = torch.randn(3, 16)
     with torch.no_grad():
         layer.lora_b.mul_(3.0)  # e.g. an optimizer step or loading new weights while merged
     expected = x @ w0.T + base.bias + x @ layer.lora_a.T @ layer.lora_b.T
     torch.testing.assert_close(layer(x), expected.detach(), atol=ATOL, rtol=0)  # re-merged with the new B
-    layer.train()
+    layer.unmerge()
     torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)  # W0 restored exactly
 
 
@@ -234,7 +224,7 @@ def test_half_precision_base_keeps_fp32_adapters_and_restores_w0_exactly():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert layer.lora_b.grad is not None and layer.lora_b.grad.dtype == torch.float32
-    for _ in range(5):  # e.g. an eval after every epoch
-        layer.eval()
-        layer.train()
+    for _ in range(5):  # e.g. a merged evaluation after every epoch
+        with merged(layer):
+            pass
     assert torch.equal(base.weight, w0)  # bitwise: (W0 + d) - d would drift by bf16 ulps

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftlab.hf import export_merged, export_peft
-from peftlab.peft import apply_method, lora_layers, parameter_report
+from peftlab.peft import apply_method, lora_layers, merge_adapters, parameter_report
 
 from lora_helpers import randomize_adapters
 
@@ -33,7 +33,7 @@ def test_smollm2_lora_matches_peft_and_the_merged_export(smollm2, tmp_path):
 
     base, tokenizer, cache = smollm2
     model = copy.deepcopy(base)
-    adapted = apply_method(model, "lora", targets=["q", "v", "o", "mlp"], rank=8, alpha=16)
+    adapted = apply_method(model, {"method": "lora", "targets": ["q", "v", "o", "mlp"], "rank": 8, "alpha": 16})
     assert len(adapted) == 30 * 6
     assert parameter_report(model).adapter == 30 * 8 * ((576 + 576) + (576 + 192) + (576 + 576) + 3 * (576 + 1536))
     randomize_adapters(model, scale=0.02)
@@ -42,8 +42,9 @@ def test_smollm2_lora_matches_peft_and_the_merged_export(smollm2, tmp_path):
         model.train()
         unmerged = model(**batch).logits
         model.eval()
+        merge_adapters(model)
         assert all(layer.merged for _, layer in lora_layers(model))
-        merged = model(**batch).logits
+        merged_logits = model(**batch).logits
         export_peft(model, tmp_path / "peft", base_model_name_or_path=str(cache))
         peft_model = peft.PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), tmp_path / "peft"
@@ -54,5 +55,5 @@ def test_smollm2_lora_matches_peft_and_the_merged_export(smollm2, tmp_path):
         base_logits = base(**batch).logits
     mask = batch["attention_mask"].bool()
     assert (unmerged - base_logits)[mask].abs().max() > 1e-2  # the adapter does something
-    for other in (merged, peft_logits, plain_logits):
+    for other in (merged_logits, peft_logits, plain_logits):
         torch.testing.assert_close(other[mask], unmerged[mask], atol=1e-4, rtol=1e-5)  # 30 layers, logits ~ 20: fp32 rounding

@@ -18,7 +18,8 @@ from lora_helpers import converted, tiny_classifier, tiny_gpt2_hf, tiny_llama_hf
 def test_only_trainable_tensors_change(arch, method, extra, tokens):
     hf = {"gpt2": tiny_gpt2_hf, "llama": tiny_llama_hf}[arch]()
     model = tiny_classifier(hf)
-    apply_method(model, method, targets=["q", "v", "mlp"], rank=2, alpha=4, extra_trainable=extra)
+    apply_method(model, {"method": method, "targets": ["q", "v", "mlp"], "rank": 2, "alpha": 4,
+                         "extra_trainable": extra})
     before = {name: p.detach().clone() for name, p in canonical_parameter_names(model).items()}
     trainable = {name for name, p in canonical_parameter_names(model).items() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -45,7 +46,7 @@ def test_disabled_model_serves_as_its_own_reference(tokens):
     hf = tiny_gpt2_hf()
     reference = converted(hf)
     model = converted(hf)
-    apply_method(model, "lora", targets=["all-linear"], rank=2, alpha=4)
+    apply_method(model, {"method": "lora", "targets": ["all-linear"], "rank": 2, "alpha": 4})
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
     for _ in range(2):

@@ -77,7 +77,7 @@ def test_trainable_parameters_by_hand(model_name, case):
     settings, expected = CASES[(model_name, case)]
     model = BUILD[model_name]()
     assert parameter_report(model).total == TOTAL[model_name]
-    apply_method(model, extra_trainable=[], **settings)
+    apply_method(model, {"extra_trainable": [], **settings})
     report = parameter_report(model)
     assert report.trainable == expected
     added = 0 if settings["method"] in ("full", "bitfit") else expected  # every trainable tensor is new
@@ -86,5 +86,5 @@ def test_trainable_parameters_by_hand(model_name, case):
 
 def test_a_classifier_head_adds_its_own_row_per_label():
     model = SequenceClassifier(smollm2_135m().model, num_labels=2)
-    apply_method(model, "prefix", prefix_length=10)  # the head trains by default: 2 x 576
+    apply_method(model, {"method": "prefix", "prefix_length": 10})  # the head trains by default: 2 x 576
     assert parameter_report(model).trainable == 115_200 + 2 * 576

@@ -19,6 +19,7 @@ from peftlab.peft import (
     apply_method,
     load_adapter,
     lora_layers,
+    merge_adapters,
     merge_and_strip,
     save_adapter,
 )
@@ -55,7 +56,7 @@ def test_every_form_of_the_model_gives_the_same_logits(arch, targets, extra, tmp
 
     hf = BUILDERS[arch]()
     model = converted(hf)
-    apply_method(model, "lora", targets=targets, rank=2, alpha=6, extra_trainable=extra)
+    apply_method(model, {"method": "lora", "targets": targets, "rank": 2, "alpha": 6, "extra_trainable": extra})
     randomize_adapters(model)  # B != 0: a merge test with B = 0 proves nothing
     randomize_parameters([p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n])
     ids = tokens["input_ids"]
@@ -65,6 +66,7 @@ def test_every_form_of_the_model_gives_the_same_logits(arch, targets, extra, tmp
     unmerged = model(ids).logits
     assert not torch.allclose(unmerged, base_logits, atol=1e-3)
     model.eval()
+    merge_adapters(model)
     assert all(layer.merged for _, layer in lora_layers(model))
     _close(model(ids).logits, unmerged)
     _close(merge_and_strip(copy.deepcopy(model))(ids).logits, unmerged)
@@ -118,7 +120,8 @@ def test_classifier_exports_load_as_sequence_classification_models(arch, tmp_pat
 
     hf = BUILDERS[arch]()
     model = tiny_classifier(hf, num_labels=3)
-    apply_method(model, "lora", targets=["q", "v"], rank=2, alpha=4, extra_trainable=["head", "norms"])
+    apply_method(model, {"method": "lora", "targets": ["q", "v"], "rank": 2, "alpha": 4,
+                         "extra_trainable": ["head", "norms"]})
     randomize_adapters(model)
     randomize_parameters([p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n])
     expected = model(**tokens)
@@ -138,7 +141,7 @@ def test_classifier_exports_load_as_sequence_classification_models(arch, tmp_pat
 
 def test_export_peft_needs_lora_layers(tmp_path):
     model = converted(tiny_gpt2_hf())
-    apply_method(model, "bitfit")
+    apply_method(model, {"method": "bitfit"})
     with pytest.raises(PeftlabError, match="export_merged"):
         export_peft(model, tmp_path, "tiny")
 
@@ -166,7 +169,7 @@ METHOD_SETTINGS = {
 def test_every_exportable_method_loads_in_peft_with_the_same_logits(arch, method, tmp_path):
     hf = BUILDERS[arch]()
     model = converted(hf)
-    apply_method(model, method.split("-")[0], extra_trainable=[], **METHOD_SETTINGS[method])
+    apply_method(model, {"method": method.split("-")[0], "extra_trainable": [], **METHOD_SETTINGS[method]})
     _randomize_method(model, method.split("-")[0])
     ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
@@ -181,7 +184,7 @@ def test_every_exportable_method_loads_in_peft_with_the_same_logits(arch, method
 
 def test_methods_peft_lacks_are_refused_with_the_alternative(tmp_path):
     model = converted(tiny_gpt2_hf())
-    apply_method(model, "adapter", adapter_size=4)
+    apply_method(model, {"method": "adapter", "adapter_size": 4})
     with pytest.raises(PeftlabError, match="adapter modules \\(peft has no such method\\)"):
         export_peft(model, tmp_path / "out", "tiny")
     assert not (tmp_path / "out").exists()

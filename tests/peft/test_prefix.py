@@ -53,7 +53,7 @@ def test_same_prefix_same_logits_as_peft(family, projection):
 
     hf = make(family)
     ours = converted(hf)
-    apply_method(ours, "prefix", prefix_length=5, prefix_projection=projection)
+    apply_method(ours, {"method": "prefix", "prefix_length": 5, "prefix_projection": projection})
     randomize_prefix(ours)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection is not None,
                                 encoder_hidden_size=projection or 0)
@@ -76,7 +76,7 @@ def test_prefix_changes_the_output_disabled_is_the_base_and_only_the_prefix_trai
     model = converted(make(family))
     tokens = padded_tokens()
     base = logits(model, tokens)
-    apply_method(model, "prefix", prefix_length=4)
+    apply_method(model, {"method": "prefix", "prefix_length": 4})
     assert not torch.allclose(logits(model, tokens), base, atol=1e-3)
     with disable_adapters(model):
         torch.testing.assert_close(logits(model, tokens), base)
@@ -90,15 +90,15 @@ def test_prefix_changes_the_output_disabled_is_the_base_and_only_the_prefix_trai
 def test_parameter_counts_by_hand():
     # GPT-2 tiny: 2 layers x (keys + values) x 2 heads x head size 16 = 128 per position
     gpt2 = converted(tiny_gpt2_hf())
-    apply_method(gpt2, "prefix", prefix_length=5)
+    apply_method(gpt2, {"method": "prefix", "prefix_length": 5})
     assert parameter_report(gpt2).trainable == parameter_report(gpt2).adapter == 5 * 2 * 2 * 2 * 16
     # Llama tiny with GQA: 2 layers x 2 x 2 key-value heads (not 4 query heads) x head size 8 = 64 per position
     llama = converted(tiny_llama_hf())
-    apply_method(llama, "prefix", prefix_length=5)
+    apply_method(llama, {"method": "prefix", "prefix_length": 5})
     assert parameter_report(llama).trainable == 5 * 2 * 2 * 2 * 8
     # the projection: embedding (5, kv width 16) + Linear(16, 12) + Linear(12, 64)
     projected = converted(tiny_llama_hf())
-    apply_method(projected, "prefix", prefix_length=5, prefix_projection=12)
+    apply_method(projected, {"method": "prefix", "prefix_length": 5, "prefix_projection": 12})
     assert parameter_report(projected).trainable == 5 * 16 + (16 * 12 + 12) + (12 * 64 + 64)
 
 
@@ -109,7 +109,7 @@ def test_the_prefix_leaves_the_ratio_of_content_attention_weights_unchanged(fami
     hf.set_attn_implementation("eager")
     base = converted(hf)
     model = copy.deepcopy(base)
-    apply_method(model, "prefix", prefix_length=6)
+    apply_method(model, {"method": "prefix", "prefix_length": 6})
     randomize_prefix(model)
     input_ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(6, 14)[None]  # the base model at the positions the prefixed model gives the content
@@ -137,7 +137,7 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cached_left_padded_generation_equals_the_naive_loop(family):
     model = converted(make(family))
-    apply_method(model, "prefix", prefix_length=3)
+    apply_method(model, {"method": "prefix", "prefix_length": 3})
     randomize_prefix(model)
     prompts = [[5, 17, 23, 42, 8, 9], [11, 3], [60, 61, 62, 7]]
     batched = decode(model, prompts, max_new_tokens=6, stop_ids=set(), pad_id=0)
@@ -154,7 +154,7 @@ def test_cached_left_padded_generation_equals_the_naive_loop(family):
 def test_checkpoint_round_trip_and_a_failed_load_leaves_the_model_as_it_came(tmp_path, projection):
     hf = tiny_llama_hf()
     model = converted(hf)
-    apply_method(model, "prefix", prefix_length=4, prefix_projection=projection)
+    apply_method(model, {"method": "prefix", "prefix_length": 4, "prefix_projection": projection})
     randomize_prefix(model)
     tokens = padded_tokens()
     expected = logits(model, tokens)
@@ -174,7 +174,7 @@ def test_checkpoint_round_trip_and_a_failed_load_leaves_the_model_as_it_came(tmp
 
 def test_a_classifier_with_a_prefix_pools_its_last_real_token():
     classifier = tiny_classifier(tiny_llama_hf())
-    apply_method(classifier, "prefix", prefix_length=3)  # the head trains too (a random head must learn)
+    apply_method(classifier, {"method": "prefix", "prefix_length": 3})  # the head trains too (a random head must learn)
     randomize_prefix(classifier)
     assert {name for name, p in classifier.named_parameters() if p.requires_grad} == {
         "backbone.prefix_tuning.prefix", "score.weight"}
@@ -187,9 +187,9 @@ def test_a_classifier_with_a_prefix_pools_its_last_real_token():
 
 def test_bad_prefix_settings_are_clear_errors():
     with pytest.raises(Exception, match="--prefix-length must be >= 1"):
-        apply_method(converted(tiny_gpt2_hf()), "prefix", prefix_length=0)
+        apply_method(converted(tiny_gpt2_hf()), {"method": "prefix", "prefix_length": 0})
     with pytest.raises(Exception, match="--prefix-projection must be >= 1"):
-        apply_method(converted(tiny_gpt2_hf()), "prefix", prefix_length=2, prefix_projection=0)
+        apply_method(converted(tiny_gpt2_hf()), {"method": "prefix", "prefix_length": 2, "prefix_projection": 0})
 
 
 def test_a_prefix_run_trains_and_reloads_through_the_engine(tiny_model_dir, tmp_path):

@@ -1,32 +1,39 @@
 """The adapter-method protocol: what every PEFT method (LoRA, full fine-tuning, BitFit, head-only, ...) gives the
 rest of peftlab, and the model-wide operations written once against it.
 
-A method is an `AdapterMethod` registered in `peftlab.peft.methods`. It may put `AdapterModule`s into the model
-(LoRA layers; methods such as BitFit add none) and decides which parameters train. Everything else — which
-tensors a checkpoint holds, the parameter report, merging, switching adapters off — works on any method through
-`adapter_modules(model)`, never by name matching.
+A method is an `AdapterMethod` registered in `peftlab.peft.methods`. It owns its settings (a dataclass, read by
+field name from a run's adapter section), its one-line description for reports and, where Hugging Face peft has
+the method, its peft export. It may put `AdapterModule`s into the model (LoRA layers; methods such as BitFit add
+none) and decides which parameters train. Everything else — which tensors a checkpoint holds, the parameter report,
+merging, switching adapters off — works on any method through `adapter_modules(model)`, never by name matching.
 
 An `AdapterModule`:
 * owns its adapter parameters (`adapter_parameters()`); a frozen layer it wraps is its `base` attribute, whose
   parameters keep their plain-model names in checkpoints (`<module>.weight`, not `<module>.base.weight`);
 * describes itself as plain JSON data (`spec()`) from which its method rebuilds it (`AdapterMethod.rebuild`);
 * has a `disabled` flag: a disabled module computes exactly its base (`disable_adapters`);
-* if its method is mergeable (`mergeable = True`), offers idempotent `merge()` / `unmerge()`, a `merged` flag, and
-  `merge_on_eval` (whether `model.eval()` merges it).
+* if its method is mergeable (`mergeable = True`), offers idempotent `merge()` / `unmerge()` and a `merged` flag.
+
+Adapter state is explicit: base weights change only when `merge()` / `unmerge()` (or `merge_adapters`, `merged`,
+`merge_and_strip`) are called. `model.eval()` / `model.train()` and `disable_adapters` never rewrite a weight, so
+evaluation, and a reference pass alternating with policy passes, leave W0 bitwise as it was (a fp32 merge/unmerge
+round trip moves W0 by up to an ulp).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
 
 METHOD_ATTRIBUTE = "peftlab_method"  # set on a model by `apply_method` / `load_adapter`: the method's name
+PEFT_KEY_PREFIX = "base_model.model."  # what Hugging Face peft puts before a module name in its tensor names
 
 
 class AdapterModule(nn.Module):
@@ -38,7 +45,6 @@ class AdapterModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.disabled = False  # True inside `disable_adapters`: the module computes exactly its base
-        self.merge_on_eval = False  # mergeable modules: `train(False)` merges, `train(True)` un-merges
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The module's own parameters, not those of the base layer it wraps."""
@@ -66,32 +72,55 @@ class AdapterModule(nn.Module):
         raise PeftlabError(f"{type(self).__name__} ({self.method}) cannot be merged into its base layer")
 
 
-@dataclass(frozen=True)
-class MethodSettings:
-    """The settings every method is built from; each method reads the ones it needs."""
+def read_setting(section: Any, name: str, default: Any = None) -> Any:
+    """One field of a run's adapter section, by name: an attribute of a settings object (`config.AdapterConfig`,
+    a `SimpleNamespace`) or a key of its dict form (a run's config.yaml as reports read it). Methods read their own
+    fields this way, so the section's format (and old run directories) stays as it is whatever methods exist."""
+    if isinstance(section, Mapping):
+        return section.get(name, default)
+    return getattr(section, name, default)
 
-    targets: tuple[str, ...] = ("all-linear",)  # roles, module names or regexes (see peft.targets)
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    extra_trainable: tuple[str, ...] | None = None  # head, biases, norms; None = the head of a classifier
-    adapter_size: int = 64  # bottleneck adapters: m
-    adapter_placement: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer
-    adapter_nonlinearity: str = "relu"  # bottleneck adapters
-    prefix_length: int = 10  # prefix tuning: p
-    prefix_projection: int | None = None  # prefix tuning: the MLP width H, None = plain prefixes
+
+@dataclass
+class NoSettings:
+    """The settings of a method that has none (full fine-tuning, BitFit, head-only)."""
+
+
+class PeftExport(NamedTuple):
+    """A method's part of a Hugging Face peft export (`peftlab.hf.export_peft` adds the trained extras)."""
+
+    config: dict  # adapter_config.json entries of the method, "peft_type" included
+    tensors: dict[str, torch.Tensor]  # adapter_model.safetensors entries, by peft's names
+    exported: set[int]  # ids of the parameters those tensors carry
 
 
 class AdapterMethod:
     """One PEFT method. Subclasses set `name` and override what differs; a new method is one file with a subclass
-    and one line in `peftlab.peft.methods.METHODS`."""
+    (and its settings dataclass) and one line in `peftlab.peft.methods.METHODS`."""
 
     name: ClassVar[str]
+    settings_type: ClassVar[type] = NoSettings  # its settings dataclass; field names = the adapter section's
     mergeable: ClassVar[bool] = False  # its modules fold into the base weights (merged == unmerged)
     module_type: ClassVar[type | None] = None  # the AdapterModule class it injects, if any
     adds_modules: ClassVar[bool] = False  # its modules are new children (a prefix), not wrappers of existing layers
+    peft_type: ClassVar[str | None] = None  # Hugging Face peft's name of the method, when `peft_export` writes it
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    def settings(self, section: Any) -> Any:
+        """This method's settings from a run's adapter section (see `read_setting`): each field of `settings_type`
+        by its name; a field the section lacks (a run written before the field existed) keeps its default."""
+        values = {field.name: read_setting(section, field.name, MISSING) for field in fields(self.settings_type)}
+        return self.settings_type(**{name: value for name, value in values.items() if value is not MISSING})
+
+    def runs_as(self, settings: Any) -> str:
+        """The method that trains with these settings: this one, unless a setting makes it another (LoRA with rank 0
+        is full fine-tuning; `peftlab.peft.methods.method_for` follows this, the one place such a rule lives)."""
+        return self.name
+
+    def describe(self, settings: Any) -> str:
+        """The method and its shape settings in a few characters, for report tables (e.g. "lora r8 α16 q,v")."""
+        return self.name
+
+    def inject(self, model: nn.Module, settings: Any) -> list[str]:
         """Put the method's modules into `model` (in place); returns a description of each. Default: none."""
         return []
 
@@ -101,7 +130,7 @@ class AdapterMethod:
         modules = [module for module in model.modules() if isinstance(module, self.module_type)]
         if not modules:
             raise PeftlabError(f"method '{self.name}' but the model has no {self.module_type.__name__} modules. "
-                               f"Fix: apply_method(model, '{self.name}', ...) first")
+                               f"Fix: apply_method(model, {{'method': '{self.name}', ...}}) first")
         return [parameter for module in modules for parameter in module.adapter_parameters()]
 
     def check_model(self, model: nn.Module) -> None:
@@ -112,6 +141,11 @@ class AdapterMethod:
         has no modules, so there must be no specs."""
         if specs:
             raise PeftlabError(f"method '{self.name}' has no adapter modules, but the checkpoint lists {len(specs)}")
+
+    def peft_export(self, model: nn.Module, hf_name: Callable[[str], str]) -> PeftExport:
+        """The method's adapter in Hugging Face peft's format; `hf_name` maps our module names to the Hugging Face
+        model's. Only for methods with a `peft_type`."""
+        raise PeftlabError(f"Hugging Face peft has no '{self.name}' method to export to")
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
@@ -140,33 +174,54 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 @contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every adapter module computes exactly its base layer (merged ones are un-merged first),
-    e.g. for a DPO reference or "before fine-tuning" numbers.
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Merged evaluation, asked for explicitly: within the block every mergeable adapter module is folded into its
+    base weight, and on leaving it the modules this call merged are un-merged again.
 
-    Only adapter modules are switched off: parameters a method trains in place (a full fine-tune, BitFit biases,
-    a trained head or norms) keep their trained values, so the model is the base model only where all training
-    went into adapter modules (LoRA without --extra-trainable).
-
-    On exit a mergeable module is merged again if it follows `model.eval()` (merge_on_eval and not training) or,
-    with merge_on_eval off, if it was merged on entry. Nested use is fine.
+    This is the switch for the seed's "model.eval() merges": evaluation is unmerged unless wrapped in
+    `with merged(model):`. Merging costs one pass over each adapted weight on entry and one on exit; forwards inside
+    then cost what the base model's cost (for DoRA also without its per-forward weight norm). A fp32 LoRA/IA3
+    un-merge subtracts (divides) the update back, which moves W0 by up to an ulp per entry; half-precision weights
+    and DoRA keep W0 and restore it exactly. Modules that cannot merge (bottleneck adapters, prefixes) run unmerged
+    inside the block; it may not be used inside `disable_adapters`.
     """
-    entered = []
-    for _, module in adapter_modules(model):
-        if module.disabled:
-            continue
-        was_merged = module.mergeable and module.merged
-        if module.mergeable:
+    done = []
+    try:
+        for _, module in adapter_modules(model):
+            if module.mergeable and not module.merged:
+                module.merge()
+                done.append(module)
+        yield model
+    finally:
+        for module in done:
             module.unmerge()
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every adapter module computes exactly its base layer, e.g. for a DPO reference or "before
+    fine-tuning" numbers.
+
+    It only flips each module's `disabled` flag and never merges or un-merges, so reference and policy passes may
+    alternate any number of times with the base weights left bitwise as they were. A merged module holds its update
+    inside its base weight, so it is refused (un-merge first). Only adapter modules are switched off: parameters a
+    method trains in place (a full fine-tune, BitFit biases, a trained head or norms) keep their trained values, so
+    the model is the base model only where all training went into adapter modules (LoRA without --extra-trainable).
+    Nested use is fine.
+    """
+    modules = [(name, module) for name, module in adapter_modules(model) if not module.disabled]
+    still_merged = [name for name, module in modules if module.mergeable and module.merged]
+    if still_merged:
+        raise PeftlabError(f"disable_adapters: {still_merged[0]} (and {len(still_merged) - 1} more) is merged, so its "
+                           "base weight holds the update. Fix: leave `merged(model)` or call unmerge_adapters(model) "
+                           "first")
+    for _, module in modules:
         module.disabled = True
-        entered.append((module, was_merged))
     try:
         yield model
     finally:
-        for module, was_merged in entered:
+        for _, module in modules:
             module.disabled = False
-            if module.mergeable and ((not module.training) if module.merge_on_eval else was_merged):
-                module.merge()
 
 
 def merge_and_strip(model: nn.Module) -> nn.Module:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
+from peftlab.peft.base import AdapterMethod, AdapterModule
 from peftlab.peft.targets import ROLE_MAPS, architecture, has_suffix, linear_modules
 
 PLACEMENTS = {"houlsby": ("o", "down"), "pfeiffer": ("down",)}  # roles whose output gets an adapter
@@ -80,14 +81,28 @@ def apply_bottleneck(model: nn.Module, modules: Sequence[str], size: int, nonlin
     return list(modules)
 
 
+@dataclass
+class BottleneckSettings:
+    """The bottleneck adapters' settings; the field names are the adapter section's (--adapter-size, ...), prefixed
+    because that section is shared by every method."""
+
+    adapter_size: int = 64  # m, the bottleneck width
+    adapter_placement: str = "houlsby"  # houlsby | pfeiffer (see PLACEMENTS)
+    adapter_nonlinearity: str = "relu"  # see NONLINEARITIES
+
+
 class BottleneckMethod(AdapterMethod):
     """Houlsby / Pfeiffer adapters (`adapter_placement`, `adapter_size`, `adapter_nonlinearity`): only the
     adapters train."""
 
     name = "adapter"
+    settings_type = BottleneckSettings
     module_type = BottleneckAdapter
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    def describe(self, settings: BottleneckSettings) -> str:
+        return f"{self.name} {settings.adapter_placement} m{settings.adapter_size} {settings.adapter_nonlinearity}"
+
+    def inject(self, model: nn.Module, settings: BottleneckSettings) -> list[str]:
         modules = placement_modules(model, settings.adapter_placement)
         return apply_bottleneck(model, modules, settings.adapter_size, settings.adapter_nonlinearity)
 

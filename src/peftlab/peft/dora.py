@@ -8,8 +8,10 @@ For a frozen W0 (d×k) with LoRA factors A (r×k), B (d×r) and scaling s = alph
 
 m starts at ‖W0‖_c, and B at zero, so step 0 is the base model. As in the paper (section 4.3) and Hugging Face
 peft, the norm is detached: it carries no gradient. Merged, the layer is a plain linear layer with
-W = diag(m / ‖V‖_c) V. On GPT-2's fused c_attn, q/v slices get their own A, B and magnitudes (`FusedDoRALinear`);
-the peft export writes such a layer as one whole-c_attn DoRA whose magnitudes are ‖W0‖_c on the other rows.
+W = diag(m / ‖V‖_c) V (DoRA keeps W0 while merged and restores it exactly). V and its norm are computed in W0's
+dtype promoted to at least fp32. On GPT-2's fused c_attn, q/v slices get their own A, B and magnitudes
+(`FusedDoRALinear`); the peft export writes such a layer as one whole-c_attn DoRA whose magnitudes are ‖W0‖_c on
+the other rows.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.peft.base import AdapterMethod, MethodSettings
-from peftlab.peft.lora import FusedLoRALinear, LoRALinear, apply_adapter_specs
+from peftlab.peft.base import AdapterMethod
+from peftlab.peft.lora import (
+    FusedLoRALinear,
+    LoRALinear,
+    LoRAMethod,
+    LoRASettings,
+    apply_adapter_specs,
+    compute_dtype,
+)
 from peftlab.peft.targets import AdapterSpec, resolve_targets, splice_rows
 
 
@@ -41,12 +50,13 @@ class DoRAMixin:
         return self._weight_before_merge if self.merged else self.base.weight
 
     def _direction(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight.float() + (lora_b.float() @ lora_a.float()) * self.scaling  # V = W0 + s·B A, (d, k)
+        dtype = compute_dtype(weight.dtype)
+        return weight.to(dtype) + (lora_b.to(dtype) @ lora_a.to(dtype)) * self.scaling  # V = W0 + s·B A, (d, k)
 
     def _row_scale(self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖V‖_c with the norm detached: (out,)."""
         norm = self._direction(lora_a.detach(), lora_b.detach(), weight).norm(dim=1).detach()
-        return self.magnitudes(norm).float() / norm
+        return self.magnitudes(norm).to(norm.dtype) / norm
 
     def _unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base.weight
@@ -56,11 +66,6 @@ class DoRAMixin:
         update = F.linear(F.linear(self.dropout(x).to(lora_a.dtype), lora_a), lora_b) * self.scaling
         out = scale * (plain + update.to(x.dtype))
         return out + self.base.bias if self.base.bias is not None else out
-
-    def train(self, mode: bool = True):
-        if "magnitude" not in self._parameters and "magnitude" not in self._modules:
-            return nn.Module.train(self, mode)  # the LoRA __init__ runs this before m exists: nothing to merge yet
-        return super().train(mode)
 
     def _keeps_base_weight(self) -> bool:
         return True  # the merged weight is not W0 plus something: W0 is kept to restore it exactly
@@ -73,7 +78,7 @@ class DoRAMixin:
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return weight.detach().float().norm(dim=1)  # ‖W0‖_c, one per output row
+        return weight.detach().to(compute_dtype(weight.dtype)).norm(dim=1)  # ‖W0‖_c, one per output row
 
 
 class DoRALinear(DoRAMixin, LoRALinear):
@@ -84,7 +89,6 @@ class DoRALinear(DoRAMixin, LoRALinear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(base, rank, alpha, dropout)
         self.magnitude = nn.Parameter(_row_norms(base.weight).to(self.lora_a.dtype))
-        self.train(self.training)
 
     def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
         return self.magnitude
@@ -103,7 +107,6 @@ class FusedDoRALinear(DoRAMixin, FusedLoRALinear):
         norms = _row_norms(base.weight)
         self.magnitude = nn.ParameterDict({name: nn.Parameter(norms[start:end].to(self.lora_a[name].dtype))
                                            for name, (start, end) in self.slices.items()})
-        self.train(self.training)
 
     def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
         return splice_rows(norm, self.slices, self.magnitude)
@@ -118,10 +121,15 @@ class DoRAMethod(AdapterMethod):
     """DoRA: A, B and the magnitudes train; targets, rank and alpha as for LoRA."""
 
     name = "dora"
+    settings_type = LoRASettings
     mergeable = True
     module_type = DoRAMixin  # DoRALinear and FusedDoRALinear
+    peft_type = "LORA"  # peft's LoRA with use_dora
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    describe = LoRAMethod.describe  # "dora r8 α16 q,v": LoRA's settings under its own name
+    peft_export = LoRAMethod.peft_export  # peft's LORA with use_dora, plus the magnitudes
+
+    def inject(self, model: nn.Module, settings: LoRASettings) -> list[str]:
         return apply_dora(model, resolve_targets(model, settings.targets), settings.rank, settings.alpha,
                           settings.dropout)
 

@@ -17,14 +17,24 @@ module `c_attn` as a target gives that). Merging is explicit (`merge()` / `merge
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
-from peftlab.peft.targets import AdapterSpec, has_suffix, linear_modules, resolve_targets, slice_rows, splice_rows
+from peftlab.peft.base import PEFT_KEY_PREFIX, AdapterMethod, AdapterModule, PeftExport, adapter_modules
+from peftlab.peft.targets import (
+    AdapterSpec,
+    architecture,
+    has_suffix,
+    linear_modules,
+    parse_targets,
+    resolve_targets,
+    slice_rows,
+    splice_rows,
+)
 
 DOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj")  # Llama, GPT-2: the MLP layer whose input is the intermediate
 
@@ -122,15 +132,30 @@ def apply_ia3(model: nn.Module, specs: Sequence[AdapterSpec]) -> list[str]:
     return [str(spec) for spec in specs]
 
 
+@dataclass
+class IA3Settings:
+    """IA3's one setting; the field name is the adapter section's."""
+
+    targets: tuple[str, ...] = ("all-linear",)  # as for LoRA; the paper's choice is k,v,down
+
+    def __post_init__(self):
+        self.targets = tuple(parse_targets(self.targets))
+
+
 class IA3Method(AdapterMethod):
     """IA3: the scaling vectors train, everything else stays frozen. Targets as for LoRA; the paper's choice is
     `k,v,down` (keys, values and the MLP intermediate)."""
 
     name = "ia3"
+    settings_type = IA3Settings
     mergeable = True
     module_type = IA3Linear
+    peft_type = "IA3"
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    def describe(self, settings: IA3Settings) -> str:
+        return f"{self.name} {','.join(settings.targets)}"
+
+    def inject(self, model: nn.Module, settings: IA3Settings) -> list[str]:
         return apply_ia3(model, resolve_targets(model, settings.targets))
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
@@ -140,3 +165,21 @@ class IA3Method(AdapterMethod):
             if model.get_submodule(spec.module).feedforward != item["feedforward"]:
                 raise PeftlabError(f"{spec.module}: the checkpoint scales its {'input' if item['feedforward'] else 'output'}"
                                    ", this model's IA3 would not")
+
+    def peft_export(self, model: nn.Module, hf_name: Callable[[str], str]) -> PeftExport:
+        """One vector per layer, (out, 1) for output scaling and (1, in) for a feedforward layer's input; k/v slices of
+        GPT-2's c_attn become one c_attn vector with ones on the q rows (the same scaling)."""
+        tensors: dict[str, torch.Tensor] = {}
+        targets, feedforward, exported = [], [], set()
+        for name, layer in adapter_modules(model):
+            vector = layer.scale_vector().detach()
+            shaped = vector[None, :] if layer.feedforward else vector[:, None]  # (1, in) or (out, 1)
+            tensors[f"{PEFT_KEY_PREFIX}{hf_name(name)}.ia3_l"] = shaped
+            targets.append(hf_name(name))
+            if layer.feedforward:
+                feedforward.append(hf_name(name))
+            exported.update(id(p) for p in layer.adapter_parameters())
+        config = {"peft_type": self.peft_type, "target_modules": sorted(targets),
+                  "feedforward_modules": sorted(feedforward), "fan_in_fan_out": architecture(model) == "gpt2",
+                  "init_ia3_weights": True}
+        return PeftExport(config, tensors, exported)

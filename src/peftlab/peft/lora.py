@@ -7,29 +7,48 @@ For a frozen weight W0 of shape (d, k) the layer computes
 so a freshly wrapped model computes exactly what the base model computes. Dropout acts on the LoRA branch only.
 
 Merging folds the update into the base weight (W = W0 + (alpha/r) B A) so inference costs what the base model
-costs; un-merging subtracts it again. Both are explicit, idempotent and guarded by the `merged` flag. Like the
-course seeds ask, `model.eval()` merges and `model.train()` un-merges: `eval()` is `train(False)`, so the hook
-is on `train(mode)` (loralib's `eval()` override is never called by `model.eval()`). Outputs agree merged or
-not to fp32 rounding; every merge/unmerge round trip adds at most an ulp-level rounding to W0.
+costs; un-merging subtracts it again. Both are explicit (`merge()` / `unmerge()`, or `peftlab.peft.merged(model)`
+around an evaluation), idempotent and guarded by the `merged` flag; `model.eval()` / `model.train()` never merge,
+so base weights change only when asked. The update is computed in the weight's dtype promoted to at least fp32.
+Outputs agree merged or not to fp32 rounding; a fp32 merge/unmerge round trip adds at most an ulp-level rounding
+to W0 (a half-precision W0 is kept and restored exactly).
 
-`peftlab.peft.base.disable_adapters(model)` turns every LoRA branch off (un-merging first where needed).
+`peftlab.peft.base.disable_adapters(model)` turns every LoRA branch off by a flag, without touching weights.
 
-`LoRAMethod` is LoRA's implementation of the adapter-method protocol (`peftlab.peft.base`): it injects the layers
-into resolved targets (`peftlab.peft.targets`), trains their A and B, and rebuilds them from a checkpoint.
+`LoRAMethod` is LoRA's implementation of the adapter-method protocol (`peftlab.peft.base`): its settings
+(`LoRASettings`, shared with DoRA), its report description and peft export; it injects the layers into resolved
+targets (`peftlab.peft.targets`), trains their A and B, and rebuilds them from a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
-from peftlab.peft.targets import AdapterSpec, candidates, linear_modules, resolve_targets, slice_rows
+from peftlab.peft.base import PEFT_KEY_PREFIX, AdapterMethod, AdapterModule, PeftExport
+from peftlab.peft.targets import (
+    AdapterSpec,
+    architecture,
+    candidates,
+    linear_modules,
+    parse_targets,
+    resolve_targets,
+    slice_rows,
+)
+
+
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge (and DoRA's weight norm) is computed in: the weight's, promoted to at least fp32, so a bf16
+    weight gets an fp32 update (its factors are fp32) and an fp64 weight loses nothing to an fp32 detour."""
+    return torch.promote_types(weight_dtype, torch.float32)
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -86,11 +105,10 @@ class LoRALayer(AdapterModule):
         self.scaling = self.alpha / rank
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True when base.weight holds W0 + scaling · B A
-        self.merge_on_eval = True  # `train(False)` merges, `train(True)` un-merges
         self._merged_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._merged_fingerprint: tuple[tuple[int, int], ...] | None = None
         self._weight_before_merge: torch.Tensor | None = None
-        self.training = base.training  # subclasses call self.train(self.training) once A and B exist
+        self.train(base.training)  # the layer (and its dropout) takes the mode of the layer it replaces
 
     # --- the update -------------------------------------------------------------------------------------
 
@@ -98,12 +116,10 @@ class LoRALayer(AdapterModule):
         """(A, B) with A: (R, in_features), B: (out_features, R); the update is scaling · B A."""
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, shape (out_features, in_features), computed in fp32 and cast to the base dtype."""
-        return self._delta(*self.lora_weights())
-
     def _delta(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        delta = (lora_b.float() @ lora_a.float()) * self.scaling  # (d, R) @ (R, k) -> (d, k)
+        """scaling · B A in the base weight's dtype, computed in `compute_dtype` of it."""
+        dtype = compute_dtype(self.base.weight.dtype)
+        delta = (lora_b.to(dtype) @ lora_a.to(dtype)) * self.scaling  # (d, R) @ (R, k) -> (d, k)
         return delta.to(self.base.weight.dtype)
 
     @property
@@ -181,16 +197,6 @@ class LoRALayer(AdapterModule):
         self.unmerge()
         self.merge()
 
-    def train(self, mode: bool = True) -> LoRALayer:
-        """`model.train()` un-merges and `model.eval()` (= `train(False)`) merges, when `merge_on_eval` is set."""
-        super().train(mode)
-        if self.merge_on_eval and not self.disabled:
-            if mode:
-                self.unmerge()
-            else:
-                self.merge()
-        return self
-
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, merged={self.merged}"
 
@@ -219,7 +225,6 @@ class LoRALinear(LoRALayer):
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         self.reset_lora_parameters()
-        self.train(self.training)  # a layer created in eval mode starts merged (B = 0: nothing changes)
 
     def reset_lora_parameters(self) -> None:
         # a=sqrt(5) gives nn.Linear's default init: U(-1/sqrt(k), 1/sqrt(k)) with k = in_features.
@@ -275,7 +280,6 @@ class FusedLoRALinear(LoRALayer):
             {name: nn.Parameter(torch.zeros(end - start, rank, **factory)) for name, (start, end) in self.slices.items()}
         )
         self.reset_lora_parameters()
-        self.train(self.training)  # a layer created in eval mode starts merged (B = 0: nothing changes)
 
     def reset_lora_parameters(self) -> None:
         for name in self.slices:
@@ -367,17 +371,73 @@ def apply_adapters(
     return apply_adapter_specs(model, resolve_targets(model, targets), rank, alpha, dropout)
 
 
+@dataclass
+class LoRASettings:
+    """LoRA's (and DoRA's) settings; the field names are the adapter section's (config.yaml, --rank, ...)."""
+
+    targets: tuple[str, ...] = ("all-linear",)  # roles, module names or regexes (see peft.targets); "q,v" works too
+    rank: int = 8  # r; with method lora, 0 means full fine-tuning (`LoRAMethod.runs_as`)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the LoRA branch's input
+
+    def __post_init__(self):
+        self.targets = tuple(parse_targets(self.targets))
+
+
 class LoRAMethod(AdapterMethod):
     """LoRA (Hu et al., 2021) on the targeted linear layers: A and B train, the base stays frozen."""
 
     name = "lora"
+    settings_type = LoRASettings
     mergeable = True
     module_type = LoRALayer
+    peft_type = "LORA"
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    def runs_as(self, settings: LoRASettings) -> str:
+        return "full" if settings.rank == 0 else self.name  # the course spec: rank 0 is full fine-tuning
+
+    def describe(self, settings: LoRASettings) -> str:
+        return f"{self.name} r{settings.rank} α{settings.alpha:g} {','.join(settings.targets)}"
+
+    def inject(self, model: nn.Module, settings: LoRASettings) -> list[str]:
         return apply_adapters(model, settings.targets, settings.rank, settings.alpha, settings.dropout)
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
         for item in specs:
             spec = AdapterSpec(item["module"], tuple(item["slices"]) if item["slices"] else None)
             apply_adapter_specs(model, [spec], item["rank"], item["alpha"], item["dropout"])
+
+    def peft_export(self, model: nn.Module, hf_name: Callable[[str], str]) -> PeftExport:
+        """LoRA and DoRA layers as peft's LORA: A, B (and DoRA's magnitudes) per layer; fused slices as one
+        block-structured LoRA of rank n·r with alpha n·alpha (alpha/r unchanged); layers whose (rank, alpha)
+        differ from the most common pair get `rank_pattern` / `alpha_pattern` entries."""
+        layers = list(lora_layers(model))
+        tensors: dict[str, torch.Tensor] = {}
+        settings: dict[str, tuple[int, float]] = {}
+        exported = set()
+        for name, layer in layers:
+            lora_a, lora_b = layer.lora_weights()  # (R, k), (d, R); R = n·r for fused slices
+            exported_rank = lora_a.shape[0]
+            settings[hf_name(name)] = (exported_rank, layer.alpha * exported_rank / layer.rank)  # keeps alpha / r
+            key = f"{PEFT_KEY_PREFIX}{hf_name(name)}"
+            tensors[f"{key}.lora_A.weight"] = lora_a.detach()
+            tensors[f"{key}.lora_B.weight"] = lora_b.detach()
+            if layer.method == "dora":
+                tensors[f"{key}.lora_magnitude_vector"] = layer.whole_layer_magnitude().detach()
+            exported.update(id(p) for p in layer.adapter_parameters())
+        (rank, alpha), _ = Counter(settings.values()).most_common(1)[0]
+        config = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": alpha,
+            "lora_dropout": max(layer.dropout_p for _, layer in layers),
+            "target_modules": sorted(settings),
+            "rank_pattern": {re.escape(name): r for name, (r, _) in settings.items() if r != rank},
+            "alpha_pattern": {re.escape(name): a for name, (_, a) in settings.items() if a != alpha},
+            "fan_in_fan_out": architecture(model) == "gpt2",  # HF GPT-2 keeps Conv1D, weight (in, out)
+            "bias": "none",
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": layers[0][1].method == "dora",
+        }
+        return PeftExport(config, tensors, exported)

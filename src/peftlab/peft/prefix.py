@@ -23,14 +23,15 @@ forward pre-hook on the body, so the engine, tasks and generation need no case o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from peftlab.errors import PeftlabError
-from peftlab.peft.base import AdapterMethod, AdapterModule, MethodSettings
+from peftlab.peft.base import AdapterMethod, AdapterModule, PeftExport, adapter_modules
 
 MODULE_NAME = "prefix_tuning"  # the attribute of the transformer body that holds the prefix
 INIT_SEED = 0  # the random vocabulary tokens whose keys and values start the prefix
@@ -149,14 +150,28 @@ def apply_prefix(model: nn.Module, length: int, projection: int | None) -> str:
     return prefix_module_name(model)
 
 
+@dataclass
+class PrefixSettings:
+    """Prefix tuning's settings; the field names are the adapter section's (--prefix-length, ...)."""
+
+    prefix_length: int = 10  # p, prefix positions per layer
+    prefix_projection: int | None = None  # the MLP width H; None = plain prefixes
+
+
 class PrefixMethod(AdapterMethod):
     """Prefix tuning (`prefix_length`, `prefix_projection`): only the prefix (or its MLP) trains."""
 
     name = "prefix"
+    settings_type = PrefixSettings
     module_type = PrefixTuning
     adds_modules = True
+    peft_type = "PREFIX_TUNING"
 
-    def inject(self, model: nn.Module, settings: MethodSettings) -> list[str]:
+    def describe(self, settings: PrefixSettings) -> str:
+        projection = f" H{settings.prefix_projection}" if settings.prefix_projection else ""
+        return f"{self.name} p{settings.prefix_length}{projection}"
+
+    def inject(self, model: nn.Module, settings: PrefixSettings) -> list[str]:
         return [apply_prefix(model, settings.prefix_length, settings.prefix_projection)]
 
     def rebuild(self, model: nn.Module, specs: Sequence[dict]) -> None:
@@ -166,3 +181,15 @@ class PrefixMethod(AdapterMethod):
                 raise PeftlabError(f"the checkpoint's prefix sits at {item['module']}, this model's would sit at "
                                    f"{place}: is it the same base model and task?")
             apply_prefix(model, item["length"], item["projection"])
+
+    def peft_export(self, model: nn.Module, hf_name: Callable[[str], str]) -> PeftExport:
+        """The prefix as peft's `prompt_embeddings` (p, layers · 2 · kv width), plain even when it was trained
+        through a projection (peft, too, saves what the projection produces); no module names, so no `hf_name`."""
+        (_, prefix), = adapter_modules(model)
+        states = prefix.prefix_states().detach()  # (L, 2, kv_heads, p, head_size)
+        embeddings = states.permute(3, 0, 1, 2, 4).reshape(prefix.length, -1)  # (p, L·2·kv_heads·head_size)
+        kv_width = prefix.kv_heads * prefix.head_size
+        config = {"peft_type": self.peft_type, "num_virtual_tokens": prefix.length, "token_dim": kv_width,
+                  "num_transformer_submodules": 1, "num_attention_heads": prefix.kv_heads, "num_layers": prefix.layers,
+                  "encoder_hidden_size": kv_width, "prefix_projection": False}
+        return PeftExport(config, {"prompt_embeddings": embeddings}, {id(p) for p in prefix.adapter_parameters()})

@@ -1,6 +1,6 @@
 """Preparing a model for fine-tuning with any method, and what the preparation amounts to.
 
-* `apply_method(model, method, ...)` injects the method's modules and decides what trains (the CLI's entry point);
+* `apply_method(model, adapter)` injects the method's modules and decides what trains (the CLI's entry point);
 * `mark_trainable(model, method, extra)` is the one place that sets `requires_grad`: the method's own parameters
   (`AdapterMethod.trainable_parameters`) plus the extras, chosen by visiting modules (norm layers, the classifier
   head module, `bias` parameters), never by matching parameter names;
@@ -10,15 +10,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.peft.base import METHOD_ATTRIBUTE, MethodSettings, adapter_modules, adapter_parameters
-from peftlab.peft.methods import get_method
+from peftlab.peft.base import METHOD_ATTRIBUTE, adapter_modules, adapter_parameters, read_setting
+from peftlab.peft.methods import METHODS, get_method, method_for
 from peftlab.peft.simple import bias_parameters, classifier_head
 
 EXTRA_TRAINABLE = ("head", "biases", "norms")
@@ -79,39 +80,35 @@ def mark_trainable(
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
-def apply_method(
-    model: nn.Module,
-    method: str = "lora",
-    targets: str | Sequence[str] = ("all-linear",),
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    extra_trainable: Sequence[str] | None = None,
-    **method_options,
-) -> list[str]:
-    """Prepare a model for fine-tuning with one method (the CLI's entry point); returns the adapted modules.
+def apply_method(model: nn.Module, adapter: Any) -> list[str]:
+    """Prepare a model for fine-tuning with the method of a run's adapter section; returns the adapted modules.
 
     Args:
         model: the loaded model (e.g. from `peftlab.models.load_model`).
-        method: a name in `peftlab.peft.methods.METHODS` (see `mark_trainable`). "lora" with rank 0 is full
-            fine-tuning, as in the course spec.
-        targets, rank, alpha, dropout: the LoRA-shaped settings (see `MethodSettings`); each method reads its own.
-        extra_trainable: "head", "biases", "norms" to train as well; None = the head of a classifier.
-        method_options: the other `MethodSettings` fields (adapter_size, prefix_length, ...).
+        adapter: the run's adapter section (`peftlab.config.AdapterConfig`), its dict form, or any object with
+            such attributes: `method` (a name in `peftlab.peft.methods.METHODS`), `extra_trainable` ("head",
+            "biases", "norms" to train as well; None or absent = the head of a classifier) and the fields of that
+            method's settings (`settings_type`, e.g. `LoRASettings`: targets, rank, alpha, dropout), read by name.
+            Other methods' fields are ignored; a dict key no method knows is an error (a typo, not a setting).
 
     Print `parameter_report(model)` afterwards for the counts.
     """
-    if method == "lora" and rank == 0:
-        method = "full"
-    known = {field.name for field in fields(MethodSettings)}
-    unknown = sorted(set(method_options) - known)
-    if unknown:
-        raise TypeError(f"apply_method: unknown method option(s) {unknown}; known: {sorted(known)}")
-    settings = MethodSettings(tuple(targets) if not isinstance(targets, str) else (targets,), rank, alpha, dropout,
-                              None if extra_trainable is None else tuple(extra_trainable), **method_options)
-    adapted = get_method(method).inject(model, settings)
-    mark_trainable(model, method, settings.extra_trainable)
+    if isinstance(adapter, Mapping):
+        check_setting_names(adapter)
+    method = method_for(adapter)
+    adapted = method.inject(model, method.settings(adapter))
+    mark_trainable(model, method.name, read_setting(adapter, "extra_trainable"))
     return adapted
+
+
+def check_setting_names(adapter: Mapping) -> None:
+    """Every key of a dict of adapter settings is a field some registered method reads."""
+    known = {"method", "extra_trainable"} | {field.name for method in METHODS.values()
+                                            for field in fields(method.settings_type)}
+    unknown = sorted(set(adapter) - known)
+    if unknown:
+        raise PeftlabError(f"apply_method: unknown adapter setting(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(known))}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
+from peftlab.peft.methods import METHODS, method_for
 from peftlab.runs import METRICS, SUMMARY, RunDir
 
 
@@ -27,21 +28,13 @@ def _number(value, digits: int = 4) -> str:
 
 
 def method_settings(adapter: dict) -> str:
-    """A run's method and its shape settings in a few characters, e.g. "lora r16 α32 all-linear", "prefix p10"."""
-    method = adapter["method"]
-    if method == "lora" and adapter["rank"] == 0:
-        return "full"
-    targets = ",".join(adapter["targets"])
-    if method in ("lora", "dora"):
-        return f"{method} r{adapter['rank']} α{adapter['alpha']:g} {targets}"
-    if method == "ia3":
-        return f"ia3 {targets}"
-    if method == "adapter":
-        return f"adapter {adapter['adapter_placement']} m{adapter['adapter_size']} {adapter['adapter_nonlinearity']}"
-    if method == "prefix":
-        projection = adapter.get("prefix_projection")
-        return f"prefix p{adapter['prefix_length']}" + (f" H{projection}" if projection else "")
-    return method
+    """A run's method and its shape settings in a few characters, as the method describes itself
+    (`AdapterMethod.describe`, e.g. "lora r16 α32 all-linear", "prefix p10"); a method no longer registered shows
+    its name, so a report of old runs still renders."""
+    if adapter["method"] not in METHODS:
+        return adapter["method"]
+    method = method_for(adapter)
+    return method.describe(method.settings(adapter))
 
 
 def run_numbers(run: dict) -> dict:

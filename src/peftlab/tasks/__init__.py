@@ -5,7 +5,7 @@ objective of `completion`), never on another task.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -25,12 +25,25 @@ class Encoded:
         return len(self.input_ids)
 
 
+TaskSum = tuple[torch.Tensor | float, float]  # (a quantity summed over a batch, what it is a sum over)
+
+
 @dataclass
 class StepOutput:
+    """What a task's `forward` returns for one batch.
+
+    `sums` are the task's own quantities (e.g. DPO's chosen and rejected rewards, accuracies, margins), each a
+    (sum, count) pair over the batch. The engine adds sums and counts over micro-batches, processes and steps and
+    writes the mean, Σ sum / Σ count, under the name: in steps.jsonl (per optimizer step), in metrics.jsonl (as
+    `train_<name>` over the epoch, `val_<name>` over an evaluation) and to the trackers. A task returns the same
+    names for every batch.
+    """
+
     loss_sum: torch.Tensor  # summed over the batch's targets (examples or answer tokens)
     num_targets: int  # what loss_sum is a sum over: the engine normalises by the step's total
     predictions: list | None  # one per example; None when the task predicts separately (`predict`)
     num_correct: int  # targets predicted right (examples, or answer tokens under teacher forcing)
+    sums: dict[str, TaskSum] = field(default_factory=dict)  # name -> (sum, count): the task's own quantities
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +62,10 @@ class Task:
 
     A task owns its data (encode), batching (collate), loss (forward), predictions and metrics. The engine
     normalises the summed loss by `count_targets` over the whole global batch, so gradient accumulation and
-    several processes give the gradients of the mean loss. Subclasses override what their workload needs; the
-    defaults below are for tasks that predict in `forward`, score examples as a whole, and skip nothing.
+    several processes give the gradients of the mean loss. `evaluate` frames every evaluation with
+    `begin_evaluation` / `end_evaluation`. Subclasses override what their workload needs; the defaults below are
+    for tasks that predict in `forward`, score examples as a whole, skip nothing and share nothing over an
+    evaluation.
     """
 
     name: str  # the dataset, e.g. "cola"
@@ -80,6 +95,14 @@ class Task:
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed loss over the batch's targets, and predictions when they come from the same pass."""
         raise NotImplementedError
+
+    def begin_evaluation(self, model: torch.nn.Module, examples: Sequence[Encoded]) -> None:
+        """Called by `engine.evaluate` before its first batch, in inference mode, with every example of the
+        evaluation (the same list on every process): compute here what all batches share, once (a prefix cache of
+        few-shot demonstrations, a calibration pass). Nothing by default."""
+
+    def end_evaluation(self) -> None:
+        """Called after the evaluation's last batch, also when it failed: drop what `begin_evaluation` kept."""
 
     def predict(self, model: torch.nn.Module, examples: Sequence[Encoded]) -> list:
         """Predictions that need their own pass (generation); called when forward's predictions are None."""

@@ -12,6 +12,8 @@ Shared here, once, by both:
   once (`peftlab.shared_prefix`);
 - prediction: generation through `peftlab.generation.decode` and exact likelihood scoring of a fixed set of
   answers (`score_choices`), both after a shared prefix too (`prompt_inputs`).
+- per-sequence log-probabilities with gradient (`sequence_logprobs`: each example's summed log-prob of its
+  completion given its prompt) from the same padded or packed batches, one pass for all (what DPO is made of).
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ class CompletionTask(Task):
         return kept
 
     def collate(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        """Left-padded rows whose every column carries the token it predicts (`targets`), the target columns last.
-        With `shares_prefixes`, examples with the same shared prefix become one packed row (block attention mask)."""
+        """Left-padded rows whose every column carries the token it predicts (`targets`), the target columns last:
+        input_ids, position_ids, targets (B, T) and the attention mask, (B, T) with one row per example. With
+        `shares_prefixes`, examples with the same shared prefix become one packed row: a (B, 1, T, T) block mask,
+        segments (B, T), and per suffix S its row, segment, prompt end and example (`continue_*`, (S,) each)."""
         if not self.shares_prefixes:
             rows = [single(example.input_ids, self.first_target(example)) for example in examples]
             return collate_rows(rows, self.tokenizer.pad_token_id, block_mask=False)
@@ -99,7 +103,7 @@ class CompletionTask(Task):
             firsts = [self.first_target(examples[index]) - shared for index in unit]
             rows.append(pack(examples[unit[0]].input_ids[:shared], suffixes, firsts))
         batch = collate_rows(rows, self.tokenizer.pad_token_id, block_mask=True)
-        batch["continue_examples"] = torch.tensor([index for unit in units for index in unit])  # of each continuation
+        batch["continue_examples"] = torch.tensor([index for unit in units for index in unit])  # (S,) in packing order
         return batch
 
     def first_target(self, example: Encoded) -> int:
@@ -120,16 +124,12 @@ class CompletionTask(Task):
         """Summed next-token cross-entropy over the target columns; predictions are left to `predict`."""
         return self.loss(model, batch)[0]
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], use_cache: bool = False):
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             use_cache: bool = False) -> tuple[StepOutput, Any]:
         """(StepOutput of the target columns, the pass's key/value cache when `use_cache`)."""
-        targets = batch["targets"]
-        target_columns = (targets != IGNORE).any(0).nonzero()
-        kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # the LM head runs on these
-        output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=kept,
-                       attention_mask=model_attention_mask(model, batch["attention_mask"]), use_cache=use_cache)
-        logits, targets = output.logits.float(), targets[:, -kept:]
+        logits, targets, output = target_logits(model, batch, use_cache)  # (B, K, V), (B, K)
         loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        learned = targets != IGNORE
+        learned = targets != IGNORE  # (B, K)
         correct = ((logits.argmax(-1) == targets) & learned).sum()
         return StepOutput(loss_sum, int(learned.sum()), None, int(correct)), output.cache if use_cache else None
 
@@ -150,6 +150,43 @@ class CompletionTask(Task):
         lengths = [len(prefixes[row]) for row in rows]
         prompts = [prompt[length:] for prompt, length in zip(self.prompts(examples), lengths)]
         return prompts, prefill(model, prefixes, self.tokenizer.pad_token_id).rows(rows)
+
+
+def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  use_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The model's pass over a collated batch (`CompletionTask.collate`) with the LM head on the target columns only:
+    (logits (B, K, V) in fp32, targets (B, K), the model's output). The target columns are the last K of every row
+    (`collate_rows` puts them there), K counted from the first column where any row has a target."""
+    targets = batch["targets"]  # (B, T): the token each column predicts, IGNORE where none
+    target_columns = (targets != IGNORE).any(0).nonzero()  # (columns with a target in some row, 1)
+    kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # K: the LM head runs on these
+    output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=kept,
+                   attention_mask=model_attention_mask(model, batch["attention_mask"]), use_cache=use_cache)
+    return output.logits.float(), targets[:, -kept:], output  # (B, K, V), (B, K)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's summed log-probability of its target tokens, with gradient, from one pass over a collated
+    batch: padded (one row per example) or packed (examples sharing a prefix in one row, block attention mask).
+
+        log p(y | x) = sum_t log softmax(z_t)[y_t],   z_t the logits of the column that predicts target y_t
+
+    With `loss_on="answer"` the targets are the completion and its EOS, so this is log p(completion + EOS |
+    prompt) with the prompt and the completion tokenized separately (`CompletionTask.encode_one`): what DPO's
+    loss is made of. Packing (`shares_prefixes`) needs each completion's first token predicted inside its own
+    suffix: share at most the prompt but its last token (`Encoded.shared_length < prompt_length`).
+
+    Returns a (examples,) fp32 tensor in the order of the examples given to `collate`.
+    """
+    logits, targets, _ = target_logits(model, batch)  # (B, K, V), (B, K)
+    token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")  # (B, K)
+    if "continue_examples" not in batch:
+        return token_logprobs.sum(-1)  # (B,): row b is example b
+    rows = batch["continue_rows"]  # (S,): the row of each suffix (one per example), in packing order
+    segments = batch["segments"][rows, -targets.shape[1]:]  # (S, K): which suffix each target column belongs to
+    own = segments == batch["continue_segments"][:, None]  # (S, K)
+    per_suffix = torch.where(own, token_logprobs[rows], 0.0).sum(-1)  # (S,)
+    return torch.zeros_like(per_suffix).index_copy(0, batch["continue_examples"], per_suffix)  # (examples,)
 
 
 def line_stop_ids(tokenizer) -> set[int]:

@@ -1,6 +1,6 @@
 """What a workload is: a plug-in that builds a run's task and model from its configuration.
 
-The registry (`peftlab.workloads.WORKLOADS`) maps an objective to its workload; `peftlab.data.datasets` says which
+The registry (`peftlab.workloads.registry`) says which workload trains a run; `peftlab.data.datasets` says which
 objectives each dataset offers. A workload never imports another one: what two of them share lives a floor
 below (the causal-LM objective in `peftlab.tasks.completion`, metrics in `peftlab.tasks.metrics`).
 """
@@ -44,27 +44,21 @@ class Workload:
         raise NotImplementedError
 
     def build_task(self, config: RunConfig, context: Context) -> Task:
-        self.check_sections(config)
         return self.task_for(config, load_tokenizer(config.model.name))
-
-    def check_sections(self, config: RunConfig) -> None:
-        """Another workload's settings section is a mistake, not something to ignore."""
-        if config.instruct is not None and self.name != "instruct":
-            raise PeftlabError(f"--template, --verbalizers and --predict (the instruct section) apply to instruct runs; "
-                               f"this {config.task.name} run trains with objective {self.name}")
 
     def build_model(self, config: RunConfig, task: Task, device: torch.device, fresh: bool,
                     context: Context) -> nn.Module:
         """The run's model before any checkpoint is loaded. `fresh`: a new run, whose initial weights may come
         from elsewhere (a student's embedding from its teacher); a resumed or reloaded run skips that work."""
-        model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init,
-                              dtype=torch.float32, **self.model_options(task))
-        adapter = config.adapter
-        apply_method(model, adapter.method, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout,
-                     adapter.extra_trainable, adapter_size=adapter.adapter_size,
-                     adapter_placement=adapter.adapter_placement, adapter_nonlinearity=adapter.adapter_nonlinearity,
-                     prefix_length=adapter.prefix_length, prefix_projection=adapter.prefix_projection)
+        model = self.base_model(config, task, torch.float32)
+        apply_method(model, config.adapter)
         return model.to(device)
+
+    def base_model(self, config: RunConfig, task: Task, dtype: torch.dtype) -> nn.Module:
+        """The un-tuned model (no method applied): what a run starts from, and what a zero-shot evaluation scores."""
+        model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, dtype=dtype,
+                              **self.model_options(task))
+        return model
 
     def resolve(self, config: RunConfig, task: Task) -> None:
         """Fill in the settings left at None ("the task's own") with the values this run uses, in place."""

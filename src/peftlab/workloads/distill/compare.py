@@ -9,15 +9,16 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from peftlab.config import DistillConfig, RunConfig
+from peftlab.config import RunConfig
+from peftlab.workloads.distill import DistillConfig
 from peftlab.engine import evaluate
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.models import count_parameters
 from peftlab.report import plot_comparison
-from peftlab.sweep import train_points
+from peftlab.commands.sweep import train_points
 from peftlab.train import train
-from peftlab.workloads import load_run
+from peftlab.workloads.loading import load_run
 from peftlab.workloads.distill.task import CACHE_DIR, TRANSFER_SET_FIELDS
 
 

@@ -14,7 +14,8 @@ Validation and test splits are scored against the gold labels (cross-entropy): a
 its teacher, and val_loss compares KD and no-KD students. train_loss is the objective above.
 
 Teacher logits are computed once per (teacher checkpoint, data, split, inputs) and cached in the student's run
-directory: teacher_logits/<split>.safetensors, with the fingerprint they were computed for in <split>.json.
+directory: teacher_logits/<split>.safetensors, which holds the fingerprint they were computed for (`peftlab.cache`).
+A <split>.json beside it was written by an older peftlab: such a cache is recomputed once.
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from peftlab.config import DISTILL_TRAIN_DEFAULTS, DistillConfig, RunConfig, load_config
+from peftlab.cache import cached_tensors, file_digest
+from peftlab.config import RunConfig, load_config
 from peftlab.data import evenly_spaced
 from peftlab.data.datasets import objective_of
 from peftlab.errors import PeftlabError
-from peftlab.fileio import atomic_write_file, read_text, write_text_atomic
+from peftlab.fileio import read_text, write_text_atomic
 from peftlab.tasks import Encoded, StepOutput, Task, right_pad
 from peftlab.tasks.metrics import classification_metrics
 from peftlab.workloads.base import RunLoader
+from peftlab.workloads.distill import DISTILL_TRAIN_DEFAULTS, DistillConfig
 from peftlab.workloads.distill.students import RNN_KINDS, principal_components
 
 VOCABULARY_FILE = "student_vocabulary.json"
@@ -191,14 +192,6 @@ def augmented_copies(sentences: Sequence[Encoded], texts: Sequence[str], tokeniz
 # Teacher logits, computed once and cached
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_fingerprint(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded]) -> dict:
     """What the teacher's logits depend on: its checkpoint's tensors, the data files (from the examples' origins,
     file:line), the split, and the exact inputs (augmented copies and --train-limit included)."""
@@ -206,8 +199,8 @@ def cache_fingerprint(teacher: Path, checkpoint: str, split: str, examples: Sequ
     data_files = sorted({Path(example.origin.rpartition(":")[0]) for example in examples})
     inputs = json.dumps([example.input_ids for example in examples]).encode()
     return {
-        "teacher_checkpoint": {path.name: file_sha256(path) for path in checkpoint_files},
-        "data_files": {path.name: file_sha256(path) for path in data_files},
+        "teacher_checkpoint": {path.name: file_digest(path) for path in checkpoint_files},
+        "data_files": {path.name: file_digest(path) for path in data_files},
         "split": split,
         "inputs_sha256": hashlib.sha256(inputs).hexdigest(),
     }
@@ -233,29 +226,15 @@ def compute_teacher_logits(teacher: Path, checkpoint: str, examples: Sequence[En
 
 def teacher_logits(teacher: Path, checkpoint: str, split: str, examples: Sequence[Encoded], cache_dir: Path,
                    load_run: RunLoader) -> torch.Tensor:
-    """The teacher's logits for `examples` (N, num_labels): read from `cache_dir` when they were computed for the
-    same fingerprint (`cache_fingerprint`), else computed and cached (safetensors + the fingerprint as JSON)."""
+    """The teacher's logits for `examples` (N, num_labels), computed once per fingerprint (`cache_fingerprint`)
+    and kept in cache_dir/<split>.safetensors (`peftlab.cache`; a changed input recomputes and replaces it)."""
     read_teacher_config(str(teacher), checkpoint)  # a clear error for a missing or unfit teacher
     fingerprint = cache_fingerprint(teacher, checkpoint, split, examples)
-    tensors_path, fingerprint_path = cache_dir / f"{split}.safetensors", cache_dir / f"{split}.json"
-    cached = _read_cache(tensors_path, fingerprint_path, fingerprint, len(examples))
-    if cached is not None:
-        return cached
-    logits = compute_teacher_logits(teacher, checkpoint, examples, load_run)
-    fingerprint_path.unlink(missing_ok=True)  # written last: a crash in between leaves no valid-looking cache
-    atomic_write_file(tensors_path, lambda path: save_file({"teacher_logits": logits.contiguous()}, path))
-    write_text_atomic(fingerprint_path, json.dumps(fingerprint, indent=2) + "\n")
-    return logits
 
+    def compute() -> dict[str, torch.Tensor]:
+        return {"teacher_logits": compute_teacher_logits(teacher, checkpoint, examples, load_run)}
 
-def _read_cache(tensors_path: Path, fingerprint_path: Path, fingerprint: dict, rows: int) -> torch.Tensor | None:
-    try:
-        if json.loads(fingerprint_path.read_text()) != fingerprint:
-            return None
-        logits = load_file(tensors_path)["teacher_logits"]
-    except (OSError, ValueError, KeyError, SafetensorError):
-        return None
-    return logits if logits.shape[0] == rows else None
+    return cached_tensors(cache_dir / f"{split}.safetensors", fingerprint, compute)["teacher_logits"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from peftlab.config import setting
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
+from peftlab.generation import decode, token_picker
 from peftlab.models import load_model
-from peftlab.generation import Sampling, decode
 from peftlab.tasks.completion import line_stop_ids
 from peftlab.workloads.distill.task import read_teacher_config
+from peftlab.workloads.distill.transfer_settings import TransferSettings, check_transfer_settings
 
 SENTENCE_ENDS = (".", "?", "!")
 MAX_WORDS = 40
@@ -40,45 +40,16 @@ def complete_sentence(prefix: str, continuation: str) -> tuple[str | None, str]:
     return line, "kept"
 
 
-@dataclass
-class SamplingSettings:
-    size: int = setting(8000, "sentences to write")
-    shots: int = setting(2, "training sentences shown before each prefix, so the model writes in their style")
-    prefix_words: int = setting(2, "words of a training sentence that start each sample")
-    temperature: float = setting(0.9, "sampling temperature")
-    top_p: float = setting(0.95, "nucleus sampling threshold")
-    top_k: int = setting(200, "sample among the k most likely tokens; 0 = all")
-    max_new_tokens: int = setting(32, "tokens sampled per sentence at most")
-    batch_size: int = setting(64, "prompts sampled together")
-    seed: int = setting(0, "random seed; same seed, same sentences")
-
-
-def check_sampling_settings(settings: SamplingSettings) -> None:
-    checks = [
-        (settings.size >= 1, f"--size must be >= 1, got {settings.size}"),
-        (settings.shots >= 0, f"--shots must be >= 0, got {settings.shots}"),
-        (settings.prefix_words >= 0, f"--prefix-words must be >= 0, got {settings.prefix_words}"),
-        (settings.temperature > 0, f"--temperature must be > 0 (sampling), got {settings.temperature}"),
-        (settings.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {settings.top_k}"),
-        (0 < settings.top_p <= 1, f"--top-p must be in (0, 1], got {settings.top_p}"),
-        (settings.batch_size >= 1, f"--batch-size must be >= 1, got {settings.batch_size}"),
-        (settings.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise PeftlabError(message)
-
-
 def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], training: Sequence[str],
-                     settings: SamplingSettings) -> tuple[list[str], Counter]:
+                     settings: TransferSettings) -> tuple[list[str], Counter]:
     """New sentences in the style of `training`, and what became of every sample (kept / why rejected).
 
     `continue_prompts(prompts, seed)` returns one sampled continuation per prompt. Duplicates and copies of
     training sentences are rejected. Stops after 4 × size samples if too few are kept, so a model that never
     ends a line cannot loop forever.
     """
-    check_sampling_settings(settings)
-    generator = random.Random(settings.seed)
+    check_transfer_settings(settings)
+    generator = random.Random(settings.sampling.seed)
     known, kept, outcomes = set(training), [], Counter()
     while len(kept) < settings.size and sum(outcomes.values()) < 4 * settings.size:
         prompts, prefixes = [], []
@@ -100,9 +71,9 @@ def sample_sentences(continue_prompts: Callable[[list[str], int], list[str]], tr
     return kept, outcomes
 
 
-def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSettings) -> Path:
+def write_transfer_set(teacher: str, output: str | Path, settings: TransferSettings) -> Path:
     """Sample a transfer set with the teacher run's base model (no adapter) from its task's training sentences."""
-    check_sampling_settings(settings)
+    check_transfer_settings(settings)
     config = read_teacher_config(teacher)
     model, tokenizer = load_model(config.model.name, task="causal-lm", init=config.model.init)
     training = [example.text for example in get_dataset(config.task.name).read("train", config.task.data_dir)]
@@ -114,8 +85,10 @@ def write_transfer_set(teacher: str, output: str | Path, settings: SamplingSetti
     def continue_prompts(prompts: list[str], seed: int) -> list[str]:
         nonlocal sampled
         token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        sampling = Sampling(settings.temperature, settings.top_k, settings.top_p, seed)
-        generated = decode(model, token_ids, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id, sampling.picker())
+        sampling = replace(settings.sampling, seed=seed)
+        generated = decode(model, token_ids, sampling.max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                           token_picker(sampling), stop_strings=sampling.stop,
+                           detokenize=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
         sampled += len(prompts)
         print(f"sampled {sampled} continuations", flush=True)
         return tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -222,3 +222,10 @@ def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = N
     run_dirs = [config.output_dir for config in configs]
     print_report(*write_report(run_dirs, folder))
     return run_dirs
+
+
+def run_sweep_command(args) -> None:
+    """`peftlab sweep`'s arguments (see cli.py) as a `run_sweep` call."""
+    if not args.grid and not args.set:
+        raise PeftlabError("nothing to sweep: give a grid file and/or --set KEY=V1,V2")
+    run_sweep(args.grid, args.set, args.output_dir, args.backend, args.address, args.cpus_per_trial, args.gpus_per_trial)

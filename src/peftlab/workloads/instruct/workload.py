@@ -17,7 +17,6 @@ import string
 from collections import Counter
 from typing import Callable, Sequence
 
-from peftlab.config import InstructConfig
 from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
@@ -25,49 +24,10 @@ from peftlab.generation import decode
 from peftlab.tasks.completion import Completion, CompletionTask, score_choices
 from peftlab.tasks.metrics import classification_metrics
 from peftlab.workloads.base import Workload
+from peftlab.workloads.instruct import PREDICT_MODES, InstructConfig
+from peftlab.workloads.instruct.templates import DEFAULT_VERBALIZERS, resolve_template
 
-PREDICT_MODES = ("generate", "score", "both")
 UNPARSABLE = -1
-_CHAT = "<|im_start|>user\n{question}\n{{text}}<|im_end|>\n<|im_start|>assistant\n"
-
-# task -> template name -> format string with {text}; the first is the task's default.
-TEMPLATES: dict[str, dict[str, str]] = {
-    "rotten_tomatoes": {
-        "review": "Review: {text}\nSentiment:",
-        "question": "Is the sentiment of this movie review positive or negative?\nReview: {text}\nAnswer:",
-        "chat": _CHAT.format(question="Is this movie review positive or negative? Answer with one word."),
-    },
-    "cola": {
-        "sentence": "Sentence: {text}\nIs this sentence grammatically acceptable?\nAnswer:",
-        "chat": _CHAT.format(question="Is this English sentence grammatically acceptable? Answer yes or no."),
-    },
-}
-DEFAULT_VERBALIZERS = {"cola": ("no", "yes")}  # otherwise the label names
-
-
-def resolve_template(task: str, template: str) -> str:
-    """A template name of `task`, or a user's format string whose only field is {text} (\\n means newline)."""
-    named = TEMPLATES.get(task, {})
-    if not template:
-        if not named:
-            raise PeftlabError(f"task '{task}' has no default template: pass --template 'TEXT {{text}} TEXT'")
-        return next(iter(named.values()))
-    if template in named:
-        return named[template]
-    text = template.replace("\\n", "\n").replace("\\t", "\t")
-    try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-    except ValueError as error:
-        raise PeftlabError(f"template {template!r} is not a valid format string: {error}") from None
-    if fields != {"text"}:
-        names = ", ".join(named) or "none"
-        raise PeftlabError(
-            f"template {template!r} is neither a template name of {task} ({names}) nor a format string whose only "
-            "field is {text} (write literal braces as {{ }})"
-        )
-    return text
-
-
 def parse_label(text: str, verbalizers: Sequence[str]) -> int:
     """The label whose verbalizer the generated text starts with (as a whole word), else UNPARSABLE."""
     cleaned = text.lower().lstrip(string.whitespace + string.punctuation)
@@ -185,10 +145,6 @@ class InstructWorkload(Workload):
     def resolve(self, config, task: InstructTask) -> None:
         super().resolve(config, task)
         config.instruct.template, config.instruct.verbalizers = task.template, list(task.verbalizers)
-
-    def check_sections(self, config) -> None:
-        if config.instruct is None:
-            config.instruct = InstructConfig()  # its defaults, resolved with the rest
 
     def task_for(self, config, tokenizer) -> InstructTask:
         instruct = config.instruct or InstructConfig()

@@ -168,11 +168,6 @@ class QAWorkload(Workload):
 
     name = "qa"
 
-    def check_sections(self, config) -> None:
-        if config.instruct is not None:
-            raise PeftlabError("squad uses the fixed prompt 'Context: …\\nQuestion: …\\nAnswer:'; drop --template/"
-                               "--verbalizers/--predict")
-
     def task_for(self, config, tokenizer) -> QATask:
         settings = config.task
         return QATask(tokenizer, settings.data_dir, settings.max_length or get_dataset(settings.name).max_length,
