@@ -2,7 +2,6 @@
 greedy generation, verbalizer scoring, label parsing, training/evaluation end to end, sweeps and reports."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from PIL import Image
 
 from peftlab import PeftlabError
 from peftlab.cli import main
+from tiny_data import write_rotten_tomatoes  # noqa: F401  (other tests import it from here)
 from peftlab.config import RunConfig
 from peftlab.workloads.instruct import InstructConfig
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
@@ -20,21 +20,6 @@ from peftlab.tasks.completion import IGNORE, score_choices
 from peftlab.workloads.instruct.templates import resolve_template
 from peftlab.workloads.instruct.workload import UNPARSABLE, parse_label
 from peftlab.train import evaluate_run, train
-
-WORDS = ["the", "film", "is", "a", "movie", "plot", "story", "with"]
-
-
-def write_rotten_tomatoes(directory, lines_per_class: int = 5331, seed: int = 0) -> str:
-    """Synthetic polarity files in the original single-byte format; positives say 'great', negatives 'awful'."""
-    generator = random.Random(seed)
-    folder = directory / "rotten_tomatoes"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, word in (("rt-polarity.pos", "great"), ("rt-polarity.neg", "awful")):
-        lines = [" ".join(generator.choice(WORDS) for _ in range(generator.randint(1, 5))) + f" {word} ."
-                 for _ in range(lines_per_class)]
-        (folder / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
-    return str(directory)
-
 
 def instruct_config(model_dir, data_dir, output_dir, **task_overrides) -> RunConfig:
     config = RunConfig(output_dir=str(output_dir))

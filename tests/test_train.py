@@ -14,26 +14,7 @@ from peftlab import engine as engine_module
 from peftlab.engine import epoch_batches, lr_multiplier, process_share
 from peftlab.peft.base import adapter_modules
 from peftlab.train import evaluate_run, train
-
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "quickly", "big", "small", "a", "house"]
-
-
-def write_cola(directory, train_rows: int = 96, dev_rows: int = 40, seed: int = 0) -> str:
-    """Synthetic CoLA files in the original format; label 1 when the sentence contains 'cat'."""
-    import random
-
-    generator = random.Random(seed)
-    cola = directory / "cola"
-    cola.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("in_domain_train.tsv", train_rows), ("in_domain_dev.tsv", dev_rows)):
-        lines = []
-        for _ in range(rows):
-            sentence = " ".join(generator.choice(WORDS) for _ in range(generator.randint(2, 12)))
-            label = int("cat" in sentence.split())
-            lines.append(f"src\t{label}\t{'' if label else '*'}\t{sentence}.\n")
-        (cola / name).write_text("".join(lines), encoding="utf-8")
-    return str(directory)
-
+from tiny_data import write_cola  # noqa: F401  (other tests import it from here)
 
 def tiny_config(model_dir, data_dir, output_dir, **train_overrides) -> RunConfig:
     config = RunConfig(output_dir=str(output_dir))

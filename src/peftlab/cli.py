@@ -70,7 +70,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", metavar="FILE",
                         help="also write each example's prediction and reference to FILE (JSON lines)")
     add_options(parser, RUN_PLACE_OPTIONS, prefix="where to evaluate (a run: instead of its config.yaml's): ")
-    add_options(parser, eval_options("any"), prefix="how to evaluate (default: the run's): ")
+    add_options(parser, eval_options("any"), prefix="how to evaluate (a run: instead of its config.yaml's): ")
     zero_shot = {dest: option for dest, option in eval_options("zero-shot").items() if dest not in eval_options("any")}
     add_options(parser, zero_shot, prefix="without RUN_DIR: ")
 
