@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"peftlab {args.command}: interrupted", file=sys.stderr)
         return 130  # the shell's code for a command stopped by Ctrl-C
+    except BrokenPipeError:  # the reader stopped reading (`peftlab recipes | head -1`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141  # the shell's code for a command stopped by SIGPIPE
     except PeftlabError as error:
         print(f"peftlab {args.command}: error: {error}", file=sys.stderr)
         return 2
