@@ -14,7 +14,7 @@ from importlib import metadata
 from peftlab import __version__
 from peftlab.catalog import DEFAULT_MODEL, INITS
 from peftlab.config import closest
-from peftlab.errors import Interrupted, PeftlabError
+from peftlab.errors import Interrupted, PeftlabError, os_error_line
 from peftlab.options import RUN_PLACE_OPTIONS, add_options, eval_options, sampling_options, train_options
 from peftlab.workloads.registry import Command, registered_workloads
 
@@ -99,6 +99,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="ray: the Ray cluster to use (default: a local Ray, started and stopped here)")
     parser.add_argument("--cpus-per-trial", type=float, default=1, help="ray: CPUs per trial (default: 1)")
     parser.add_argument("--gpus-per-trial", type=float, default=0, help="ray: GPUs per trial (default: 0)")
+    parser.add_argument("--stop-on-error", action="store_true",
+                        help="stop at the first point that fails (default: go on with the other points, name each "
+                        "failure as it happens and again at the end, mark it in the report, exit 2)")
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +129,7 @@ COMMANDS = (
             "peftlab.commands.generate:run_generate", "Continue prompts with a language model (W0)."),
     Command("train", "fine-tune a model on a task (W1: --task cola)", _train_arguments, "peftlab.commands.run:run_train",
             "Fine-tune a model on a task. Settings come from the defaults, then --recipe, then --set, then the options; "
-            "everything lands in the run directory's config.yaml. --dry-run prints the resolved plan."),
+            "everything lands in the run directory's config.yaml. --dry-run prints the resolved plan.", writes_runs=True),
     Command("eval", "evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split", _eval_arguments,
             "peftlab.commands.run:run_eval",
             "Evaluate a run's checkpoint on a split. Without RUN_DIR: the un-tuned model given by --model, --task, "
@@ -137,7 +140,7 @@ COMMANDS = (
             "peftlab.commands.sweep:run_sweep_command",
             "Train every point of a grid (finished runs are skipped, interrupted ones resumed), then write "
             "<folder>/report.md, <folder>/val_loss.png and <folder>/score_vs_parameters.png. See "
-            "`peftlab.commands.sweep` for the grid file format."),
+            "`peftlab.commands.sweep` for the grid file format.", writes_runs=True),
     Command("report", "comparison table and plots of runs, or of sweeps by method (--by-method)", _report_arguments,
             "peftlab.commands.report:run_report",
             "report.md (a row per run: method, trainable parameters, best validation and test scores, seconds per "
@@ -224,6 +227,11 @@ def _suggest(name: str, options) -> str | None:
     return alias if alias in options else closest(name, options)
 
 
+# What a write failure inside a command that writes run directories (`Command.writes_runs`) leaves: every file and
+# checkpoint there is replaced whole (fileio).
+RUN_KEPT = "the run directory keeps what was written before it (files and checkpoints are replaced whole)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peftlab` console script; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -245,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped reading (`peftlab recipes | head -1`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # the shell's code for a command stopped by SIGPIPE
-    except PeftlabError as error:
-        print(f"peftlab {args.command}: error: {error}", file=sys.stderr)
+    except PeftlabError as error:  # fileio's write failures too (WriteFailed: path, reason, what was kept)
+        run_kept = f"; {RUN_KEPT}" if isinstance(error, OSError) and args.command_spec.writes_runs else ""
+        print(f"peftlab {args.command}: error: {error}{run_kept}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write no peftlab writer wrapped (a library's, an appended line): one line, no traceback
+        kept = RUN_KEPT if args.command_spec.writes_runs else "what was written before it is kept"
+        print(f"peftlab {args.command}: error: {os_error_line(error, kept)}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,8 @@ the user's umask gives; reading a file that is missing, unreadable or not UTF-8 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -12,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, WriteFailed
 
 
 def _umask() -> int:
@@ -27,16 +29,80 @@ def atomic_write_file(path: Path, write: Callable[[str], object]) -> None:
     The file gets the mode a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    kept = _what_is_kept(path)
+    _make_folder(path, kept)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:
+        raise _write_failed(path, error, kept) from None
     os.close(handle)
     try:
         write(temporary)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
+    except Exception as error:
+        if _os_reason(error) is None:
+            raise
+        raise _write_failed(path, error, kept) from None
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        with contextlib.suppress(OSError):
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def _os_reason(error: BaseException) -> tuple[int | None, str] | None:
+    """The errno and "reason (ENAME)" of an operating-system error, including safetensors' (it reports them as text:
+    "I/O error: No space left on device (os error 28)"); None for any other exception."""
+    if isinstance(error, WriteFailed):
+        return error.errno, error.strerror
+    if isinstance(error, OSError):
+        number, text = error.errno, error.strerror or str(error)
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if type(error).__name__ != "SafetensorError" or found is None:
+            return None
+        number = int(found.group(1))
+        text = os.strerror(number)
+    name = errno.errorcode.get(number) if number else None
+    return number, f"{text} ({name})" if name else text
+
+
+def _what_is_kept(target: Path) -> str:
+    """What a failed write of `target` leaves: the writers below change nothing until the final rename."""
+    if target.exists() or target.is_symlink():
+        return f"the previous {target.name} is kept unchanged"
+    return "nothing was written there"
+
+
+def _write_failed(target: Path, error: BaseException, kept: str) -> WriteFailed:
+    number, reason = _os_reason(error)
+    if isinstance(error, WriteFailed):
+        return WriteFailed(target, number, reason, kept)
+    where = getattr(error, "filename", None)
+    if where is not None and Path(where) not in (target, target.parent) and f".{target.name}." not in str(where):
+        reason += f" (at {where})"  # e.g. the folder that could not be created; never a temporary name
+    return WriteFailed(target, number, reason, kept)
+
+
+def _make_folder(target: Path, kept: str) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((folder for folder in reversed(target.parents) if folder.exists() and not folder.is_dir()), None)
+        if blocking is not None:  # mkdir says "File exists" or "Not a directory": name the file in the way
+            raise WriteFailed(target, errno.ENOTDIR, f"{blocking} is a file, not a folder", kept) from None
+        raise _write_failed(target, error, kept) from None
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a plain open()/mkdir() would (0666/0777 less the umask);
+    libraries write some with mkstemp's 0600 (safetensors' save_file does)."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -86,13 +152,17 @@ def read_json(path: Path, what: str) -> Any:
 
 def check_writable(path: Path) -> None:
     """Fail now, before long work whose result goes to `path`, if it cannot be written (its folder is created)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    kept = "nothing was written. Fix: choose another path"
+    _make_folder(path, kept)
+    if path.is_dir():
+        raise WriteFailed(path, errno.EISDIR, "it is a folder", kept)
+    try:  # by trying: os.access says yes to root, and knows nothing of read-only file systems
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as error:
-        raise PeftlabError(f"cannot write {path}: {error.strerror} ({error.filename}); choose another path") from None
-    if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise PeftlabError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
-                           "choose another path")
+        raise _write_failed(path, error, kept) from None
+    os.close(handle)
+    os.remove(probe)
 
 
 def is_replaceable(target: Path, marker: str) -> bool:
@@ -115,19 +185,34 @@ def replace_directory(target: Path, fill: Callable[[Path], object], marker: str,
     if not overwrite and not is_replaceable(target, marker):
         raise PeftlabError(f"{target} exists and was not written by peftlab (no {marker} in it); nothing was changed. "
                            "Fix: choose a path that does not exist, or move it away first")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o777 & ~_umask())
+    kept = _what_is_kept(target)
+    _make_folder(target, kept)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise _write_failed(target, error, kept) from None
     retired = retired_path(target)
     try:
+        staging.chmod(0o777 & ~_umask())
         fill(staging)
         if not (staging / marker).is_file():
             raise RuntimeError(f"replace_directory: fill() did not write {marker}")  # a programming error
+        _follow_umask(staging)
         if target.exists() or target.is_symlink():
             _remove(retired)
             os.replace(target, retired)
-        os.replace(staging, target)
-        _remove(retired)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if retired.exists() and not (target.exists() or target.is_symlink()):
+                os.replace(retired, target)  # put the previous version back
+            raise
+        with contextlib.suppress(OSError):  # the new version is in place; recover_directory removes it later
+            _remove(retired)
+    except Exception as error:
+        if _os_reason(error) is None:
+            raise
+        raise _write_failed(target, error, kept) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -8,12 +8,15 @@ to a text stream; how tokens are sampled (temperature 0 = greedy, top-k, top-p, 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.generation import TokenPicker, decode, token_picker
+from peftlab.peft.base import adapter_modules
+from peftlab.peft.prefix import PrefixTuning
 from peftlab.sampling import Sampling
 
 
@@ -28,14 +31,31 @@ def context_length(model) -> int:
 
 
 def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Every prompt and its --max-new-tokens fit the positions the model reads (its context less a prefix-tuning
+    prefix); the fix suggested is always one that can be followed."""
     limit = context_length(model)
+    prefix = sum(module.length for _, module in adapter_modules(model) if isinstance(module, PrefixTuning))
+    room = limit - prefix
+    reads = f"the model's context of {limit} tokens" + (f" less its {prefix}-position prefix ({room} left)"
+                                                         if prefix else "")
     for index, ids in enumerate(prompt_ids):
-        if len(ids) + max_new_tokens > limit:
+        length = len(ids)
+        if length + max_new_tokens <= room:
+            continue
+        if length >= room:  # no room for even one new token: the prompt must be shortened
+            keep = (f" ({length - room + max_new_tokens} to keep --max-new-tokens {max_new_tokens})"
+                    if max_new_tokens < room else "")
             raise PeftlabError(
-                f"prompt {index + 1} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
-                f"model's context of {limit} tokens. Fix: shorten the prompt to at most {limit - max_new_tokens} "
-                f"tokens or lower --max-new-tokens to at most {max(limit - len(ids), 0)}."
+                f"prompt {index + 1} is {length} tokens, which leaves no room in {reads}: no token can follow it. "
+                f"Fix: shorten the prompt by at least {length - room + 1} tokens{keep}."
             )
+        shorten = length + max_new_tokens - room
+        also = f", or shorten the prompt by {shorten} tokens" if shorten < length else ""
+        raise PeftlabError(
+            f"prompt {index + 1} is {length} tokens; with --max-new-tokens {max_new_tokens} that is "
+            f"{length + max_new_tokens}, more than {reads}. Fix: lower --max-new-tokens to at most "
+            f"{room - length}{also}."
+        )
 
 
 def generate(model, tokenizer, prompts: str | list[str], sampling: Sampling | None = None, num_samples: int = 1,

@@ -104,18 +104,19 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     """
     methods = sorted({module.method for _, module in adapter_modules(model)})
     if not methods:
-        raise PeftlabError("the model has no adapter modules to export in peft format. Fix: use export_merged instead")
+        raise PeftlabError("the model has no adapter modules to export in peft format. Fix: export with "
+                           "--format merged (Python: export_merged) instead")
     if len(methods) > 1 or get_method(methods[0]).peft_type is None:
         exportable = [name for name, method in METHODS.items() if method.peft_type]
         raise PeftlabError(f"the peft export carries one of {', '.join(exportable)}; this model has "
-                           f"{', '.join(methods)} modules (peft has no such method). Fix: export_merged when the "
-                           "method merges, else keep the run directory")
+                           f"{', '.join(methods)} modules (peft has no such method). Fix: --format merged "
+                           "(Python: export_merged) when the method merges, else keep the run directory")
     hf_name = _hf_name_mapper(model)
     config, tensors, exported = get_method(methods[0]).peft_export(model, hf_name)
     saved_whole, trained_biases = _export_trained_extras(model, hf_name, exported, tensors)
     if trained_biases and config["peft_type"] != "LORA":
         raise PeftlabError(f"trained biases cannot be carried by peft's {config['peft_type']} format. "
-                           "Fix: use export_merged for this model")
+                           "Fix: export with --format merged (Python: export_merged)")
     if trained_biases:
         config["bias"] = "all"
     config = {"peft_type": config.pop("peft_type"), "task_type": _task_type(model),
@@ -156,7 +157,7 @@ def _export_trained_extras(model: nn.Module, hf_name, exported: set[int], tensor
         if parameter_name != "bias":
             raise PeftlabError(
                 f"'{name}' is trained but peft's format can only carry the adapter, whole modules (head, norms) "
-                "and biases. Fix: use export_merged for this model"
+                "and biases. Fix: export with --format merged (Python: export_merged)"
             )
         trained_biases = True
         wrapped = wrapped_biases.get(id(parameter))
@@ -215,7 +216,8 @@ def merged_hf_model(model: nn.Module) -> nn.Module:
             raise PeftlabError(f"cannot map the classifier onto {type(hf_model).__name__}: {error}") from None
         plain = hf_model
     if not isinstance(plain, PreTrainedModel):
-        raise PeftlabError(f"export_merged needs a transformers model or a SequenceClassifier, got {type(model).__name__}")
+        raise PeftlabError(f"--format merged needs a transformers model or a SequenceClassifier, got "
+                           f"{type(model).__name__}")
     if architecture(plain) == "gpt2":
         convert_linear_to_conv1d(plain)
     return plain

@@ -10,15 +10,21 @@
     <run>/checkpoints/last     adapter + optimizer + training state after the last finished epoch, or after the
                                last --save-every step (with the position in the epoch)
     <run>/trackers/            TensorBoard / W&B files (--report-to)
+    <run>/.lock                while a process trains into the run: its pid, host and start (JSON); one writer
 
 Every file is written atomically and every checkpoint folder is swapped in whole (`fileio.replace_directory`), so
 a process killed at any moment leaves at most a hidden staging folder or temporary file, or a checkpoint renamed
-to `.<name>.old` mid-swap; `RunDir.recover` undoes each of these.
+to `.<name>.old` mid-swap; `RunDir.recover` undoes each of these. A run directory has one writer: `RunDir.lock`
+refuses a second one while the holder of `.lock` runs, and takes over the lock of a process that no longer does.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,8 +34,8 @@ from torch import nn
 
 from peftlab.config import RunConfig, load_config, same_run, save_config
 from peftlab.errors import PeftlabError
-from peftlab.fileio import (atomic_write_file, finite_or_null, read_json, read_text, recover_directory, replace_directory,
-                            retired_path, unfinished_writes, write_json_lines, write_text_atomic)
+from peftlab.fileio import (_umask, atomic_write_file, finite_or_null, read_json, read_text, recover_directory,
+                            replace_directory, retired_path, unfinished_writes, write_json_lines, write_text_atomic)
 from peftlab.peft import load_adapter, save_adapter
 from peftlab.peft.checkpoint import CONFIG_FILE as ADAPTER_MARKER
 
@@ -44,6 +50,7 @@ TRACKERS = "trackers"
 RUN_ENTRIES = (CONFIG, METRICS, STEPS, SUMMARY, PLOTS, CHECKPOINTS, TRACKERS)
 # The files of checkpoints/last besides the adapter's: all of them, or the checkpoint is damaged.
 TRAINING_STATE_FILES = ("optimizer.safetensors", "optimizer.json", "training_state.safetensors", "training_state.json")
+LOCK = ".lock"
 
 
 class RunDir:
@@ -98,7 +105,11 @@ class RunDir:
                                "(or delete that run)")
 
     def recover(self) -> list[str]:
-        """Clean up after a killed process (see the module docstring); returns one line per repair, for the log."""
+        """Clean up after a killed process (see the module docstring); returns one line per repair, for the log.
+        Refused (nothing removed) while another live process holds the run's lock: its files are not leftovers."""
+        holder = self.lock_holder()
+        if holder is not None and not _is_this_process(holder) and _holder_alive(holder):
+            raise self._in_use(holder)
         done = []
         for name in ("best", "last"):
             done += [f"{CHECKPOINTS}/{line}" for line in recover_directory(self.checkpoint(name), ADAPTER_MARKER)]
@@ -108,6 +119,92 @@ class RunDir:
             leftover.unlink()  # an atomic write that never got renamed into place
             done.append(f"removed the unfinished {leftover.relative_to(self.path)}")
         return done
+
+    # --- one writer ------------------------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    def lock_holder(self) -> dict | None:
+        """What .lock says about the process holding it (pid, host, started, ...); None when there is no lock, and
+        {} when the file cannot be read as one."""
+        try:
+            holder = json.loads(self.lock_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def lock(self, say=print) -> "RunLock":
+        """Take the run directory's lock (creating the directory if needed): this process is its one writer until
+        `RunLock.release`. A lock held by a live process is a PeftlabError naming it; the lock of a process that no
+        longer runs (same host: the pid is gone, or was reused by a later process) is taken over with a note."""
+        created = not self.path.exists()
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "process_start": _process_start(os.getpid()), "boot_id": _boot_id()}
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                if _create_exclusive(self.lock_path, json.dumps(record) + "\n"):
+                    return RunLock(self.lock_path, record, created)
+                holder = self.lock_holder()
+                if holder is None:
+                    continue  # released between the two looks
+                if not holder:  # being written by a file system without hard links, or not a lock of ours
+                    time.sleep(0.2)
+                    holder = self.lock_holder()
+                    if not holder:
+                        if holder is None:
+                            continue
+                        raise PeftlabError(f"{self.lock_path} cannot be read as a lock, so {self.path} may be in use "
+                                           "by another peftlab process. Fix: if no other `peftlab train` writes into "
+                                           f"{self.path}, delete {self.lock_path} and run the command again")
+                if _holder_alive(holder):
+                    raise self._in_use(holder)
+                if self._take_over(holder):
+                    say(f"{self.path}: took over the lock of process {holder.get('pid')} on {holder.get('host')} "
+                        f"(since {holder.get('started')}), which is no longer running")
+        except OSError as error:
+            if created:
+                _remove_empty(self.path)
+            raise PeftlabError(f"cannot write the lock file {self.lock_path}: {error.strerror or error}; nothing was "
+                               "written. Fix: make the folder writable or choose another --output-dir") from None
+        except BaseException:
+            if created:
+                _remove_empty(self.path)
+            raise
+        raise PeftlabError(f"{self.lock_path} keeps changing: other processes are taking {self.path} at the same time. "
+                           "Fix: run one `peftlab train` per run directory")
+
+    def _take_over(self, holder: dict) -> bool:
+        """Remove the stale lock `holder` (atomically: moved aside, then checked to be the one judged stale)."""
+        aside = self.lock_path.with_name(f"{LOCK}-stale-{os.getpid()}")
+        try:
+            os.replace(self.lock_path, aside)
+        except FileNotFoundError:
+            return False  # another process took it over first
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = None
+        if moved != holder:  # a lock written since the look: not ours to remove; put it back
+            try:
+                os.link(aside, self.lock_path)
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    def _in_use(self, holder: dict) -> PeftlabError:
+        host = holder.get("host")
+        elsewhere = "" if host == socket.gethostname() else f"; if it no longer runs on {host}, delete {self.lock_path}"
+        return PeftlabError(f"{self.path} is in use: peftlab process {holder.get('pid')} on {host} has been writing "
+                            f"into it since {holder.get('started')} (lock {self.lock_path}). Fix: wait for that run "
+                            f"to end (or stop it), then run the command again{elsewhere}")
 
     # --- files -----------------------------------------------------------------------------------------------
 
@@ -214,6 +311,99 @@ class RunDir:
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise damaged_checkpoint(last, f"its training state does not fit this run: {type(error).__name__}: "
                                      f"{error}") from None
+
+
+class RunLock:
+    """A run directory's lock held by this process (`RunDir.lock`); `release` removes it (once, and only while it
+    is still this process's lock), and the directory too when the lock created it and nothing else went in."""
+
+    def __init__(self, path: Path, record: dict, created_directory: bool):
+        self.path, self.record, self.created_directory = path, record, created_directory
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        try:
+            if json.loads(self.path.read_text(encoding="utf-8")) == self.record:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass  # gone already, or replaced by hand: not ours to remove
+        if self.created_directory:
+            _remove_empty(self.path.parent)
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Write `path` whole with `text` unless it exists (False then). A hard link of a finished temporary file
+    makes it appear whole and fails if the path exists; where the file system has no hard links, O_EXCL."""
+    handle, temporary = tempfile.mkstemp(prefix=f"{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())
+        try:
+            os.link(temporary, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here
+            pass
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        return True
+    finally:
+        os.unlink(temporary)
+
+
+def _remove_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # something is in it: kept
+
+
+def _is_this_process(holder: dict) -> bool:
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process a lock names may still be running. A process on another host cannot be checked (alive);
+    on this one, it is gone when the machine has rebooted since, when its pid is gone, or when the pid now belongs to
+    a process started at another time (a reused pid; Linux's /proc)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return True
+    boot = _boot_id()
+    if holder.get("boot_id") and boot and holder["boot_id"] != boot:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    recorded, now = holder.get("process_start"), _process_start(pid)
+    return recorded is None or now is None or recorded == now
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot: field 22 of /proc/<pid>/stat), None without /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def damaged_checkpoint(last: Path, problem: str) -> PeftlabError:

@@ -18,14 +18,26 @@ from peftlab.errors import PeftlabError
 
 TRACKER_NAMES = ("tensorboard", "wandb")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+# What Accelerate imports when the tracker starts (its TensorBoard tracker writes through torch's SummaryWriter).
+TRACKER_IMPORTS = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",)}
 
 
 def check_trackers(names: list[str]) -> None:
-    """Each tracker's package is installed (before anything loads)."""
+    """Each tracker's package is installed and imports (before anything loads): a broken install is named now, not
+    when the tracker starts at the first step."""
     for name in names:
-        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+        module = TRACKER_MODULES[name]
+        if importlib.util.find_spec(module) is None:
             raise PeftlabError(f"--report-to {name}: the {name} package is not installed. Fix: pip install "
-                               f"'peftlab[{name}]' (or .venv/bin/pip install {TRACKER_MODULES[name]})")
+                               f"'peftlab[{name}]' (or .venv/bin/pip install {module})")
+        try:
+            for imported in TRACKER_IMPORTS[name]:
+                importlib.import_module(imported)
+        except Exception as error:  # noqa: BLE001 - whatever a broken install raises, named in one line
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise PeftlabError(f"--report-to {name}: the {module} package is installed but fails to import "
+                               f"({type(error).__name__}: {reason}). Fix: reinstall it (.venv/bin/pip install "
+                               f"--force-reinstall {module}) or drop --report-to {name}") from None
 
 
 def wandb_offline_by_default() -> bool:

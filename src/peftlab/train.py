@@ -13,22 +13,24 @@ from typing import Sequence
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 
 from peftlab.catalog import PRECISIONS, hf_reference
 from peftlab.config import CORE_SECTIONS, RunConfig
 from peftlab.data import evenly_spaced
-from peftlab.data.datasets import check_split
+from peftlab.data.datasets import check_split, get_dataset
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.fileio import check_writable
 from peftlab.hf import export_merged, export_peft, read_export_record
 from peftlab.models import resolve_device, resolve_precision
-from peftlab.options import RUN_PLACE_OPTIONS, eval_options
+from peftlab.options import RUN_PLACE_OPTIONS, eval_options, settings_options
 from peftlab.peft import parameter_report
 from peftlab.peft.methods import get_method
-from peftlab.peft.prepare import check_extra_trainable
+from peftlab.peft.prefix import PrefixMethod, check_prefix_fits, model_positions
+from peftlab.peft.prepare import check_extra_trainable, unused_settings
 from peftlab.report import plot_history, run_title
-from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir
+from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
 from peftlab.workloads.loading import build_model, build_task, load_run, workload_for
@@ -65,6 +67,21 @@ def validate(config: RunConfig) -> None:
     get_method(config.adapter.method)  # an unknown method is named now, not after the model loads
     check_extra_trainable(config.adapter.extra_trainable or [])
     check_trackers(train.report_to)
+    check_adapter(config)
+
+
+def check_adapter(config: RunConfig) -> None:
+    """The method's settings against the model (a prefix and the longest example must fit its positions), and a
+    warning for adapter options the method does not read."""
+    adapter, task = config.adapter, config.task
+    if isinstance(get_method(adapter.method), PrefixMethod):
+        check_prefix_fits(adapter.prefix_length, task.max_length or get_dataset(task.name).max_length,
+                          model_positions(config.model.name), config.model.name)
+    unused = unused_settings(adapter)
+    if unused:  # a warning, not an error: a recipe or sweep may carry another method's settings
+        flags = {option.field.name: option.flag for option in settings_options(("adapter",)).values()}
+        print(f"warning: {', '.join(flags.get(name, name) for name in unused)} not used by --method {adapter.method} "
+              "(ignored)")
 
 
 def selection_metric(config: RunConfig, task: Task) -> str:
@@ -103,40 +120,47 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     say = accelerator.print
     task = build_task(config)
     select = selection_metric(config, task)  # before the model loads, not after an epoch
-    state = "new" if dry_run else _prepare_run_dir(run, config, resume, accelerator)
-    if state == "done":
-        say(f"{run} has finished already; nothing to do. Its summary: {run.path / 'summary.json'}")
-        return run.read_summary()
-    model = build_model(config, task, accelerator.device, fresh=state in ("new", "restart") and not dry_run)
-    report = parameter_report(model)
-    say("\n".join(report.lines()))
-
-    callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else []), *callbacks]
-    engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
-    if dry_run:
-        if task.encoding_is_costly:
-            say("Plan: not computed for a dry run (reading the data would have the teacher label it first)")
-        else:
-            say(plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
-                          evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision, select))
-        return {"parameters": vars(report) | {"reduction": report.reduction}}
-    train_examples = evenly_spaced(task.encode("train"), config.task.train_limit)
-    val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
-    if state == "new" and accelerator.is_main_process:  # written once the run is known to start
-        config.environment = run_environment(device, precision, accelerator.num_processes, command)
-        run.write_config(config)
+    # One writer per run directory: the main process holds RUN/.lock until the run ends, fails or is stopped.
+    lock = None if dry_run else _lock_run_dir(run, accelerator)
     try:
-        engine.fit(train_examples, val_examples, resume=state == "resume", stop_after_epoch=stop_after_epoch)
-        summary = run_summary(config, engine, report, len(train_examples), len(val_examples))
-        if task.test_split and engine.finished:
-            summary["test"] = engine.test_best(task.test_split, config.task.test_limit)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped at step {engine.history.step}. {engine.kept()}") from None
-    if accelerator.is_main_process:
-        run.write_summary(summary)
-        say(closing_text(run, engine, summary, time.perf_counter() - started))
-    accelerator.wait_for_everyone()
-    return summary
+        state = "new" if dry_run else _prepare_run_dir(run, config, resume, accelerator)
+        if state == "done":
+            say(f"{run} has finished already; nothing to do. Its summary: {run.path / 'summary.json'}")
+            return run.read_summary()
+        model = build_model(config, task, accelerator.device, fresh=state in ("new", "restart") and not dry_run)
+        report = parameter_report(model)
+        say("\n".join(report.lines()))
+
+        callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else []), *callbacks]
+        engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
+        if dry_run:
+            if task.encoding_is_costly:
+                say("Plan: not computed for a dry run (reading the data would have the teacher label it first)")
+            else:
+                say(plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
+                              evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision,
+                              select))
+            return {"parameters": vars(report) | {"reduction": report.reduction}}
+        train_examples = evenly_spaced(task.encode("train"), config.task.train_limit)
+        val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
+        if state == "new" and accelerator.is_main_process:  # written once the run is known to start
+            config.environment = run_environment(device, precision, accelerator.num_processes, command)
+            run.write_config(config)
+        try:
+            engine.fit(train_examples, val_examples, resume=state == "resume", stop_after_epoch=stop_after_epoch)
+            summary = run_summary(config, engine, report, len(train_examples), len(val_examples))
+            if task.test_split and engine.finished:
+                summary["test"] = engine.test_best(task.test_split, config.task.test_limit)
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped at step {engine.history.step}. {engine.kept()}") from None
+        if accelerator.is_main_process:
+            run.write_summary(summary)
+            say(closing_text(run, engine, summary, time.perf_counter() - started))
+        accelerator.wait_for_everyone()
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def plan_text(config: RunConfig, engine: Engine, train_examples, val_examples, device, precision: str,
@@ -242,9 +266,26 @@ def run_summary(config: RunConfig, engine: Engine, report, num_train: int, num_v
     }
 
 
+def _lock_run_dir(run: RunDir, accelerator) -> RunLock | None:
+    """The main process takes the run directory's lock (`RunDir.lock`: a second writer is refused, a dead one's lock
+    taken over); every process learns whether it did, so all of them stop on a refusal."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = run.lock(accelerator.print)
+        except PeftlabError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise PeftlabError(refusal)
+    return lock
+
+
 def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) -> str:
     """The run directory's state (`RunDir.state`): a new run's folder must hold nothing a run writes; a resumed
-    one is first repaired from whatever a killed process left there."""
+    one is first repaired from whatever a killed process left there. The caller holds the run's lock
+    (`_lock_run_dir`), so nothing repaired here belongs to a live process."""
     if not resume:
         run.check_new()
         return "new"

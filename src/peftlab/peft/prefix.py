@@ -23,18 +23,22 @@ forward pre-hook on the body, so the engine, tasks and generation need no case o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from peftlab.catalog import KNOWN_MODELS, smollm2_cache_path
 from peftlab.errors import PeftlabError
 from peftlab.peft.base import AdapterMethod, AdapterModule, PeftExport, adapter_modules
 
 MODULE_NAME = "prefix_tuning"  # the attribute of the transformer body that holds the prefix
 INIT_SEED = 0  # the random vocabulary tokens whose keys and values start the prefix
+GPT2_POSITIONS = 1024  # every GPT-2 size peftlab knows by name, pretrained or --init random (models._gpt2_config)
 
 
 def transformer_body(model: nn.Module) -> PreTrainedModel:
@@ -43,6 +47,46 @@ def transformer_body(model: nn.Module) -> PreTrainedModel:
         if isinstance(module, PreTrainedModel) and module.base_model is module:
             return module
     raise PeftlabError("prefix tuning needs a Hugging Face transformer (GPT-2 or Llama family) inside the model")
+
+
+def position_limit(config) -> int | None:
+    """The positions a transformer's position embeddings cover (GPT-2's n_positions, Llama's
+    max_position_embeddings), from its config object or its config.json as a mapping; None when it names none."""
+    for attribute in ("n_positions", "max_position_embeddings"):
+        value = config.get(attribute) if isinstance(config, Mapping) else getattr(config, attribute, None)
+        if value:
+            return int(value)
+    return None
+
+
+def model_positions(name: str) -> int | None:
+    """The position limit of the model peftlab loads as `name` (a known name or a local Hugging Face directory),
+    read without loading it; None when that cannot be told cheaply (loading the model then says what is wrong)."""
+    spec = KNOWN_MODELS.get(name)
+    if spec is not None and spec.family == "gpt2":
+        return GPT2_POSITIONS
+    folder = smollm2_cache_path() if spec is not None else Path(name)
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return position_limit(values) if isinstance(values, dict) else None
+
+
+def check_prefix_fits(length: int, max_length: int, positions: int | None, model: str) -> None:
+    """Refuse a prefix that leaves the model too few positions for --max-length tokens: every token's position
+    comes after the p prefix positions, so p + max length must be at most the model's positions. A max length
+    beyond the model's positions is not a length it could take with any method (peftlab accepts it, e.g. a task's
+    default on a small model, and the model's positions are the real bound): then only the tokens that actually
+    come are checked, by the prefix's hook (`PrefixTuning._before_body`)."""
+    if positions is None or max_length > positions or length + max_length <= positions:
+        return
+    fixes = [f"--prefix-length at most {positions - max_length}" if positions - max_length >= 1 else "",
+             f"--max-length at most {positions - length}" if positions - length >= 1 else ""]
+    fixes = [fix for fix in fixes if fix] or [f"a --prefix-length and --max-length that add up to at most {positions}"]
+    raise PeftlabError(f"--prefix-length {length} + --max-length {max_length} = {length + max_length} positions, but "
+                       f"{model} has {positions} (each token's position comes after the prefix's). Fix: "
+                       f"{', or '.join(fixes)}")
 
 
 def body_shape(config) -> tuple[int, int, int]:
@@ -66,6 +110,11 @@ class PrefixTuning(AdapterModule):
             raise PeftlabError(f"--prefix-projection must be >= 1 (or left out for plain prefixes), got {projection}")
         self.length, self.projection = length, projection
         self.layers, self.kv_heads, self.head_size = body_shape(body.config)
+        self.positions = position_limit(body.config)
+        if self.positions is not None and length >= self.positions:
+            raise PeftlabError(f"--prefix-length {length} leaves no position for a token: the model has "
+                               f"{self.positions} positions. Fix: a --prefix-length and --max-length that add up to "
+                               f"at most {self.positions}")
         width = self.layers * 2 * self.kv_heads * self.head_size  # every layer's keys and values of one position
         device = body.get_input_embeddings().weight.device
         if projection is None:
@@ -114,6 +163,11 @@ class PrefixTuning(AdapterModule):
                 keys, values = (states[layer, kind][None].expand(batch, -1, -1, -1) for kind in (0, 1))
                 cache.update(keys, values, layer)
             kwargs["cache"] = cache
+        used = cache.get_seq_length() + inputs.shape[1]  # the prefix, earlier tokens and these
+        if self.positions is not None and used > self.positions:
+            raise PeftlabError(f"prefix tuning: {self.length} prefix positions + {used - self.length} tokens = {used} "
+                               f"positions, but the model has {self.positions}. Fix: shorter inputs (--max-length, "
+                               "or a shorter prompt / --max-new-tokens) or a shorter --prefix-length")
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim not in (2, 4):
             raise PeftlabError(f"prefix tuning needs a (batch, tokens) or (batch, 1, queries, keys) attention mask, "

@@ -101,6 +101,16 @@ def apply_method(model: nn.Module, adapter: Any) -> list[str]:
     return adapted
 
 
+def unused_settings(adapter: Any) -> list[str]:
+    """The fields of an adapter section (a dataclass such as `config.AdapterConfig`) that were given, i.e. differ
+    from the section's defaults, but that its method does not read (`rank` with ia3, `prefix_length` with lora):
+    all fields less the method's `settings_type` fields, `method` and `extra_trainable`."""
+    read = {"method", "extra_trainable"} | {field.name for field in fields(get_method(adapter.method).settings_type)}
+    defaults = type(adapter)()
+    return [field.name for field in fields(adapter) if field.name not in read
+            and getattr(adapter, field.name) != getattr(defaults, field.name)]
+
+
 def check_setting_names(adapter: Mapping) -> None:
     """Every key of a dict of adapter settings is a field some registered method reads."""
     known = {"method", "extra_trainable"} | {field.name for method in METHODS.values()

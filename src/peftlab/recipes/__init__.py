@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 
@@ -37,11 +38,26 @@ def recipe_values(name: str) -> dict:
     try:
         values = yaml.safe_load(read_text(path, "recipe")) or {}
     except yaml.YAMLError as error:
-        raise PeftlabError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise PeftlabError(f"recipe {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise PeftlabError(f"{path}: expected a mapping of sections (task, adapter, train, ...), found "
                            f"{type(values).__name__}")
+    check_recipe(path, values)
     return values
+
+
+def check_recipe(path: Path, values: dict) -> None:
+    """The recipe's own keys and types, checked as a (partial) config.yaml so that an error names the file; the
+    whole configuration is checked again once the options are applied."""
+    try:
+        RunConfig.from_dict(values, where="")
+    except PeftlabError as error:
+        message = str(error)  # ".adapter.rank: expected int ..." or ": unknown key(s) ..." at the top level
+        message = message[1:] if message.startswith(".") else message.removeprefix(": ")
+        raise PeftlabError(f"recipe {path}: {message}") from None
 
 
 def recipe_summary(name: str) -> str:

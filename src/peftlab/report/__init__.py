@@ -9,11 +9,12 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 from peftlab.report.plots import (METRIC_LABELS, plot_comparison, plot_history, plot_score_vs_parameters,
                                   plot_validation_loss, run_title, save_figure)
-from peftlab.report.tables import method_settings, methods_table, read_run, runs_table
+from peftlab.report.tables import method_settings, methods_table, read_run, run_status, runs_table
 from peftlab.runs import METRICS
 
 __all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "method_settings", "methods_table", "plot_comparison",
-           "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report", "read_run", "run_title",
+           "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report", "read_run", "run_status",
+           "run_title",
            "runs_table", "save_figure", "write_methods_report", "write_report"]
 
 
@@ -34,15 +35,18 @@ def _check_report_folder(output: Path) -> Path:
     return table
 
 
-def write_report(run_dirs: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:
+def write_report(run_dirs: list[str], output_dir: str | Path,
+                 failures: dict[str, str] | None = None) -> tuple[Path, list[Path]]:
     """report.md (the table), val_loss.png (curves or bars) and score_vs_parameters.png for `run_dirs`, written
-    into `output_dir`.
+    into `output_dir`. The table's status column marks runs that are not finished (unfinished at step N, failed);
+    `failures`: {run directory: error line} of runs known to have failed (a sweep's points).
 
     An earlier peftlab report there is replaced; a report.md or plot of anyone else is never overwritten.
     """
     output = Path(output_dir)
     table = _check_report_folder(output)
-    runs = [read_run(run_dir) for run_dir in run_dirs]
+    errors = {Path(run_dir): line for run_dir, line in (failures or {}).items()}
+    runs = [read_run(run_dir, errors.get(Path(run_dir))) for run_dir in run_dirs]
     write_text_atomic(table, f"{REPORT_MARKER}\n{runs_table(runs)}")
     return table, [plot_validation_loss(runs, output / REPORT_PLOTS[0]),
                    plot_score_vs_parameters({"runs": runs}, output / REPORT_PLOTS[1])]

@@ -22,8 +22,8 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
 from peftlab.report import REPORT_PLOTS
 from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, run_title
-from peftlab.report.tables import count_text, read_run, runs_table
-from peftlab.runs import CONFIG, METRICS, STEPS, RunDir
+from peftlab.report.tables import count_text, finished, read_run, run_status, runs_table  # noqa: F401 (finished: here before)
+from peftlab.runs import CONFIG, STEPS, RunDir
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -57,11 +57,11 @@ def write_html_report(paths: list[str], output: str | Path) -> Path:
             runs.append(read_run(path))
         elif path.is_dir():
             sections.append(folder_section(path))
-            runs += [read_run(child) for child in sorted(path.iterdir()) if (child / METRICS).is_file()]
+            runs += [read_run(child) for child in sorted(path.iterdir()) if (child / CONFIG).is_file()]
         else:
             raise PeftlabError(f"{path} is neither a run directory (config.yaml) nor a folder of runs")
     if not runs:
-        raise PeftlabError(f"no runs with results in {', '.join(paths)}")
+        raise PeftlabError(f"no runs in {', '.join(paths)} (run directories hold {CONFIG})")
     if len(runs) > 1:
         sections.insert(0, comparison_section(runs))
     sections += [run_section(run) for run in runs]
@@ -104,7 +104,7 @@ def run_section(run: dict) -> str:
              ("training examples", count_text(summary.get("train_examples"))),
              ("validation examples", count_text(summary.get("validation_examples"))),
              ("steps", count_text(summary.get("steps_completed", rows[-1]["step"] if rows else None))),
-             ("finished", {True: "yes", False: "no (resumable)"}.get(finished(run), "—")),
+             ("status", run.get("status") or run_status(run)),
              ("training time", f"{sum(summary['seconds_per_epoch']):.0f} s" if summary.get("seconds_per_epoch") else "—"),
              ("wall time", f"{summary['elapsed_seconds']:.0f} s" if summary.get("elapsed_seconds") else "—")]
     best = summary.get("best") or {}
@@ -118,21 +118,15 @@ def run_section(run: dict) -> str:
     command = environment.get("command") or "(not recorded: the run was written before config.yaml recorded its command)"
     recorded = {key: value for key, value in config.items() if key != "environment"}
     plots = run_plots(run, path)
-    return (f"<h2>Run {html.escape(run['name'])}</h2>\n<p class='note'>{html.escape(str(path))}</p>\n"
+    status = run.get("status") or run_status(run)
+    marked = "" if status == "finished" else f" ({status.split(':')[0]})"  # unfinished at step N, failed
+    return (f"<h2>Run {html.escape(run['name'])}{html.escape(marked)}</h2>\n<p class='note'>{html.escape(str(path))}</p>\n"
             f"{facts_table(facts)}\n<h3>Evaluations</h3>\n{evaluations_table(rows, best.get('step'))}\n"
             f"<p>Best checkpoint: step {best.get('step', '—')} by validation {summary.get('select_metric', '—')} "
             f"({html.escape(str(path / 'checkpoints' / 'best'))})</p>\n{plots}\n"
             f"<h3>Command</h3>\n<pre>{html.escape(command)}</pre>\n"
             f"<h3>Environment</h3>\n<pre>{html.escape(json.dumps(environment, indent=1) if environment else '—')}</pre>\n"
             f"<h3>config.yaml</h3>\n<pre>{html.escape(yaml.safe_dump(recorded, sort_keys=False))}</pre>")
-
-
-def finished(run: dict) -> bool | None:
-    """Whether the run did all it planned (summaries before `finished` existed: all its epochs)."""
-    summary = run["summary"]
-    if not summary:
-        return None
-    return summary.get("finished", summary.get("epochs_completed") == run["config"]["train"]["epochs"])
 
 
 def run_plots(run: dict, path: Path) -> str:

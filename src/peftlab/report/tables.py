@@ -3,24 +3,65 @@ task sweeps)."""
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.peft.methods import METHODS, method_for
-from peftlab.runs import METRICS, SUMMARY, RunDir
+from peftlab.fileio import read_text
+from peftlab.runs import CONFIG, METRICS, STEPS, SUMMARY, RunDir
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """A finished or interrupted run's config (as a dict), history and summary (if written yet), for comparison."""
+def read_run(run_dir: str | Path, error: str | None = None) -> dict:
+    """A finished, interrupted or failed run's config (as a dict), history and summary (if written yet), for
+    comparison; `error`: why it failed, when known (a sweep's point). A run directory without results (config.yaml
+    only: the run failed, or was stopped, before its first evaluation) has no rows; its `status` says so."""
     run = RunDir(run_dir)
-    if not (run.path / METRICS).is_file():
-        raise PeftlabError(f"{run} is not a run directory with results (expected config.yaml and {METRICS})")
+    if not (run.path / CONFIG).is_file():
+        raise PeftlabError(f"{run} is not a run directory (expected {CONFIG}, and {METRICS} once it has results)")
     config = run.read_config()
     summary = run.read_summary() if (run.path / SUMMARY).is_file() else {}
-    return {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": run.read_metrics(),
-            "summary": summary}
+    rows = run.read_metrics() if (run.path / METRICS).is_file() else []
+    read = {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": rows, "summary": summary,
+            "last_step": _last_step(run.path / STEPS)}
+    return read | {"status": run_status(read, error)}
+
+
+def _last_step(path: Path) -> int | None:
+    """The last optimizer step steps.jsonl records (a line cut short by a kill is skipped), or None."""
+    if not path.is_file():
+        return None
+    for line in reversed(read_text(path, "steps file").splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def finished(run: dict) -> bool | None:
+    """Whether the run did all it planned (summaries before `finished` existed: all its epochs); None without a
+    summary."""
+    summary = run["summary"]
+    if not summary:
+        return None
+    return summary.get("finished", summary.get("epochs_completed") == run["config"]["train"]["epochs"])
+
+
+def run_status(run: dict, error: str | None = None) -> str:
+    """finished | unfinished at step N (killed or stopped: no summary, or one that says it did not finish; resumable)
+    | failed: <error> (a sweep's point that raised) | failed (no results) (config.yaml only)."""
+    if error:
+        return f"failed: {' '.join(error.split())}"
+    if finished(run):
+        return "finished"
+    if not run["rows"] and not run["summary"]:
+        return "failed (no results)"
+    step = run["summary"].get("steps_completed") or run.get("last_step") or (run["rows"][-1]["step"] if run["rows"]
+                                                                            else 0)
+    return f"unfinished at step {step}"
 
 
 def _number(value, digits: int = 4) -> str:
@@ -61,6 +102,12 @@ def run_numbers(run: dict) -> dict:
     }
 
 
+def _cell_text(text: str) -> str:
+    """Free text (an error message) as one markdown table cell."""
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
 def count_text(value) -> str:
     return "—" if value is None else f"{value:,}"
 
@@ -72,7 +119,7 @@ def _share(value) -> str:
 def runs_table(runs: list[dict]) -> str:
     """One markdown table: a row per run with its method, size, best validation numbers, test score and speed."""
     lines = ["| run | method | trainable params | % of model | best val loss | best val (metric) | "
-             "test (split, metric) | s / epoch | val examples/s |", "|---" * 9 + "|"]
+             "test (split, metric) | s / epoch | val examples/s | status |", "|---" * 10 + "|"]
     for run in runs:
         numbers = run_numbers(run)
         metric = numbers["metric"]
@@ -82,7 +129,7 @@ def runs_table(runs: list[dict]) -> str:
             f"| {run['name']} | {method_settings(run['config']['adapter'])} | {count_text(numbers['trainable'])} | "
             f"{_share(numbers['share'])} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
             f"({metric}) | {test_text} | {_number(numbers['seconds_per_epoch'], 0)} | "
-            f"{_number(numbers['eval_per_second'], 1)} |"
+            f"{_number(numbers['eval_per_second'], 1)} | {_cell_text(run.get('status', '—'))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.errors import PeftlabError
 from peftlab.data.datasets import get_dataset, objective_of
 from peftlab.models import load_model, load_tokenizer
 from peftlab.peft import apply_method

@@ -24,13 +24,15 @@ CHOSEN_BY = ("objective", "section")
 class Command:
     """A subcommand of `peftlab`. `arguments` adds its options to its parser (a function or "module:function" of a
     module that imports nothing heavy, so `peftlab --help` stays fast); `run` is called with the parsed arguments
-    (a function or "module:function", imported only when the command runs)."""
+    (a function or "module:function", imported only when the command runs). `writes_runs`: it writes run
+    directories (a write failure then says what the run directory keeps)."""
 
     name: str
     help: str
     arguments: str | Callable[[argparse.ArgumentParser], None]
     run: str | Callable[[argparse.Namespace], None]
     description: str | None = None
+    writes_runs: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         resolve_reference(self.arguments)(parser)

@@ -63,7 +63,7 @@ SPEC = WorkloadSpec(
                 description="Train a DistilRNN student (embedding -> RNN/GRU/LSTM -> linear) on the teacher run's task "
                 "with loss alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE; --alpha 0 is the student without "
                 "distillation. The run directory is an ordinary run: `peftlab eval` it, resume it with `peftlab train "
-                "--resume RUN_DIR`."),
+                "--resume RUN_DIR`.", writes_runs=True),
         Command("transfer-set", "sample unlabelled sentences for distillation with the teacher's base model (W2)",
                 arguments="peftlab.workloads.distill.command_line:transfer_set_arguments",
                 run="peftlab.workloads.distill.commands:run_transfer_set",
