@@ -30,6 +30,10 @@ def context_length(model) -> int:
     raise PeftlabError(f"cannot tell the context length of {type(model).__name__}: its config has no max_position_embeddings")
 
 
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
+
+
 def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
     """Every prompt and its --max-new-tokens fit the positions the model reads (its context less a prefix-tuning
     prefix); the fix suggested is always one that can be followed."""
@@ -46,13 +50,13 @@ def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> N
             keep = (f" ({length - room + max_new_tokens} to keep --max-new-tokens {max_new_tokens})"
                     if max_new_tokens < room else "")
             raise PeftlabError(
-                f"prompt {index + 1} is {length} tokens, which leaves no room in {reads}: no token can follow it. "
+                f"prompt {index + 1} is {_tokens(length)}, which leaves no room in {reads}: no token can follow it. "
                 f"Fix: shorten the prompt by at least {length - room + 1} tokens{keep}."
             )
         shorten = length + max_new_tokens - room
         also = f", or shorten the prompt by {shorten} tokens" if shorten < length else ""
         raise PeftlabError(
-            f"prompt {index + 1} is {length} tokens; with --max-new-tokens {max_new_tokens} that is "
+            f"prompt {index + 1} is {_tokens(length)}; with --max-new-tokens {max_new_tokens} that is "
             f"{length + max_new_tokens}, more than {reads}. Fix: lower --max-new-tokens to at most "
             f"{room - length}{also}."
         )

@@ -134,25 +134,15 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         callbacks = [PlotHistory(run, config), *([Trackers(config)] if config.train.report_to else []), *callbacks]
         engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
         if dry_run:
-            if task.encoding_is_costly:
-                say("Plan: not computed for a dry run (reading the data would have the teacher label it first)")
-            else:
-                say(plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
-                              evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision,
-                              select))
+            say(dry_run_plan(config, engine, device, precision))
             return {"parameters": vars(report) | {"reduction": report.reduction}}
         train_examples = evenly_spaced(task.encode("train"), config.task.train_limit)
         val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
         if state == "new" and accelerator.is_main_process:  # written once the run is known to start
             config.environment = run_environment(device, precision, accelerator.num_processes, command)
             run.write_config(config)
-        try:
-            engine.fit(train_examples, val_examples, resume=state == "resume", stop_after_epoch=stop_after_epoch)
-            summary = run_summary(config, engine, report, len(train_examples), len(val_examples))
-            if task.test_split and engine.finished:
-                summary["test"] = engine.test_best(task.test_split, config.task.test_limit)
-        except KeyboardInterrupt:
-            raise Interrupted(f"stopped at step {engine.history.step}. {engine.kept()}") from None
+        summary = fit_and_summarise(config, engine, report, train_examples, val_examples, state == "resume",
+                                    stop_after_epoch)
         if accelerator.is_main_process:
             run.write_summary(summary)
             say(closing_text(run, engine, summary, time.perf_counter() - started))
@@ -161,6 +151,30 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     finally:
         if lock is not None:
             lock.release()
+
+
+def fit_and_summarise(config: RunConfig, engine: Engine, report, train_examples, val_examples, resume: bool,
+                      stop_after_epoch: int | None) -> dict:
+    """Train (or continue), then the run's summary with the best checkpoint's test score where the task has a test
+    split; Ctrl-C becomes `Interrupted` saying what was kept."""
+    try:
+        engine.fit(train_examples, val_examples, resume=resume, stop_after_epoch=stop_after_epoch)
+        summary = run_summary(config, engine, report, len(train_examples), len(val_examples))
+        if engine.task.test_split and engine.finished:
+            summary["test"] = engine.test_best(engine.task.test_split, config.task.test_limit)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped at step {engine.history.step}. {engine.kept()}") from None
+    return summary
+
+
+def dry_run_plan(config: RunConfig, engine: Engine, device, precision: str) -> str:
+    """--dry-run's output after the parameter report: the resolved plan (not for a task whose data is costly to
+    read, a distillation's: its teacher would label it first)."""
+    task = engine.task
+    if task.encoding_is_costly:
+        return "Plan: not computed for a dry run (reading the data would have the teacher label it first)"
+    return plan_text(config, engine, evenly_spaced(task.encode("train"), config.task.train_limit),
+                     evenly_spaced(task.encode("validation"), config.task.eval_limit), device, precision, engine.select)
 
 
 def plan_text(config: RunConfig, engine: Engine, train_examples, val_examples, device, precision: str,
