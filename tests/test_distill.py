@@ -21,7 +21,7 @@ from peftlab.models import count_parameters, load_tokenizer
 from peftlab.tasks import Encoded
 from peftlab.train import evaluate_run, train
 from peftlab.workloads.loading import get_task, load_run
-from peftlab.workloads.distill.compare import _seed_config, compare_students, distill
+from peftlab.commands.distill import _seed_config, compare_students, distill
 from peftlab.workloads.distill.students import DistilRNN, build_student, principal_components
 from peftlab.workloads.distill.task import (
     CACHE_DIR,
@@ -506,7 +506,7 @@ def read_lines(path: Path) -> list[str]:
 
 
 def test_comparison_table_by_hand():
-    from peftlab.workloads.distill.compare import comparison_table
+    from peftlab.commands.distill import comparison_table
 
     results = {"teacher": [{"accuracy": 0.8, "mcc": 0.5, "examples_per_second": 10.0, "parameters": 1_000}],
                "student": [{"accuracy": 0.7, "mcc": 0.3, "examples_per_second": 100.0, "parameters": 10},

@@ -17,7 +17,7 @@ FLOORS = {
         "peftlab.data", "peftlab.data.*", "peftlab.recipes", "peftlab.config", "peftlab.options",
         "peftlab.workloads", "peftlab.workloads.registry", "peftlab.workloads.*.templates",
         "peftlab.workloads.*.command_line", "peftlab.workloads.*.*settings"],
-    5: ["peftlab.commands", "peftlab.commands.*", "peftlab.workloads.*.commands", "peftlab.workloads.distill.compare"],
+    5: ["peftlab.commands", "peftlab.commands.*"],
     4: ["peftlab.train"],
     3: ["peftlab.workloads.base", "peftlab.workloads.loading", "peftlab.workloads.*.*"],
     6: ["peftlab.cli", "peftlab.__main__"],
@@ -84,7 +84,7 @@ def test_the_floors_are_not_vacuous():
     floors = {module: floor(module, path) for module, path in known.items()}
     assert floors["peftlab.workloads.instruct"] == 1 and floors["peftlab.workloads.instruct.workload"] == 3
     assert floors["peftlab.train"] == 4 and floors["peftlab.commands.sweep"] == 5 and floors["peftlab.cli"] == 6
-    assert floors["peftlab.workloads.distill.commands"] == 5 and floors["peftlab.engine"] == 2
+    assert floors["peftlab.commands.distill"] == 5 and floors["peftlab.engine"] == 2
     assert {1, 2, 3, 4, 5, 6} == set(floors.values())
 
 

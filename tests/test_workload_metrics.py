@@ -7,7 +7,7 @@ from test_instruct import instruct_config, write_rotten_tomatoes
 from test_qa import colour_paragraphs, squad_config, write_squad
 from test_train import tiny_config, write_cola
 
-from peftlab.workloads.distill.compare import distill
+from peftlab.commands.distill import distill
 from peftlab.workloads.distill.task import distill_config
 from peftlab.train import train
 

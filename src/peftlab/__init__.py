@@ -3,13 +3,14 @@
 Layers, from the bottom; a module imports only modules on its own floor or below, and never inside a function to
 dodge that (tests/test_layers.py checks it). (1) Settings and data, light (no torch): errors, files, `settings`,
 `sampling`, the model `catalog`, the datasets, recipes, `config` and the generated `options`, and the workload
-`registry` with each workload's spec package (its settings section, its commands' names and command lines). (2) Computation:
-models, the adapter methods (`peft`), `hf` export, the compute-once `cache`, shared prefixes, decoding, tasks and
-their objectives, run directories, reports, the `engine` and trackers. (3) Workloads: `workloads.base`, each
-workload's task and `Workload`, and `workloads.loading`, which builds a run through the registry. (4) The run
-service, `train`: validate, build, fit, summarise; it names no workload. (5) Orchestration: `commands` (sweeps and
-the built-in commands' handlers) and each workload's own commands (`workloads.<name>.commands`), which run
-several runs or the run service. (6) `cli`: a table of commands whose handlers are imported when they run.
+`registry` with each workload's spec package (its settings section, its commands' names and command lines).
+(2) Computation: models, the adapter methods (`peft`), `hf` export, the compute-once `cache`, shared prefixes,
+decoding, tasks and their objectives, run directories, reports, the `engine` and trackers. (3) Workloads:
+`workloads.base`, each workload's task and `Workload`, and `workloads.loading`, which builds a run through the
+registry. (4) The run service, `train`: validate, build, fit, summarise; it names no workload. (5) Orchestration:
+`commands`: sweeps, the built-in commands' handlers and the commands a workload's spec registers (distillation's),
+which run several runs or the run service; no workload package imports it. (6) `cli`: a table of commands whose
+handlers are imported when they run.
 """
 
 from peftlab.errors import PeftlabError

@@ -1,7 +1,8 @@
 """Knowledge distillation into a small RNN student (W2): the `distill` settings section and the workload's spec
 with its commands, `distill` and `transfer-set`. The rest is imported when needed: the workload (`workload`), its
-task and loss (`task`), the student (`students`), the transfer-set sampler (`transfer`), the command line
-(`command_line`, light) and the commands that orchestrate runs (`commands`, `compare`: above the run service).
+task and loss (`task`), the student (`students`), the transfer-set sampler (`transfer`) and the command line
+(`command_line`, light). The commands themselves orchestrate runs, so they live above the run service, in
+`peftlab.commands.distill`.
 """
 
 from __future__ import annotations
@@ -59,14 +60,14 @@ SPEC = WorkloadSpec(
     commands=(
         Command("distill", "distil a fine-tuned classifier run into a small RNN student (W2)",
                 arguments="peftlab.workloads.distill.command_line:distill_arguments",
-                run="peftlab.workloads.distill.commands:run_distill",
+                run="peftlab.commands.distill:run_distill",
                 description="Train a DistilRNN student (embedding -> RNN/GRU/LSTM -> linear) on the teacher run's task "
                 "with loss alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE; --alpha 0 is the student without "
                 "distillation. The run directory is an ordinary run: `peftlab eval` it, resume it with `peftlab train "
                 "--resume RUN_DIR`.", writes_runs=True),
         Command("transfer-set", "sample unlabelled sentences for distillation with the teacher's base model (W2)",
                 arguments="peftlab.workloads.distill.command_line:transfer_set_arguments",
-                run="peftlab.workloads.distill.commands:run_transfer_set",
+                run="peftlab.commands.distill:run_transfer_set",
                 description="Write a transfer set for `peftlab distill --transfer-file`: the teacher run's base "
                 "language model (without its adapter) continues the first words of a training sentence after a few "
                 "other training sentences; lines that end a sentence and are neither duplicates nor training "

@@ -1,8 +1,11 @@
-"""Distillation's commands: train one student (`peftlab distill`), and compare teacher, KD and no-KD students over
-seeds (`peftlab distill --compare`), whose runs go through the sweep runner (same skip/resume rules)."""
+"""Distillation's commands (registered by `peftlab.workloads.distill`'s spec; orchestration, so they live here
+above the run service, as DESIGN.md asks): train one student (`peftlab distill`), compare teacher, KD and no-KD
+students over seeds (`peftlab distill --compare`, through the sweep runner: same skip/resume rules), and write a
+transfer set (`peftlab transfer-set`)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import shutil
 import statistics
@@ -15,11 +18,15 @@ from peftlab.engine import evaluate
 from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.models import count_parameters
+from peftlab.options import apply_options, sampling_options
 from peftlab.report import plot_comparison
 from peftlab.commands.sweep import train_points
 from peftlab.train import train
 from peftlab.workloads.loading import load_run
-from peftlab.workloads.distill.task import CACHE_DIR, TRANSFER_SET_FIELDS
+from peftlab.workloads.distill.command_line import distill_options, transfer_set_options
+from peftlab.workloads.distill.task import CACHE_DIR, TRANSFER_SET_FIELDS, distill_config
+from peftlab.workloads.distill.transfer import write_transfer_set
+from peftlab.workloads.distill.transfer_settings import TransferSettings
 
 
 def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
@@ -108,3 +115,23 @@ def comparison_table(results: dict[str, list[dict]]) -> str:
         lines.append(f"| {name} | {len(runs)} | {runs[0]['parameters']:,} | {_mean_std([run['accuracy'] for run in runs])} | "
                      f"{_mean_std([run['mcc'] for run in runs])} | {speed:,.1f} | {speed / reference:.1f}× |")
     return "\n".join(lines) + "\n"
+
+
+def run_distill(args: argparse.Namespace) -> None:
+    config = distill_config(args.teacher, args.teacher_checkpoint or "best")
+    apply_options(config, args, distill_options())
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    elif args.compare:
+        config.output_dir = f"runs/distill-compare-{Path(args.teacher).name}"
+    if args.compare:
+        compare_students(config, args.seeds)
+    else:
+        distill(config, dry_run=args.dry_run)
+
+
+def run_transfer_set(args: argparse.Namespace) -> None:
+    settings = TransferSettings()
+    apply_options(settings, args, transfer_set_options())
+    apply_options(settings.sampling, args, sampling_options())
+    write_transfer_set(args.teacher, args.output, settings)
