@@ -27,7 +27,6 @@ from peftlab.models import resolve_device, resolve_precision
 from peftlab.options import RUN_PLACE_OPTIONS, eval_options, settings_options
 from peftlab.peft import parameter_report
 from peftlab.peft.methods import get_method
-from peftlab.peft.prefix import PrefixMethod, check_prefix_fits, model_positions
 from peftlab.peft.prepare import check_extra_trainable, unused_settings
 from peftlab.report import plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock
@@ -74,9 +73,8 @@ def check_adapter(config: RunConfig) -> None:
     """The method's settings against the model (a prefix and the longest example must fit its positions), and a
     warning for adapter options the method does not read."""
     adapter, task = config.adapter, config.task
-    if isinstance(get_method(adapter.method), PrefixMethod):
-        check_prefix_fits(adapter.prefix_length, task.max_length or get_dataset(task.name).max_length,
-                          model_positions(config.model.name), config.model.name)
+    method = get_method(adapter.method)
+    method.check_fits(method.settings(adapter), config.model.name, task.max_length or get_dataset(task.name).max_length)
     unused = unused_settings(adapter)
     if unused:  # a warning, not an error: a recipe or sweep may carry another method's settings
         flags = {option.field.name: option.flag for option in settings_options(("adapter",)).values()}

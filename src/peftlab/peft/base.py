@@ -116,6 +116,10 @@ class AdapterMethod:
         is full fine-tuning; `peftlab.peft.methods.method_for` follows this, the one place such a rule lives)."""
         return self.name
 
+    def check_fits(self, settings: Any, model: str, max_length: int) -> None:
+        """Refuse, before anything loads, settings the model `model` cannot take with examples of up to `max_length`
+        tokens (a prefix that leaves too few positions); nothing to check for most methods."""
+
     def describe(self, settings: Any) -> str:
         """The method and its shape settings in a few characters, for report tables (e.g. "lora r8 α16 q,v")."""
         return self.name

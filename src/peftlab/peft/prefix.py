@@ -221,6 +221,9 @@ class PrefixMethod(AdapterMethod):
     adds_modules = True
     peft_type = "PREFIX_TUNING"
 
+    def check_fits(self, settings: PrefixSettings, model: str, max_length: int) -> None:
+        check_prefix_fits(settings.prefix_length, max_length, model_positions(model), model)
+
     def describe(self, settings: PrefixSettings) -> str:
         projection = f" H{settings.prefix_projection}" if settings.prefix_projection else ""
         return f"{self.name} p{settings.prefix_length}{projection}"
