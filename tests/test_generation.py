@@ -4,9 +4,19 @@ rows leaving the batch and streaming must not change a single token."""
 import pytest
 import torch
 
-from peftlab.generation import decode, token_picker
-from peftlab.sampling import Sampling
+from peftlab.generation import (
+    TRANSPOSED,
+    decode,
+    left_pad,
+    logits_function,
+    project,
+    project_for_argmax,
+    token_picker,
+)
+from peftlab.kv_cache import InPlaceLayer
 from peftlab.models import convert_conv1d_to_linear
+from peftlab.peft.prefix import apply_prefix
+from peftlab.sampling import Sampling
 
 PROMPTS = [[464, 3290, 286, 1204, 318], [7454, 2402, 257, 640], [40, 1842, 340, 994, 262, 6881, 290]]
 
@@ -61,3 +71,117 @@ def test_streaming_sees_every_token_in_order_and_stop_strings_end_a_row(model):
                      detokenize=lambda tokens: "".join(f"<{token}>" for token in tokens))
     for row, tokens in enumerate(rows):  # each row ends at its first occurrence of the stop text, if any
         assert stopped[row] == (tokens[: tokens.index(target) + 1] if target in tokens else tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast loop (in-place cache, rows that stay until half the batch has finished, the projection in blocks)
+# against references that share none of its machinery.
+
+
+def naive_decode(model, prompts, new_tokens, stops, pick=None):
+    """The reference: every step runs the whole left-padded sequences of the rows still going, no cache; a row
+    that emits one of its stop ids leaves; the picker sees only the rows still going."""
+    sequences, generated = [list(prompt) for prompt in prompts], [[] for _ in prompts]
+    going = list(range(len(prompts)))
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids, mask, positions = left_pad([sequences[row] for row in going], pad_id=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            chosen = (pick(logits) if pick else logits.argmax(-1)).tolist()
+            for row, token in zip(going, chosen):
+                sequences[row].append(token)
+                generated[row].append(token)
+            going = [row for row, token in zip(going, chosen) if token not in stops[row]]
+            if not going:
+                break
+    return generated
+
+
+def stops_at(rows, steps):
+    """Per row, the stop set that ends it at the given step (None: never), from its unstopped tokens."""
+    return [{tokens[step]} - set(tokens[:step]) if step is not None else set() for tokens, step in zip(rows, steps)]
+
+
+LONG_PROMPTS = PROMPTS + [[11, 12], [5000, 6000, 7000, 8000, 9000, 10000, 11000, 12000], [99]]
+
+
+def test_left_padded_batch_equals_transformers_generate_on_the_same_batch(model):
+    ids, mask, _ = left_pad(LONG_PROMPTS, pad_id=0)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:].tolist()
+    assert decode(model, LONG_PROMPTS, 10, set(), pad_id=0) == reference
+
+
+@pytest.mark.parametrize("steps", [(1, None, 4, None, 0, 7), (2, 2, 2, 2, 2, None), (None, 0, None, None, None, None)])
+def test_rows_finishing_at_different_times_equal_the_naive_loop_greedy_and_sampled(model, steps):
+    """Some rows finish and stay in the batch (fewer than half), or half finish and the batch shrinks."""
+    unstopped = naive_decode(model, LONG_PROMPTS, 9, [set()] * len(LONG_PROMPTS))
+    stops = stops_at(unstopped, steps)
+    assert decode(model, LONG_PROMPTS, 9, stops, pad_id=0) == naive_decode(model, LONG_PROMPTS, 9, stops)
+    sampling = Sampling(temperature=0.8, top_k=0, top_p=0.95, seed=5)
+    sampled = naive_decode(model, LONG_PROMPTS, 9, [set()] * len(LONG_PROMPTS), token_picker(sampling))
+    stops = stops_at(sampled, steps)
+    assert decode(model, LONG_PROMPTS, 9, stops, 0, token_picker(sampling)) == naive_decode(
+        model, LONG_PROMPTS, 9, stops, token_picker(sampling))
+
+
+def test_prefix_tuning_decodes_like_the_naive_loop(model):
+    apply_prefix(model, length=3, projection=None)
+    with torch.no_grad():
+        prefix_module = next(module for module in model.modules() if hasattr(module, "prefix_states"))
+        prefix_module.prefix.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # a prefix that matters
+    unstopped = naive_decode(model, LONG_PROMPTS, 8, [set()] * len(LONG_PROMPTS))
+    stops = stops_at(unstopped, (None, 1, None, 3, None, 0))
+    assert decode(model, LONG_PROMPTS, 8, stops, pad_id=0) == naive_decode(model, LONG_PROMPTS, 8, stops)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_projection_in_blocks_gives_the_models_logits_bit_for_bit(model, rows):
+    ids, mask, positions = left_pad(LONG_PROMPTS[:rows], pad_id=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        ours = logits_function(model, greedy=False)(input_ids=ids, attention_mask=mask, position_ids=positions, cache=None)
+        greedy = logits_function(model, greedy=True)(input_ids=ids, attention_mask=mask, position_ids=positions, cache=None)
+    assert torch.equal(ours, expected)
+    assert torch.equal(greedy.argmax(-1), expected.argmax(-1)) and torch.allclose(greedy, expected, atol=1e-4)
+
+
+def test_a_hooked_output_projection_runs_through_the_model(model):
+    """Anything that changes the output projection (an adapter's hook) is honoured: the whole model runs."""
+    favourite = 777
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: output.index_fill(-1, torch.tensor([favourite]), 1e4))
+    assert decode(model, PROMPTS, 3, set(), pad_id=0) == [[favourite] * 3] * len(PROMPTS)
+
+
+def test_the_in_place_layer_keeps_one_buffer_and_equals_concatenation():
+    layer, concatenated = InPlaceLayer(reserve=5), []
+    steps = [torch.randn(3, 2, width, 4) for width in (4, 1, 1, 1)]
+    for index, keys in enumerate(steps):
+        returned, _ = layer.update(keys, keys * 2)
+        concatenated.append(keys)
+        if index == 0:
+            buffer = layer.key_buffer.data_ptr()
+        assert torch.equal(returned, torch.cat(concatenated, dim=2)) and layer.key_buffer.data_ptr() == buffer
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert torch.equal(layer.keys, torch.cat(concatenated, dim=2)[[0, 2]]) and layer.get_seq_length() == 7
+    layer.update(steps[0][:2], steps[0][:2])  # past the reserve: reallocated, nothing lost
+    assert torch.equal(layer.values[:, :, :7], 2 * torch.cat(concatenated, dim=2)[[0, 2]])
+    assert layer.get_seq_length() == 11
+
+
+def test_the_argmax_projection_keeps_the_exact_argmax_and_recomputes_near_ties():
+    generator = torch.Generator().manual_seed(0)
+    weight, hidden = torch.randn(5000, 64, generator=generator), torch.randn(1, 64, generator=generator)
+    best = int(project(hidden, weight).argmax())
+    tied = weight.clone()
+    tied[best + 1] = tied[best] * (1 + 1e-7)  # a near tie: the order of summation alone may decide it
+    with torch.inference_mode():
+        assert int(project_for_argmax(hidden, weight).argmax()) == best
+        assert weight in TRANSPOSED  # the transposed path was taken
+        assert torch.equal(project_for_argmax(hidden, tied), project(hidden, tied))  # the exact path
+        version = TRANSPOSED[weight][0]
+    weight.mul_(2)  # changed in place (a training step): the transposed copy is made again
+    with torch.inference_mode():
+        assert torch.allclose(project_for_argmax(hidden, weight), project(hidden, weight), atol=1e-3)
+        assert TRANSPOSED[weight][0] > version

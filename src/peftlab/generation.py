@@ -5,25 +5,39 @@
   the last column and padding never shifts a position;
 - greedy, or sampled through a `pick_next` function (`token_picker(Sampling(...))`: temperature, top-k, top-p,
   own seeded generator, so a seed gives the same text whatever else draws random numbers);
-- each row stops at its own stop tokens (one set for all rows, or one per row) and, optionally, stop strings;
-  a row that stopped leaves the batch (its cache rows are dropped), so a long straggler costs only its own row;
+- each row stops at its own stop tokens (one set for all rows, or one per row; compared as one tensor) and,
+  optionally, stop strings (the text of the rows still going);
 - `on_token(row, token)` sees every generated token as it comes (streaming);
 - `prefix` (a `shared_prefix.PrefixCache` from `prefill`, one row per prompt) continues every prompt after its
   already computed prefix: positions start after the row's prefix, whose cache and mask come first.
-transformers' `generate` is used only in the tests, as the reference this loop must match.
+
+What makes it fast (bench/bench_generate.py --profile shows where a step's time goes): the key/value cache is
+written in place (`kv_cache.InPlaceLayer`: buffers as wide as the prompt plus every new token, no per-step copy);
+the mask and the positions of every step are built once and sliced; a finished row stays in the batch (its token
+is never read) until half the rows have finished, then they all leave in one copy of the cache, so a batch shrinks
+at most log2(B) times and a long straggler still runs alone; the output projection, the largest single matrix,
+is computed by `project` / `project_for_argmax` (same logits bit for bit, or the same argmax).
+transformers' `generate` is used only in the tests, as the reference this loop must match token for token.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from peftlab.errors import PeftlabError
+from peftlab.kv_cache import in_place_cache
 from peftlab.sampling import Sampling
 from peftlab.shared_prefix import PrefixCache, continuation_inputs
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
+PLAIN_HEAD_MODELS = (GPT2LMHeadModel, LlamaForCausalLM)  # forward = body, then the output projection, nothing else
+HEAD_BLOCK = 2048  # vocabulary rows per block of the output projection (`project`)
+MAX_RESERVE = 4096  # cache columns allocated up front at most; a longer generation grows the buffers (one copy each)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,41 +102,141 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
     if any(len(prompt) == 0 for prompt in prompts):
         raise PeftlabError("an empty prompt has nothing to continue; give it at least one token")
     device = next(model.parameters()).device
-    row_stops = [stop_ids] * len(prompts) if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
-    # B prompts, T the longest, P the prefix's width (0 without one), V the vocabulary; A rows still active.
-    input_ids, attention_mask, position_ids = left_pad(prompts, pad_id, device)  # (B, T) each
-    cache = None
+    next_logits = logits_function(model, greedy=pick_next is None)
+    # B prompts, T the longest, P the prefix's width (0 without one), V the vocabulary; A rows in the batch.
+    input_ids, prompt_mask, position_ids = left_pad(prompts, pad_id, device)  # (B, T) each
+    start = None
     if prefix is not None:  # mask (B, P + T), positions (B, T) shifted by each row's prefix length
-        attention_mask, position_ids, cache = continuation_inputs(prefix, input_ids, attention_mask, position_ids)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   cache=cache, use_cache=True, logits_to_keep=1)  # logits (B, 1, V); cache of P + T keys
-    generated: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))  # the original row of each batch row; A = len(active)
+        prompt_mask, position_ids, start = continuation_inputs(prefix, input_ids, prompt_mask, position_ids)
+    cache = in_place_cache(reserve=min(input_ids.shape[1] + max_new_tokens, MAX_RESERVE), start=start)
+    # Built once, sliced per step: the mask of every column to come, each row's position at every step.
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones((len(prompts), max_new_tokens))], dim=1)  # (B, P + T + N)
+    positions = position_ids[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)  # (B, N)
+    width = prompt_mask.shape[1]
+    logits = next_logits(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=position_ids, cache=cache)
+    stops = stop_table(stop_ids, len(prompts), device)  # (B, K)
+    tokens = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
+    lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    rows = torch.arange(len(prompts), device=device)  # the prompt of each batch row (A,)
+    live = torch.ones(len(prompts), dtype=torch.bool, device=device)  # (A,) still generating
     for step in range(max_new_tokens):
-        logits = output.logits[:, -1]  # (A, V): the next token's, the last column (prompts are left-padded)
-        next_tokens = pick_next(logits) if pick_next is not None else logits.argmax(-1)  # (A,)
-        keep = []  # batch rows that go on
-        for batch_row, (row, token) in enumerate(zip(active, next_tokens.tolist())):
-            generated[row].append(token)
-            if on_token is not None:
+        next_tokens = choose(logits, live, pick_next)  # (A,); a finished row's is never read
+        live_rows = rows[live]
+        tokens[live_rows, step] = next_tokens[live]
+        lengths[live_rows] += 1
+        if on_token is not None:
+            for row, token in zip(live_rows.tolist(), next_tokens[live].tolist()):
                 on_token(row, token)
-            stopped = token in row_stops[row] or (stop_strings and any(
-                stop in detokenize(generated[row]) for stop in stop_strings))
-            if not stopped:
-                keep.append(batch_row)
-        if not keep or step == max_new_tokens - 1:
+        stopped = (next_tokens[:, None] == stops[rows]).any(-1)
+        if stop_strings:
+            stopped |= text_stops(tokens, lengths, rows, live, stop_strings, detokenize)
+        live &= ~stopped
+        live_count = int(live.sum())
+        if live_count == 0 or step == max_new_tokens - 1:
             break
-        cache = output.cache  # per layer, keys and values (A, kv heads, S, head size); S = P + T + step
-        if len(keep) < len(active):  # finished rows leave the batch: A shrinks to len(keep)
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            attention_mask, position_ids, next_tokens = attention_mask[index], position_ids[index], next_tokens[index]
-            active = [active[batch_row] for batch_row in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)  # (A, S + 1)
-        position_ids = position_ids[:, -1:] + 1  # (A, 1): one past each row's last position
-        output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=True, logits_to_keep=1)  # input (A, 1) -> logits (A, 1, V)
-    return generated
+        if 2 * live_count <= len(live):  # half the batch has finished: the finished rows leave in one copy
+            keep = live.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            mask, positions, rows, live, next_tokens = mask[keep], positions[keep], rows[keep], live[keep], next_tokens[keep]
+        width += 1
+        logits = next_logits(input_ids=next_tokens[:, None], attention_mask=mask[:, :width],
+                             position_ids=positions[:, step : step + 1], cache=cache)  # (A, V)
+    return [row[:length] for row, length in zip(tokens.tolist(), lengths.tolist())]
+
+
+def choose(logits: torch.Tensor, live: torch.Tensor, pick_next: TokenPicker | None) -> torch.Tensor:
+    """(A,) next tokens: argmax, or `pick_next` over the live rows only, so a sampler draws exactly as if the
+    finished rows had left the batch."""
+    if pick_next is None:
+        return logits.argmax(-1)
+    if bool(live.all()):
+        return pick_next(logits)
+    chosen = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    chosen[live] = pick_next(logits[live])
+    return chosen
+
+
+def stop_table(stop_ids: set[int] | Sequence[set[int]], rows: int, device) -> torch.Tensor:
+    """(rows, K) each row's stop ids, padded with -1 (no token): a row stops where its token equals any entry."""
+    row_stops = [stop_ids] * rows if isinstance(stop_ids, (set, frozenset)) else list(stop_ids)
+    width = max([len(stops) for stops in row_stops] + [1])
+    table = torch.full((rows, width), -1, dtype=torch.long)
+    for row, stops in enumerate(row_stops):
+        ids = sorted(token for token in stops if token is not None)  # a tokenizer without EOS gives None
+        table[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return table.to(device)
+
+
+def text_stops(tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, live: torch.Tensor,
+               stop_strings: Sequence[str], detokenize: Callable[[list[int]], str]) -> torch.Tensor:
+    """(A,) whether each live row's text now contains a stop string; finished rows are not read."""
+    stopped = torch.zeros_like(live)
+    for batch_row in live.nonzero().squeeze(-1).tolist():
+        row = int(rows[batch_row])
+        text = detokenize(tokens[row, : int(lengths[row])].tolist())
+        stopped[batch_row] = any(stop in text for stop in stop_strings)
+    return stopped
+
+
+def logits_function(model, greedy: bool) -> Callable[..., torch.Tensor]:
+    """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
+    For GPT-2 and Llama with a plain output projection, the body runs and the projection is ours (`project`, or
+    `project_for_argmax` when only the argmax is read): the same logits bit for bit, or the same argmax; any other
+    model runs whole."""
+    head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
+    plain = (type(head) is torch.nn.Linear and head.bias is None and not model._forward_hooks
+             and not model._forward_pre_hooks and not head._forward_hooks and not head._forward_pre_hooks)
+    if not plain:
+        return lambda **inputs: model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+    body, projection = model.base_model, project_for_argmax if greedy else project
+    return lambda **inputs: projection(body(**inputs, use_cache=True).last_hidden_state[:, -1], head.weight)
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden (A, H) @ weight (V, H).T, on a CPU in blocks of HEAD_BLOCK vocabulary rows when A > 1: there one
+    matrix product over the whole (V, H) weight runs well below the memory bandwidth (SmolLM2's 49152 x 576 at
+    batch 8: 32 ms whole, 24 ms in blocks of 2048 rows, one thread); every logit is the same dot product either
+    way (tested bit for bit). GPUs get the one product their libraries tune."""
+    if len(hidden) == 1 or hidden.device.type != "cpu":
+        return F.linear(hidden, weight)
+    logits = hidden.new_empty((len(hidden), weight.shape[0]))
+    for start in range(0, weight.shape[0], HEAD_BLOCK):
+        logits[:, start : start + HEAD_BLOCK] = F.linear(hidden, weight[start : start + HEAD_BLOCK])
+    return logits
+
+
+def project_for_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits whose argmax is `project`'s, for greedy decoding. One fp32 row on a CPU multiplies a transposed copy
+    of the weight (H, V), which reads memory far better (SmolLM2: 8 ms against 13 ms, one thread) but sums in
+    another order, so a logit may differ by a rounding error. Each of the two differs from the exact dot product
+    by at most gamma_H * |h| * |w_v| (gamma_H = H u / (1 - H u), u the unit roundoff; |.| Euclidean), so when the
+    top two logits lie further apart than twice that bound for both, the argmax is the same; otherwise (a near
+    tie) the row is computed as `project` does."""
+    if len(hidden) != 1 or hidden.device.type != "cpu" or weight.dtype != torch.float32 or weight.is_inference():
+        return project(hidden, weight)  # (an inference tensor has no version to tell when it changed)
+    transposed, largest_row_norm = transposed_weight(weight)
+    logits = hidden @ transposed  # (1, V)
+    unit = torch.finfo(weight.dtype).eps / 2
+    gamma = hidden.shape[-1] * unit / (1 - hidden.shape[-1] * unit)
+    bound = gamma * float(hidden.norm()) * largest_row_norm  # on each logit, either way of summing
+    top_two = logits.topk(2, dim=-1).values[0]
+    if float(top_two[0] - top_two[1]) > 4 * bound:
+        return logits
+    return project(hidden, weight)
+
+
+TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version, weight.T contiguous, max row norm)
+
+
+def transposed_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(weight.T as a contiguous (H, V) copy, the largest row norm of weight), made once per weight and made again
+    after the weight changes in place (training between decodes); it lives as long as the weight (SmolLM2: 113 MB
+    more while the model lives)."""
+    entry = TRANSPOSED.get(weight)
+    if entry is None or entry[0] != weight._version:
+        entry = (weight._version, weight.t().contiguous(), float(weight.norm(dim=1).max()))
+        TRANSPOSED[weight] = entry
+    return entry[1], entry[2]
 
 
 @torch.inference_mode()
