@@ -9,7 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from peftlab.cli import main
+try:
+    from peftlab.cli import main
+except ModuleNotFoundError as missing:  # a Python without peftlab's environment: say which one to use
+    print(f"run.py: this Python ({sys.executable}) cannot import {missing.name}, so peftlab is not installed in it. "
+          f"Fix: run it with the project's environment: `make setup` once, then `.venv/bin/python run.py "
+          f"{' '.join(sys.argv[1:]) or 'gen 23006'}` (or activate .venv, or `pip install -e .` into this Python)",
+          file=sys.stderr)
+    sys.exit(2)
 
 SERENITY_PROMPT = (
     "grant me the serenity to accept the things I cannot change, the courage to change the things I can, "

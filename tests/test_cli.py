@@ -66,3 +66,20 @@ def test_version_names_peftlab_and_its_libraries(capsys):
     assert stopped.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"peftlab {__version__} (torch {metadata.version('torch')}, transformers ")
+
+
+def test_predict_is_a_command_that_checks_its_inputs_before_loading_anything(capsys, tmp_path):
+    assert main(["predict", str(tmp_path)]) == 2
+    assert "no input given: pass --text TEXT (repeatable) or --input FILE" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing"), "--text", "x"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--input", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read input file" in capsys.readouterr().err
+
+
+def test_load_run_is_offered_by_peftlab_without_importing_it_first():
+    code = ("import sys, peftlab\nassert 'peftlab.predict' not in sys.modules\nfrom peftlab import load_run\n"
+            "import peftlab.predict\nassert load_run is peftlab.predict.load_run\n"
+            "try:\n    peftlab.nothing\nexcept AttributeError as error:\n    print(error)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "module 'peftlab' has no attribute 'nothing'"

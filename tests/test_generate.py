@@ -147,3 +147,11 @@ def test_the_sampling_settings_import_without_torch():
     code = "import sys, peftlab.sampling; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_prompt_escapes_are_expanded_as_in_templates():
+    from peftlab.settings import expand_escapes
+    from peftlab.workloads.instruct.templates import resolve_template
+
+    assert expand_escapes(r"a\nb\tc \\n \x") == "a\nb\tc \\n \\x"
+    assert resolve_template("rotten_tomatoes", r"Say\\n {text}\n") == "Say\\n {text}\n"

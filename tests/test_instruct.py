@@ -291,14 +291,18 @@ def test_instruction_tuning_learns_and_reports_test_accuracy_of_the_best_checkpo
     assert again["accuracy"] == pytest.approx(summary["test"]["score_accuracy"])
 
     # `peftlab generate --model RUN_DIR` is the run's fine-tuned model: a review prompt gets a learnt label word,
-    # which the untrained base model (same prompt, same greedy decoding) does not write.
+    # which the untrained base model (same prompt, same greedy decoding) does not write. With --raw the prompt is
+    # sent as written; without, the review alone is put into the run's template, which gives the same text.
     prompt = "Review: the film is great .\nSentiment:"
-    arguments = ["generate", "--prompt", prompt, "--max-new-tokens", "2", "--temperature", "0"]
-    assert main(arguments + ["--model", str(tmp_path / "run")]) == 0
+    arguments = ["generate", "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(arguments + ["--prompt", prompt, "--raw", "--model", str(tmp_path / "run")]) == 0
     tuned = capsys.readouterr().out.split("---\n", 1)[1]
-    assert main(arguments + ["--model", tiny_model_dir]) == 0
+    assert main(arguments + ["--prompt", "the film is great .", "--model", str(tmp_path / "run")]) == 0
+    templated = capsys.readouterr().out.split("---\n", 1)[1]
+    assert main(arguments + ["--prompt", prompt, "--model", tiny_model_dir]) == 0
     base = capsys.readouterr().out.split("---\n", 1)[1]
     assert tuned.startswith(prompt + " positive") and not base.startswith(prompt + " positive")
+    assert templated.startswith(prompt + " positive")
 
 
 def test_zero_shot_eval_from_the_command_line(tiny_model_dir, rt_data, capsys):

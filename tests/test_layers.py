@@ -18,7 +18,7 @@ FLOORS = {
         "peftlab.workloads", "peftlab.workloads.registry", "peftlab.workloads.*.templates",
         "peftlab.workloads.*.command_line", "peftlab.workloads.*.*settings"],
     5: ["peftlab.commands", "peftlab.commands.*"],
-    4: ["peftlab.train"],
+    4: ["peftlab.train", "peftlab.predict"],
     3: ["peftlab.workloads.base", "peftlab.workloads.loading", "peftlab.workloads.*.*"],
     6: ["peftlab.cli", "peftlab.__main__"],
     2: ["peftlab.*"],

@@ -14,7 +14,7 @@ from peftlab.config import RunConfig
 from peftlab.data.squad import read_squad
 from peftlab.workloads.loading import get_task
 from peftlab.tasks.completion import IGNORE
-from peftlab.workloads.qa.workload import exact_match, f1_score, normalize_answer
+from peftlab.tasks.metrics import exact_match, f1_score, normalize_answer
 from peftlab.engine import write_predictions
 from peftlab.train import evaluate_run, train
 

@@ -12,8 +12,9 @@ def _png_size(path) -> tuple[int, int]:
     return width, height
 
 
-def _run(name: str, losses: list[float]) -> dict:
-    return {"name": name, "rows": [{"step": 10 * (index + 1), "val_loss": loss} for index, loss in enumerate(losses)]}
+def _run(name: str, losses: list[float], task: str = "cola") -> dict:
+    return {"name": name, "config": {"task": {"name": task}},
+            "rows": [{"step": 10 * (index + 1), "val_loss": loss} for index, loss in enumerate(losses)]}
 
 
 def test_runs_evaluated_once_get_one_bar_each_and_runs_with_history_get_curves(tmp_path):
@@ -26,7 +27,7 @@ def test_runs_evaluated_once_get_one_bar_each_and_runs_with_history_get_curves(t
 
 
 def test_runs_without_validation_are_left_out_of_the_plot(tmp_path):
-    runs = [_run("evaluated", [0.5]), {"name": "not-evaluated", "rows": [{"step": 5, "train_loss": 1.0}]}]
+    runs = [_run("evaluated", [0.5]), _run("not-evaluated", []) | {"rows": [{"step": 5, "train_loss": 1.0}]}]
     assert _png_size(plot_validation_loss(runs, tmp_path / "one.png"))[1] == round((1.5 + 0.4) * 110)
 
 
@@ -90,8 +91,50 @@ def test_score_against_parameters_is_drawn_on_a_log_axis(tmp_path):
 
     runs = [_method_run(name, "cola", {"method": "lora"}, size, "mcc", [0.2]) for name, size in
             (("small", 100), ("large", 10_000_000))]
-    path = plot_score_vs_parameters({"cola": runs}, tmp_path / "score.png")
+    path = plot_score_vs_parameters(runs, tmp_path / "score.png")
     assert _png_size(path) == (round(7.5 * 110), round(4.8 * 110))
+
+
+def test_scores_of_other_tasks_and_metrics_never_share_an_axis(tmp_path):
+    """CoLA's MCC, RT's accuracy and SQuAD's F1 (0-100) each get a panel; so do test and validation scores, and each
+    task's validation loss."""
+    from peftlab.report.plots import plot_score_vs_parameters, score_panels
+
+    runs = [_method_run("lora", "cola", {"method": "lora"}, 5000, "mcc", [0.3]),
+            _method_run("ia3", "cola", {"method": "ia3"}, 500, "mcc", [0.2]),
+            _method_run("lora", "rotten_tomatoes", {"method": "lora"}, 5000, "accuracy", [0.8], test=0.82),
+            _method_run("lora", "squad", {"method": "lora"}, 5000, "f1", [61.0])]
+    assert {name: [run["name"] for run in group] for name, group in score_panels(runs).items()} == {
+        "cola, best validation MCC": ["lora", "ia3"], "rotten_tomatoes, test accuracy": ["lora"],
+        "squad, best validation F1": ["lora"]}
+    assert _png_size(plot_score_vs_parameters(runs, tmp_path / "score.png")) == (round(3 * 7.5 * 110), round(4.8 * 110))
+    losses = plot_validation_loss([_run("a", [0.5], "cola"), _run("b", [0.7], "squad")], tmp_path / "loss.png")
+    assert _png_size(losses)[0] == 2 * 770
+
+
+def test_history_plots_count_whole_steps_and_label_the_best_checkpoint(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from peftlab.report import plot_history
+
+    panels = []
+    original = Axes.legend
+
+    def remember(axes, *args, **kwargs):  # every panel's state just before it is drawn
+        panels.append((axes.get_title(), axes.get_xticks(), axes.get_legend_handles_labels()[1]))
+        return original(axes, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "legend", remember)
+    rows = [{"step": step, "epoch": 1, "val_loss": 1.0 / step, "val_accuracy": 0.5 + step / 10, "val_mcc": step / 10}
+            for step in (1, 2, 3)]
+    rows[-1] |= {"final_of_epoch": True, "train_loss": 0.4, "train_accuracy": 0.7}
+    written = plot_history(rows, tmp_path, "run", ("accuracy", "mcc"), "mcc", best_step=3)
+    assert [path.name for path in written] == ["loss.png", "metrics.png"]
+    assert [title for title, _, _ in panels] == ["run: loss", "run: accuracy", "run: MCC"]  # one metric a panel
+    for title, ticks, labels in panels:
+        assert all(float(tick).is_integer() for tick in ticks), (title, ticks)
+        assert "best checkpoint (step 3)" in labels
+    assert "best MCC 0.3000" in panels[2][2] and not any("best MCC" in label for label in panels[1][2])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,3 +236,44 @@ def test_a_sweep_on_local_ray_tune_trains_each_point_once_like_the_local_backend
     before = {path: path.stat().st_mtime_ns for path in (tmp_path / "ray").glob("rank*/summary.json")}
     run_sweep(str(grid), output_dir=str(tmp_path / "ray"), backend="ray")
     assert {path: path.stat().st_mtime_ns for path in before} == before
+
+
+def test_a_report_labels_students_records_every_command_and_writes_into_its_own_folder(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A distilled student is "lstm student" sized against its teacher; sweep and distill runs record the command
+    that started them; without --output-dir the report goes to reports/<date>-<time>/, which is printed."""
+    import json
+
+    import yaml
+    from test_train import tiny_config, write_cola
+
+    from peftlab.cli import main
+
+    data = write_cola(tmp_path / "data", train_rows=32, dev_rows=8)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "unused", epochs=1)
+    grid = tmp_path / "grid.yaml"
+    base = {key: value for key, value in config.to_dict().items() if key != "output_dir"}
+    grid.write_text(json.dumps({"output_dir": str(tmp_path / "sweep"), "base": base, "grid": {"adapter.rank": [2]}}))
+    assert main(["sweep", str(grid)]) == 0
+    teacher = tmp_path / "sweep" / "rank2"
+    student = tmp_path / "student"
+    distill = ["distill", "--teacher", str(teacher), "--student", "lstm", "--embedding-size", "8", "--hidden-size",
+               "8", "--epochs", "1", "--device", "cpu", "--output-dir", str(student)]
+    assert main(distill) == 0
+
+    def command(run):
+        return yaml.safe_load((run / "config.yaml").read_text())["environment"]["command"]
+
+    assert command(teacher) == f"peftlab sweep {grid}"
+    assert command(student).startswith("peftlab distill --teacher ")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["report", str(teacher), str(student)]) == 0
+    out = capsys.readouterr().out
+    folder = next((tmp_path / "reports").iterdir())
+    assert f"report folder: {folder.relative_to(tmp_path)}" in out and not (tmp_path / "report.md").exists()
+    row = next(line for line in (folder / "report.md").read_text().splitlines() if line.startswith("| student |"))
+    teacher_total = json.loads((teacher / "summary.json").read_text())["parameters"]["total"]
+    student_total = json.loads((student / "summary.json").read_text())["parameters"]["total"]
+    share = f"{100 * student_total / teacher_total:.3g}% of teacher"
+    assert row.startswith(f"| student | lstm student | {student_total:,} | {share} |"), row

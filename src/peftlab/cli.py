@@ -36,8 +36,18 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch of prompts")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="a prompt; repeat for a batch of prompts. \\n is a new line, \\t a tab, \\\\ a backslash "
+                        "(as in --template)")
     parser.add_argument("--prompt-file", help="UTF-8 file with one prompt per line (blank lines are ignored)")
+    prompt_format = parser.add_mutually_exclusive_group()
+    prompt_format.add_argument("--raw", action="store_true",
+                               help="with --model RUN_DIR: send the prompt as it is (default: in the run's format: an "
+                               "instruct run's template around it; for a qa run the prompt is the context, then the "
+                               "question on its last line)")
+    prompt_format.add_argument("--chat", action="store_true",
+                               help="the prompt as a user message in the tokenizer's chat template, with the "
+                               "assistant's turn opened (instruct models such as SmolLM2-135M-Instruct)")
     add_options(parser, sampling_options())
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default: 1)")
     parser.add_argument("--stream", action="store_true", help="print the text token by token as it is generated")
@@ -61,14 +71,33 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(examples, steps, warm-up, device, precision, output directory), stop")
 
 
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory written by `peftlab train` or `peftlab distill`")
+    parser.add_argument("--text", action="append", default=[],
+                        help="an input; repeatable. \\n is a new line, \\t a tab, \\\\ a backslash. A qa run's input "
+                        "is the context, then the question on its last line")
+    parser.add_argument("--input", metavar="FILE",
+                        help="inputs from FILE: FILE.jsonl holds one JSON object per line with the fields the run "
+                        "reads (text; a qa run: context and question), any other file one text per line (blank "
+                        "lines are skipped)")
+    parser.add_argument("--output", metavar="FILE", help="write the JSON lines to FILE instead of standard output")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output FILE if it exists")
+    parser.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's evaluation batch size)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's config.yaml's)")
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", help="a run directory written by `peftlab train`")
     parser.add_argument("--split", default="validation", help="data split (default: validation)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate N evenly spaced examples (default: all)")
+    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=0, metavar="N",
+                        help="evaluate N evenly spaced examples of the split (default: all); the name `train` uses "
+                        "for its evaluations; --limit, its old name here, still works")
     parser.add_argument("--predictions", metavar="FILE",
-                        help="also write each example's prediction and reference to FILE (JSON lines)")
+                        help="also write each example's origin, input, prediction and reference to FILE (JSON lines), "
+                        "with the task's own scores and, for labels, the label names and probabilities")
     add_options(parser, RUN_PLACE_OPTIONS, prefix="where to evaluate (a run: instead of its config.yaml's): ")
     add_options(parser, eval_options("any"), prefix="how to evaluate (a run: instead of its config.yaml's): ")
     zero_shot = {dest: option for dest, option in eval_options("zero-shot").items() if dest not in eval_options("any")}
@@ -82,6 +111,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained; "
                         "merged: a plain model for from_pretrained (default: peft)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default: best)")
+    parser.add_argument("--base-model", metavar="NAME_OR_PATH",
+                        help="what the export names as its base model (peft's base_model_name_or_path): a hub id or "
+                        "a path (default: the model's public hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct; a run "
+                        "on a local model directory: that directory)")
     add_options(parser, RUN_PLACE_OPTIONS, prefix="instead of the run's config.yaml: ")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what is at OUTPUT_DIR even if it is not an earlier export of this run (never the "
@@ -109,7 +142,8 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories written by `peftlab train` (sweep folders with --by-method)")
     parser.add_argument("--by-method", action="store_true",
                         help="one row per run name across the given sweep folders (e.g. a CoLA and an RT sweep)")
-    parser.add_argument("--output-dir", default=".", help="where report.md and the plots go (default: .)")
+    parser.add_argument("--output-dir", help="where report.md and the plots go (default: a new folder "
+                        "reports/<date>-<time>/ under the current directory; printed at the end)")
     parser.add_argument("--html", metavar="OUT.html",
                         help="instead, one self-contained page: for each run its parameters, every evaluation, its "
                         "plots, config and command; for folders (a sweep, a distillation comparison) their tables and "
@@ -130,10 +164,20 @@ COMMANDS = (
     Command("train", "fine-tune a model on a task (W1: --task cola)", _train_arguments, "peftlab.commands.run:run_train",
             "Fine-tune a model on a task. Settings come from the defaults, then --recipe, then --set, then the options; "
             "everything lands in the run directory's config.yaml. --dry-run prints the resolved plan.", writes_runs=True),
+    Command("predict", "predict with a trained run on your own inputs (JSON lines)", _predict_arguments,
+            "peftlab.commands.predict:run_predict",
+            "Predict with a trained run (classifier, instruct, qa, distilled student) on your own inputs, with the "
+            "run's template, verbalisers, max length and prediction mode. One JSON line per input: the input, the "
+            "prediction (a label name, or the generated answer) and, for labels, \"label\", \"label_names\" and "
+            "\"probabilities\" (in label order); an instruct run adds the generated text. In Python: "
+            "peftlab.load_run(RUN_DIR).predict([...])."),
     Command("eval", "evaluate a run's checkpoint, or an un-tuned model (zero-shot), on a split", _eval_arguments,
             "peftlab.commands.run:run_eval",
-            "Evaluate a run's checkpoint on a split. Without RUN_DIR: the un-tuned model given by --model, --task, "
-            "--template ... (zero-shot; language-model tasks)."),
+            "Evaluate a run's checkpoint on a split. The metrics go into the run: RUN_DIR/eval/<split>.json (with the "
+            "data directory, checkpoint, limit and time); -last is added to the name for --checkpoint last and "
+            "-data-<8 hex digits> for a --data-dir other than the run's, so no evaluation replaces another's (the same "
+            "one again replaces its file). Without RUN_DIR: the un-tuned model given by --model, --task, "
+            "--template ... (zero-shot; language-model tasks), printed only."),
     Command("export", "export a run's adapter for Hugging Face peft, or a merged model", _export_arguments,
             "peftlab.commands.run:run_export"),
     Command("sweep", "train a grid of runs, then one comparison table and one validation-loss plot", _sweep_arguments,

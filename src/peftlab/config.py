@@ -103,6 +103,10 @@ class TrainConfig:
                                          "fp32 un-merge may move a weight by an ulp", evaluation="any")
     report_to: list[str] = setting([], "trackers for per-step and evaluation metrics: tensorboard,wandb (W&B runs "
                                    "offline when no API key is set); files under <run>/trackers")
+    init_from: str | None = setting(None, "start from a finished run's adapter weights (RUN_DIR): more epochs, "
+                                    "another task or objective; its adapter settings and model must be this run's",
+                                    default_text="the method's own initialisation")
+    init_checkpoint: str = setting("best", "with --init-from: that run's checkpoint to start from: best | last")
 
 
 CONFIG_VERSION = 2  # 2: None for "the task's own" (resolved when the run starts); 1 (no version key): "", 0, []

@@ -360,30 +360,30 @@ class Engine:
         progress = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{self.num_epochs}", initial=start,
                         disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True, mininterval=2.0)
         eval_seconds = 0.0  # mid-epoch evaluations, not counted as training time
-        for index in range(start, len(batches)):
-            step_started = time.perf_counter()
-            lr = self.scheduler.get_last_lr()[0]
-            step_totals, grad_norm = self._step(batches[index], train_examples)
-            totals += step_totals
-            history.step += 1
-            row = self._step_row(epoch, index, len(batches), step_totals, grad_norm, lr,
-                                 time.perf_counter() - step_started, sum(len(unit) for unit in batches[index]))
-            progress.update(1)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            for callback in self.callbacks:
-                callback.on_step(self, row)
-            last_of_epoch = index == len(batches) - 1  # the epoch's own evaluation follows
-            if settings.eval_every and history.step % settings.eval_every == 0 and not last_of_epoch:
-                eval_started = time.perf_counter()
-                self._evaluate_and_record(epoch, val_examples, None, None, final=False)
-                self.model.train()
-                eval_seconds += time.perf_counter() - eval_started
-            if settings.save_every and history.step % settings.save_every == 0 and not last_of_epoch:
-                history.batches_done, history.epoch_totals = index + 1, totals.core.tolist()
-                history.epoch_sums = {name: value.tolist() for name, value in totals.task.items()}
-                history.epoch_seconds = seconds_before + time.perf_counter() - started - eval_seconds
-                self._save(improved=False, last=True)
-        progress.close()
+        with progress:  # closed (its line cleared) also on Ctrl-C, so what is printed next starts a line
+            for index in range(start, len(batches)):
+                step_started = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                step_totals, grad_norm = self._step(batches[index], train_examples)
+                totals += step_totals
+                history.step += 1
+                row = self._step_row(epoch, index, len(batches), step_totals, grad_norm, lr,
+                                     time.perf_counter() - step_started, sum(len(unit) for unit in batches[index]))
+                progress.update(1)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                for callback in self.callbacks:
+                    callback.on_step(self, row)
+                last_of_epoch = index == len(batches) - 1  # the epoch's own evaluation follows
+                if settings.eval_every and history.step % settings.eval_every == 0 and not last_of_epoch:
+                    eval_started = time.perf_counter()
+                    self._evaluate_and_record(epoch, val_examples, None, None, final=False)
+                    self.model.train()
+                    eval_seconds += time.perf_counter() - eval_started
+                if settings.save_every and history.step % settings.save_every == 0 and not last_of_epoch:
+                    history.batches_done, history.epoch_totals = index + 1, totals.core.tolist()
+                    history.epoch_sums = {name: value.tolist() for name, value in totals.task.items()}
+                    history.epoch_seconds = seconds_before + time.perf_counter() - started - eval_seconds
+                    self._save(improved=False, last=True)
         train_seconds = seconds_before + time.perf_counter() - started - eval_seconds
         history.batches_done, history.epoch_totals, history.epoch_sums, history.epoch_seconds = 0, None, None, 0.0
         row = self._evaluate_and_record(epoch, val_examples, totals, train_seconds, final=True)

@@ -142,6 +142,15 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
+def chat_prompts(tokenizer, prompts: list[str], model_name: str) -> list[str]:
+    """Each prompt as a user message in the tokenizer's chat template, the assistant's turn opened (`--chat`)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PeftlabError(f"--chat: the tokenizer of {model_name} has no chat template (it is not a chat or instruct "
+                           "model). Fix: drop --chat, or use an instruct model such as smollm2-135m")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                          add_generation_prompt=True) for prompt in prompts]
+
+
 def print_samples(prompts: list[str], samples: list[list[str]], out: TextIO | None = None) -> None:
     """Print each prompt followed by its continuation, samples separated by a rule (to stdout by default)."""
     out = out or sys.stdout

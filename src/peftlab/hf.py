@@ -48,6 +48,7 @@ from peftlab.peft.targets import architecture
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 EXPORT_RECORD = "peftlab_export.json"
+EXPORT_README = "README.md"
 
 
 def _hf_name_mapper(model: nn.Module):
@@ -76,8 +77,26 @@ def _write_export(directory: str | os.PathLike, fill, export_format: str, record
     def fill_and_record(staging: Path) -> None:
         fill(staging)
         write_text_atomic(staging / EXPORT_RECORD, json.dumps({"format": export_format} | (record or {}), indent=2) + "\n")
+        if record and "base_model" in record:
+            write_text_atomic(staging / EXPORT_README, export_readme(export_format, record))
 
     return replace_directory(Path(directory), fill_and_record, EXPORT_RECORD, overwrite)
+
+
+def export_readme(export_format: str, record: dict) -> str:
+    """The export's README.md: what it is, its base model (and how that base was made), how to load it."""
+    base = record["base_model"]
+    if export_format == "peft":
+        load = ("The adapter goes onto its base model (the class of the run's task: AutoModelForCausalLM or "
+                "AutoModelForSequenceClassification with the run's number of labels):\n\n"
+                "    from peft import PeftModel\n    from transformers import AutoModelForCausalLM\n\n"
+                f"    base = AutoModelForCausalLM.from_pretrained(\"{base}\")  # or a copy of it, by path\n"
+                "    model = PeftModel.from_pretrained(base, \"<this folder>\")\n\n"
+                "`adapter_config.json` names the base (`base_model_name_or_path`) for tools that load it themselves.")
+    else:
+        load = "A plain model with the adapter merged in: `from_pretrained(\"<this folder>\")`."
+    return (f"# peftlab export ({export_format})\n\nRun: {record.get('run')} [{record.get('checkpoint')}]\n\n"
+            f"Base model: {base}: {record.get('base_model_note', '')}.\n\n{load}\n")
 
 
 def read_export_record(directory: str | os.PathLike) -> dict | None:

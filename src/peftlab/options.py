@@ -59,7 +59,14 @@ def documented_fields(cls, section: str | None) -> dict[str, Option]:
 def settings_options(sections: tuple[str, ...]) -> dict[str, Option]:
     """dest -> Option for every documented field of these config.yaml sections (core or a workload's), in order."""
     types_ = all_sections()
-    return {dest: option for section in sections for dest, option in documented_fields(types_[section], section).items()}
+    options: dict[str, Option] = {}
+    for section in sections:
+        for dest, option in documented_fields(types_[section], section).items():
+            if dest in options:  # one flag cannot set two sections' fields: a workload must name its setting apart
+                raise ValueError(f"option {option.flag} is declared by two sections: {options[dest].section} and "
+                                 f"{section}")
+            options[dest] = option
+    return options
 
 
 def add_options(parser: argparse.ArgumentParser, options: dict[str, Option], defaults: dict | None = None,
@@ -104,7 +111,9 @@ def eval_options(scope: str) -> dict[str, Option]:
     """The settings `peftlab eval` takes: scope "zero-shot" (describing the un-tuned model evaluated without RUN_DIR)
     or "any" (also changing how a run is evaluated)."""
     scopes = ("zero-shot", "any") if scope == "zero-shot" else ("any",)
-    return {dest: option for dest, option in settings_options(tuple(all_sections())).items()
+    evaluated = tuple(name for name, type_ in all_sections().items()
+                      if any(field.metadata.get("evaluation") in scopes for field in dataclasses.fields(type_)))
+    return {dest: option for dest, option in settings_options(evaluated).items()
             if option.field.metadata.get("evaluation") in scopes}
 
 

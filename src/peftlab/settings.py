@@ -1,6 +1,7 @@
 """`setting`: a documented settings field. Every settings dataclass (a run's sections in `peftlab.config`, each
 workload's own section, sampling) declares its fields with it, and the command line, config.yaml's checks and
 `--help` are generated from that metadata, so no name, default or help text is written twice.
+`expand_escapes` is how every command reads \\n, \\t and \\\\ in a text given on the command line.
 
 This module imports nothing of peftlab's, so a workload's light package can declare its section with it.
 """
@@ -8,6 +9,7 @@ This module imports nothing of peftlab's, so a workload's light package can decl
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import field
 
 NOT_LEGACY = dataclasses.MISSING
@@ -37,3 +39,11 @@ def setting(default, help: str, option: str | None = None, default_text: str | N
 def resolved_when_run_starts(item: dataclasses.Field) -> bool:
     """Whether a field's None means "the task's own", filled in when a run starts (see `setting`)."""
     return item.metadata.get("legacy_unset", NOT_LEGACY) is not NOT_LEGACY
+
+
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def expand_escapes(text: str) -> str:
+    """A command-line text with \\n (newline), \\t (tab) and \\\\ (one backslash) expanded; any other backslash stays."""
+    return re.sub(r"\\([nt\\])", lambda match: ESCAPES[match.group(1)], text)

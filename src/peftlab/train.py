@@ -6,29 +6,37 @@ orchestrate several runs (`peftlab.commands`, a workload's `commands`) sit above
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file
 
-from peftlab.catalog import PRECISIONS, hf_reference
+from peftlab.catalog import PRECISIONS, export_base
 from peftlab.config import CORE_SECTIONS, RunConfig
-from peftlab.data import evenly_spaced
+from peftlab.data import evenly_spaced, resolve_data_dir
 from peftlab.data.datasets import check_split, get_dataset
 from peftlab.engine import SCHEDULES, Callback, Engine, evaluate
 from peftlab.errors import Interrupted, PeftlabError
-from peftlab.fileio import check_writable
+from peftlab.fileio import check_writable, finite_or_null, read_text, write_text_atomic
 from peftlab.hf import export_merged, export_peft, read_export_record
 from peftlab.models import resolve_device, resolve_precision
 from peftlab.options import RUN_PLACE_OPTIONS, eval_options, settings_options
 from peftlab.peft import parameter_report
+from peftlab.peft.base import adapter_parameters
+from peftlab.peft.checkpoint import TENSORS_FILE
 from peftlab.peft.methods import get_method
-from peftlab.peft.prepare import check_extra_trainable, unused_settings
-from peftlab.report import plot_history, run_title
+from peftlab.peft.prepare import canonical_parameter_names, check_extra_trainable, unused_settings
+from peftlab.predict import in_batches
+from peftlab.report import method_label, plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
@@ -82,6 +90,81 @@ def check_adapter(config: RunConfig) -> None:
               "(ignored)")
 
 
+# What --init-from does not compare: dropout acts only in training, and the extras (a head) follow the objective.
+INIT_FREE_SETTINGS = ("dropout", "extra_trainable")
+
+
+def init_run_config(config: RunConfig) -> RunConfig | None:
+    """The config of the run `--init-from` names (None without it), checked: a run with that checkpoint, not this
+    run itself, on the same model, with the same adapter settings (so its adapter fits this run's)."""
+    source = config.train.init_from
+    if not source:
+        return None
+    checkpoint = config.train.init_checkpoint
+    if checkpoint not in ("best", "last"):
+        raise PeftlabError(f"--init-checkpoint must be best or last, got '{checkpoint}'")
+    run = RunDir(source)
+    if run.path.resolve() == Path(config.output_dir).resolve():
+        raise PeftlabError(f"--init-from {source} is this run's own directory. Fix: --resume {source} continues it")
+    if not (run.path / "config.yaml").is_file() or not run.checkpoint(checkpoint).is_dir():
+        raise PeftlabError(f"--init-from {source}: not a run with a checkpoints/{checkpoint} (expected "
+                           f"{run.checkpoint(checkpoint)}). Fix: give a run directory written by `peftlab train`")
+    source_config = run.read_config()
+    if source_config.model.name != config.model.name:
+        raise PeftlabError(f"--init-from {source} trained on model '{source_config.model.name}', this run is on "
+                           f"'{config.model.name}'. Fix: --model {source_config.model.name}")
+    flags = {option.field.name: option.flag for option in settings_options(("adapter",)).values()}
+    mine, theirs = vars(config.adapter), vars(source_config.adapter)
+    differ = [name for name in mine if name not in INIT_FREE_SETTINGS and mine[name] != theirs.get(name)]
+    if differ:
+        what = ", ".join(f"{flags.get(name, name)} {_setting_text(theirs.get(name))} there, "
+                         f"{_setting_text(mine[name])} here" for name in differ)
+        raise PeftlabError(f"--init-from {source}: its adapter differs from this run's ({what}). Fix: give this run "
+                           "the same adapter settings (e.g. --recipe with that run's config.yaml)")
+    return source_config
+
+
+def _setting_text(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _body_name(name: str, body_prefix: str) -> str:
+    """A tensor's name inside the transformer body, however the run held the body (a classifier's `backbone.`, a
+    language model's `transformer.` or `model.`), so an adapter moves between objectives; a head's name stays."""
+    for prefix in ("backbone.", f"{body_prefix}."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def init_from_run(model, config: RunConfig, say=print) -> RunConfig | None:
+    """Start `model` (built fresh for this run) from the adapter weights of the run `--init-from` names (None
+    without it): every tensor of its checkpoint that this model has with the same shape is copied in; tensors this
+    run's model lacks or shapes differently (another objective's or task's head) are named and left as this run
+    built them. Trainability stays this run's own. Returns the init run's config."""
+    source_config = init_run_config(config)
+    if source_config is None:
+        return None
+    directory = RunDir(config.train.init_from).checkpoint(config.train.init_checkpoint)
+    body_prefix = getattr(getattr(model, "backbone", model), "base_model_prefix", "")
+    tensors = {_body_name(name, body_prefix): tensor for name, tensor in load_file(directory / TENSORS_FILE).items()}
+    parameters = {_body_name(name, body_prefix): parameter
+                  for name, parameter in canonical_parameter_names(model).items()}
+    adapter_ids = {id(parameter) for parameter in adapter_parameters(model)}
+    missing = [name for name, parameter in parameters.items() if id(parameter) in adapter_ids and name not in tensors]
+    if missing:
+        raise PeftlabError(f"--init-from {directory} lacks adapter tensors this run has: {', '.join(missing[:3])}")
+    fits = {name: tensor for name, tensor in tensors.items()
+            if name in parameters and tuple(tensor.shape) == tuple(parameters[name].shape)}
+    with torch.no_grad():
+        for name, tensor in fits.items():
+            parameters[name].copy_(tensor)
+    left = sorted(set(tensors) - set(fits))
+    say(f"Initialised from {directory}: {len(fits)} tensor(s)"
+        + (f"; not carried (this run's model has none of that shape): {', '.join(left)}" if left else ""))
+    return source_config
+
+
 def selection_metric(config: RunConfig, task: Task) -> str:
     """The validation metric that picks checkpoints/best: --select-metric, checked against the task's metrics."""
     choices = ("loss", *task.metric_names)
@@ -126,6 +209,8 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
             say(f"{run} has finished already; nothing to do. Its summary: {run.path / 'summary.json'}")
             return run.read_summary()
         model = build_model(config, task, accelerator.device, fresh=state in ("new", "restart") and not dry_run)
+        if state in ("new", "restart"):  # a resumed run has its own weights in checkpoints/last
+            init_from_run(model, config, say)
         report = parameter_report(model)
         say("\n".join(report.lines()))
 
@@ -133,6 +218,9 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         engine = Engine(task, model, config.train, run, config.model.name, select, accelerator, callbacks)
         if dry_run:
             say(dry_run_plan(config, engine, device, precision))
+            if run.state(config.train.epochs) != "new":
+                say(f"warning: {run} already holds a run; training there would be refused. Fix: choose another "
+                    f"--output-dir, or continue that run with --resume {run}")
             return {"parameters": vars(report) | {"reduction": report.reduction}}
         train_examples = evenly_spaced(task.encode("train"), config.task.train_limit)
         val_examples = evenly_spaced(task.encode("validation"), config.task.eval_limit)
@@ -244,7 +332,7 @@ class PlotHistory(Callback):
     as they come; steps.jsonl is read once, for the steps of a run's earlier parts."""
 
     def __init__(self, run: RunDir, config: RunConfig):
-        self.run, self.title = run, run_title(run.path.name, config.task.name, config.adapter.method)
+        self.run, self.title = run, run_title(run.path.name, config.task.name, method_label(config.to_dict()))
         self.steps: list[dict] | None = None
 
     def on_step(self, engine: Engine, row: dict) -> None:
@@ -317,10 +405,12 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) 
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
                  limit: int = 0, config: RunConfig | None = None, predictions_file: str | None = None,
                  place: dict | None = None, **settings) -> dict:
-    """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics.
+    """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics, and writes them
+    into the run (`eval_results_path`: RUN/eval/<split>.json with the data directory, checkpoint, limit and time).
 
-    Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; language-model tasks).
-    `limit` keeps N evenly spaced examples; `predictions_file` receives every example's prediction (JSON lines).
+    Without `run_dir`, evaluates the un-tuned base model `config` describes (zero-shot; language-model tasks), and
+    only prints. `limit` keeps N evenly spaced examples; `predictions_file` receives every example's origin, input,
+    prediction, reference and the task's own scores, and a classifier's label names and probabilities (JSON lines).
     `place` ({"device": ..., "data_dir": ...}) overrides where the run's config.yaml says it ran (a run trained on a
     GPU, or moved to another machine). `settings`: the evaluation settings of the run's workload section, by option
     name (e.g. predict="score" for an instruct run; see `peftlab.options.eval_options("any")`).
@@ -331,6 +421,12 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
         config = read_run_config(run_dir, place)
+        results_path = eval_results_path(RunDir(run_dir), split, checkpoint, config.task.data_dir)
+        try:
+            check_writable(results_path)
+        except PeftlabError as error:  # a run one may read but not write (a shared folder): evaluate, say so
+            print(f"note: the metrics will only be printed, not kept in the run: {error}")
+            results_path = None
     check_split(config.task.name, split, config.task.data_dir)  # before the model loads
     apply_evaluation_settings(config, settings)
     if run_dir:
@@ -344,13 +440,53 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         model = workload_for(config).base_model(config, task, dtype).to(device)
         label = f"{config.model.name} (no fine-tuning)"
     examples = evenly_spaced(task.encode(split), limit)
-    metrics = evaluate(model, task, examples, batch_size or config.train.eval_batch_size,
-                       predictions_file=predictions_file, merge_adapters=config.train.merge_for_evaluation)
-    print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
-          f"{metrics['examples_per_second']:.1f} examples/s")
+    batch_size = batch_size or config.train.eval_batch_size
+    metrics = evaluate(model, task, examples, batch_size, predictions_file=predictions_file,
+                       merge_adapters=config.train.merge_for_evaluation)
     if predictions_file:
+        add_prediction_details(Path(predictions_file), workload_for(config), task, model, split, examples, batch_size)
         print(f"predictions: {predictions_file}")
+    if run_dir and results_path:
+        record = {"split": split, "checkpoint": checkpoint, "data_dir": str(data_folder(config) or ""), "limit": limit,
+                  "examples": len(examples), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics}
+        write_text_atomic(results_path, json.dumps(finite_or_null(record), indent=1, allow_nan=False) + "\n")
+        print(f"metrics: {results_path}")
+    print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
+          f"{metrics['examples_per_second']:.1f} examples/s")  # last: the line a user reads
     return metrics
+
+
+def data_folder(config: RunConfig) -> Path | None:
+    """The folder a run's dataset is read from (None: none can be found here)."""
+    try:
+        return resolve_data_dir(config.task.data_dir, config.task.name).resolve()
+    except PeftlabError:
+        return None
+
+
+def eval_results_path(run: RunDir, split: str, checkpoint: str, data_dir: str | None) -> Path:
+    """Where `evaluate_run` writes a run's metrics: RUN/eval/<split>.json for its best checkpoint on the data it was
+    trained on; `-last` is added for the last checkpoint, and `-data-<8 hex digits>` (of the folder's path) for
+    another data folder, so that no evaluation replaces another's; the same evaluation again replaces its file."""
+    trained = run.read_config()
+    here = copy.deepcopy(trained)
+    here.task.data_dir = data_dir
+    name = split + ("" if checkpoint == "best" else f"-{checkpoint}")
+    folder = data_folder(here)
+    if folder != data_folder(trained):
+        name += "-data-" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return run.path / "eval" / f"{name}.json"
+
+
+def add_prediction_details(path: Path, workload, task: Task, model, split: str, examples, batch_size: int) -> None:
+    """The evaluation's predictions file with each example's input (as `peftlab predict` takes it) and the
+    workload's prediction details (a classifier's label names and probabilities), in the same order."""
+    inputs = workload.split_inputs(task, split)
+    details = in_batches(lambda batch: workload.prediction_details(task, model, batch), examples, batch_size)
+    records = [json.loads(line) for line in read_text(path, "predictions file").splitlines()]
+    records = [{"origin": record["origin"], "input": inputs.get(record["origin"])} | record | detail
+               for record, detail in zip(records, details)]
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def apply_evaluation_settings(config: RunConfig, settings: dict) -> None:
@@ -390,11 +526,12 @@ def read_run_config(run_dir: str, place: dict | None) -> RunConfig:
 
 
 def export_run(run_dir: str, output_dir: str, export_format: str = "peft", checkpoint: str = "best",
-               overwrite: bool = False, place: dict | None = None) -> Path:
+               overwrite: bool = False, place: dict | None = None, base_model: str | None = None) -> Path:
     """Export a run's checkpoint for the Hugging Face ecosystem: a `peft` adapter or a merged plain model.
 
     `output_dir` must not exist, be empty, or hold an earlier export of this run; `overwrite` replaces anything
-    else there, except the run itself, a folder holding it, or a part of it.
+    else there, except the run itself, a folder holding it, or a part of it. The export names its base by the
+    model's public id (`catalog.export_base`), or `base_model` (a hub id or a path) when given.
     """
     if export_format not in EXPORT_FORMATS:
         raise PeftlabError(f"unknown export format '{export_format}': expected {' or '.join(EXPORT_FORMATS)}")
@@ -403,9 +540,11 @@ def export_run(run_dir: str, output_dir: str, export_format: str = "peft", check
     refusal = workload_for(config).not_exportable
     if refusal:
         raise PeftlabError(f"{run_dir} is {refusal}: nothing to export; its checkpoints are safetensors + JSON already")
-    record = {"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint}
+    base = export_base(config.model.name, base_model)
+    record = {"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint, "base_model": base.name_or_path,
+              "base_model_note": base.note}
     if export_format == "peft":
-        path = export_peft(model, output_dir, hf_reference(config.model.name), record, overwrite)
+        path = export_peft(model, output_dir, base.name_or_path, record, overwrite)
     else:
         path = export_merged(model, output_dir, task.tokenizer, record, overwrite)
     print(f"exported {run_dir} [{checkpoint}] as {export_format} to {path}")

@@ -29,19 +29,22 @@ from peftlab.workloads.distill.transfer import write_transfer_set
 from peftlab.workloads.distill.transfer_settings import TransferSettings
 
 
-def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False) -> dict:
-    """Train the student a run configuration describes (see `distill_config`); returns the run's summary."""
+def distill(config: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, dry_run: bool = False,
+            command: str | None = None) -> dict:
+    """Train the student a run configuration describes (see `distill_config`); returns the run's summary.
+    `command`: the command line, recorded in the run's config.yaml."""
     if config.distill is None or not config.distill.teacher:
         raise PeftlabError("no teacher: set distill.teacher to the teacher's run directory (peftlab distill --teacher RUN_DIR)")
-    return train(config, resume=resume, stop_after_epoch=stop_after_epoch, dry_run=dry_run)
+    return train(config, resume=resume, stop_after_epoch=stop_after_epoch, dry_run=dry_run, command=command)
 
 
-def compare_students(config: RunConfig, seeds: int = 3) -> Path:
+def compare_students(config: RunConfig, seeds: int = 3, command: str | None = None) -> Path:
     """Teacher vs KD student vs no-KD student, over `seeds` seeds (the config's seed, +1, ...).
 
     Trains the students not trained yet into <output_dir>/kd-seed<S> and <output_dir>/no-kd-seed<S> (the no-KD
     student: alpha 0, no augmentation), evaluates the teacher and every student's best checkpoint on the validation
     split, prints one table and writes it to <output_dir>/comparison.md (plot: comparison.png). Returns the table's path.
+    `command`: the command line, recorded in every student's config.yaml.
     """
     if seeds < 1:
         raise PeftlabError(f"--seeds must be >= 1, got {seeds}")
@@ -59,11 +62,11 @@ def compare_students(config: RunConfig, seeds: int = 3) -> Path:
               for name, kind in ((kd_name, "kd"), (no_kd_name, "no-kd"))]
     # The first KD student computes the teacher's logits; the other KD students start from its cache.
     first_kd = points[0][1]
-    train_points([first_kd])
+    train_points([first_kd], command)
     for name, point in points[1:]:
         if name == kd_name:
             _share_teacher_logits(Path(first_kd.output_dir), Path(point.output_dir))
-    train_points([point for _, point in points])
+    train_points([point for _, point in points], command)
     for name, point in points:
         results[name].append(evaluate_checkpoint(point.output_dir, "best", batch_size))
     table = comparison_table(results)
@@ -125,9 +128,9 @@ def run_distill(args: argparse.Namespace) -> None:
     elif args.compare:
         config.output_dir = f"runs/distill-compare-{Path(args.teacher).name}"
     if args.compare:
-        compare_students(config, args.seeds)
+        compare_students(config, args.seeds, getattr(args, "command_line", None))
     else:
-        distill(config, dry_run=args.dry_run)
+        distill(config, dry_run=args.dry_run, command=getattr(args, "command_line", None))
 
 
 def run_transfer_set(args: argparse.Namespace) -> None:

@@ -64,4 +64,5 @@ def _place(args: argparse.Namespace) -> dict:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint, args.overwrite, place=_place(args))
+    export_run(args.run_dir, args.output_dir, args.format, args.checkpoint, args.overwrite, place=_place(args),
+               base_model=args.base_model)

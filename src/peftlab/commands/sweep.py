@@ -184,10 +184,11 @@ def points_to_train(configs: list[RunConfig]) -> list[tuple[RunConfig, str]]:
     return todo
 
 
-def train_points(configs: list[RunConfig]) -> None:
-    """Train each configured run unless it is done (`points_to_train`), one after the other."""
+def train_points(configs: list[RunConfig], command: str | None = None) -> None:
+    """Train each configured run unless it is done (`points_to_train`), one after the other; `command`: the
+    command line that started them, recorded in each run's config.yaml."""
     for config, state in points_to_train(configs):
-        train(config, resume=state != "new")
+        train(config, resume=state != "new", command=command)
 
 
 def error_line(error: BaseException) -> str:
@@ -206,14 +207,15 @@ def _say_failed(config: RunConfig, line: str) -> None:
           flush=True)
 
 
-def train_points_keep_going(configs: list[RunConfig], stop_on_error: bool = False) -> dict[str, str]:
+def train_points_keep_going(configs: list[RunConfig], stop_on_error: bool = False,
+                            command: str | None = None) -> dict[str, str]:
     """Like `train_points`, but a failing point is named in one line as it fails and the next one trains (with
     `stop_on_error`: the sweep stops there); returns {output_dir: error line} of the points that failed. A Ctrl-C
     is not a failure: it stops the sweep."""
     failures = {}
     for config, state in points_to_train(configs):
         try:
-            train(config, resume=state != "new")
+            train(config, resume=state != "new", command=command)
         except (Interrupted, KeyboardInterrupt):
             raise
         except Exception as error:  # noqa: BLE001 - any point's failure, a bug included, must not stop the others
@@ -239,11 +241,12 @@ def _tune_trial(trial: dict) -> None:
     """One Ray Tune trial: a grid point trained (or resumed) in its own run directory."""
     point = trial["point"]
     config = RunConfig.from_dict(point["config"])
-    train(config, resume=point["state"] != "new", callbacks=[ReportToTune()])
+    train(config, resume=point["state"] != "new", command=point["command"], callbacks=[ReportToTune()])
 
 
 def train_points_on_ray(configs: list[RunConfig], folder: str, address: str | None, cpus_per_trial: float,
-                        gpus_per_trial: float, stop_on_error: bool = False) -> dict[str, str]:
+                        gpus_per_trial: float, stop_on_error: bool = False, command: str | None = None
+                        ) -> dict[str, str]:
     """The points not done yet as Ray Tune trials, at most as many at once as the resources allow; returns
     {output_dir: error line} of the trials that failed. Raises `Interrupted` when Tune stopped before every trial
     ended (Ctrl-C: Tune catches it, stops the trials and returns)."""
@@ -257,7 +260,7 @@ def train_points_on_ray(configs: list[RunConfig], folder: str, address: str | No
         return {}
     points = []
     for config, state in todo:  # trials run in their own working directory: paths must not be relative
-        points.append({"config": absolute_paths(config).to_dict(), "state": state,
+        points.append({"config": absolute_paths(config).to_dict(), "state": state, "command": command,
                        "name": Path(config.output_dir).name, "output_dir": config.output_dir})
     environment = {name: _absolute(os.environ[name], Path.cwd())
                    for name in ("PEFTLAB_DATA", "PEFTLAB_CACHE", "PEFTLAB_MODELS", "HF_HOME") if os.environ.get(name)}
@@ -342,9 +345,10 @@ def run_sweep(path: str | None, sets: list[str] = (), output_dir: str | None = N
     print(f"sweep: {len(configs)} run(s) in {folder}{' on Ray Tune' if backend == 'ray' else ''}")
     try:
         if backend == "ray":
-            failures = train_points_on_ray(configs, folder, address, cpus_per_trial, gpus_per_trial, stop_on_error)
+            failures = train_points_on_ray(configs, folder, address, cpus_per_trial, gpus_per_trial, stop_on_error,
+                                           command)
         else:
-            failures = train_points_keep_going(configs, stop_on_error)
+            failures = train_points_keep_going(configs, stop_on_error, command)
     except (Interrupted, KeyboardInterrupt) as error:
         stopped = f"{str(error).rstrip('.')}. " if isinstance(error, Interrupted) and str(error) else ""
         raise Interrupted(f"the sweep stopped. {stopped}Finished runs are kept, unfinished ones resume from their last "

@@ -9,13 +9,12 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 from peftlab.report.plots import (METRIC_LABELS, plot_comparison, plot_history, plot_score_vs_parameters,
                                   plot_validation_loss, run_title, save_figure)
-from peftlab.report.tables import method_settings, methods_table, read_run, run_status, runs_table
+from peftlab.report.tables import method_label, method_settings, methods_table, read_run, run_status, runs_table
 from peftlab.runs import METRICS
 
-__all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "method_settings", "methods_table", "plot_comparison",
-           "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report", "read_run", "run_status",
-           "run_title",
-           "runs_table", "save_figure", "write_methods_report", "write_report"]
+__all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "method_label", "method_settings", "methods_table",
+           "plot_comparison", "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report",
+           "read_run", "run_status", "run_title", "runs_table", "save_figure", "write_methods_report", "write_report"]
 
 
 REPORT_MARKER = "<!-- peftlab report -->"  # report.md's first line: only such a report (and its plot) is replaced
@@ -49,7 +48,7 @@ def write_report(run_dirs: list[str], output_dir: str | Path,
     runs = [read_run(run_dir, errors.get(Path(run_dir))) for run_dir in run_dirs]
     write_text_atomic(table, f"{REPORT_MARKER}\n{runs_table(runs)}")
     return table, [plot_validation_loss(runs, output / REPORT_PLOTS[0]),
-                   plot_score_vs_parameters({"runs": runs}, output / REPORT_PLOTS[1])]
+                   plot_score_vs_parameters(runs, output / REPORT_PLOTS[1])]
 
 
 def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:
@@ -66,7 +65,8 @@ def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Pa
         runs = [read_run(path) for path in run_dirs]
         tasks.setdefault(runs[0]["config"]["task"]["name"], []).extend(runs)  # several folders may share a task
     write_text_atomic(table, f"{REPORT_MARKER}\n{methods_table(tasks)}")
-    return table, [plot_score_vs_parameters(tasks, output / REPORT_PLOTS[1])]
+    every_run = [run for runs in tasks.values() for run in runs]
+    return table, [plot_score_vs_parameters(every_run, output / REPORT_PLOTS[1])]
 
 
 def print_report(table: Path, plots: list[Path]) -> None:

@@ -22,7 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
 from peftlab.report import REPORT_PLOTS
 from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, run_title
-from peftlab.report.tables import count_text, finished, read_run, run_status, runs_table  # noqa: F401 (finished: here before)
+from peftlab.report.tables import count_text, finished, method_label, read_run, run_status, runs_table  # noqa: F401 (finished: here before)
 from peftlab.runs import CONFIG, STEPS, RunDir
 
 STYLE = """
@@ -76,7 +76,7 @@ def write_html_report(paths: list[str], output: str | Path) -> Path:
 def comparison_section(runs: list[dict]) -> str:
     with tempfile.TemporaryDirectory() as folder:
         plots = [plot_validation_loss(runs, Path(folder) / "val_loss.png"),
-                 plot_score_vs_parameters({"runs": runs}, Path(folder) / "score_vs_parameters.png")]
+                 plot_score_vs_parameters(runs, Path(folder) / "score_vs_parameters.png")]
         images = "".join(image(plot) for plot in plots)
     return f"<h2>Comparison of {len(runs)} runs</h2>\n{markdown_tables(runs_table(runs))}\n{images}"
 
@@ -96,7 +96,7 @@ def run_section(run: dict) -> str:
     path = Path(run["path"])
     parameters = summary.get("parameters") or {}
     facts = [("task", config["task"]["name"]), ("model", config["model"]["name"]),
-             ("method", config["adapter"]["method"]),
+             ("method", method_label(config)),
              ("total parameters", count_text(parameters.get("total"))),
              ("trainable parameters", count_text(parameters.get("trainable"))),
              ("adapter parameters", count_text(parameters.get("adapter"))),
@@ -115,7 +115,8 @@ def run_section(run: dict) -> str:
                       ", ".join(f"{key} {value:.4f}" for key, value in test.items()
                                 if isinstance(value, float) and key != "examples_per_second")))
     environment = config.get("environment") or {}
-    command = environment.get("command") or "(not recorded: the run was written before config.yaml recorded its command)"
+    command = environment.get("command") or ("(not recorded: the run was started from Python without a command "
+                                             "line, or written before config.yaml recorded its command)")
     recorded = {key: value for key, value in config.items() if key != "environment"}
     plots = run_plots(run, path)
     status = run.get("status") or run_status(run)
@@ -137,7 +138,7 @@ def run_plots(run: dict, path: Path) -> str:
     steps = RunDir(path).read_steps() if (path / STEPS).is_file() else None
     best = (summary.get("best") or {}).get("step")
     with tempfile.TemporaryDirectory() as folder:
-        title = run_title(run["name"], run["config"]["task"]["name"], run["config"]["adapter"]["method"])
+        title = run_title(run["name"], run["config"]["task"]["name"], method_label(run["config"]))
         written = plot_history(rows, Path(folder), title, metrics, summary.get("select_metric") or "loss", best, steps)
         return "".join(image(plot) for plot in written)
 

@@ -26,6 +26,8 @@ def read_run(run_dir: str | Path, error: str | None = None) -> dict:
     rows = run.read_metrics() if (run.path / METRICS).is_file() else []
     read = {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": rows, "summary": summary,
             "last_step": _last_step(run.path / STEPS)}
+    if student_of(read["config"]):
+        read["teacher_total"] = _teacher_total(read["config"])
     return read | {"status": run_status(read, error)}
 
 
@@ -78,6 +80,30 @@ def method_settings(adapter: dict) -> str:
     return method.describe(method.settings(adapter))
 
 
+def student_of(config: dict) -> str | None:
+    """The student type of a distilled run (its `distill` section), else None: a student is a small network of its
+    own, not the model fine-tuned with the adapter section's method (which reads "full")."""
+    return (config.get("distill") or {}).get("student")
+
+
+def method_label(config: dict) -> str:
+    """What a run trains, for tables and plots: "lstm student" for a distilled student, else `method_settings`."""
+    student = student_of(config)
+    return f"{student} student" if student else method_settings(config["adapter"])
+
+
+def _teacher_total(config: dict) -> int | None:
+    """A distilled student's teacher's parameter count (its summary.json), the size a student is compared with."""
+    teacher = (config.get("distill") or {}).get("teacher")
+    summary = Path(teacher or "") / SUMMARY
+    if not teacher or not summary.is_file():
+        return None
+    try:
+        return RunDir(teacher).read_summary().get("parameters", {}).get("total")
+    except PeftlabError:
+        return None  # an unreadable teacher summary leaves the share unknown, not the report unwritten
+
+
 def run_numbers(run: dict) -> dict:
     """What the tables compare of one run: its selection metric, best validation score, test score (None when not
     tested), trainable parameters and their share of the model, seconds per training epoch (mean), validation
@@ -89,6 +115,8 @@ def run_numbers(run: dict) -> dict:
     epochs = [row["train_seconds"] for row in rows if row.get("final_of_epoch") and "train_seconds" in row]
     speeds = [row["val_examples_per_second"] for row in rows if row.get("val_examples_per_second")]
     trainable, total = parameters.get("trainable"), parameters.get("total")
+    if student_of(config):  # a student is all trainable: its size is worth knowing against its teacher's
+        total = run.get("teacher_total")
     return {
         "metric": metric,
         "best_val": (min if metric == "loss" else max)(val_scores) if val_scores else None,
@@ -112,8 +140,11 @@ def count_text(value) -> str:
     return "—" if value is None else f"{value:,}"
 
 
-def _share(value) -> str:
-    return "—" if value is None else f"{100 * value:.3g}%"
+def _share(value, run: dict | None = None) -> str:
+    """The trainable share of the model; a student's is of its teacher's size."""
+    if value is None:
+        return "—"
+    return f"{100 * value:.3g}%" + (" of teacher" if run and student_of(run["config"]) else "")
 
 
 def runs_table(runs: list[dict]) -> str:
@@ -126,8 +157,8 @@ def runs_table(runs: list[dict]) -> str:
         test_text = (f"{_number(numbers['test'])} ({numbers['test_split']}, {metric})"
                      if numbers["test_split"] else "—")
         lines.append(
-            f"| {run['name']} | {method_settings(run['config']['adapter'])} | {count_text(numbers['trainable'])} | "
-            f"{_share(numbers['share'])} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
+            f"| {run['name']} | {method_label(run['config'])} | {count_text(numbers['trainable'])} | "
+            f"{_share(numbers['share'], run)} | {_number(numbers['best_val_loss'])} | {_number(numbers['best_val'])} "
             f"({metric}) | {test_text} | {_number(numbers['seconds_per_epoch'], 0)} | "
             f"{_number(numbers['eval_per_second'], 1)} | {_cell_text(run.get('status', '—'))} |"
         )
@@ -183,8 +214,8 @@ def methods_table(tasks: dict[str, list[dict]]) -> str:
     for name in names:
         first = next(group[0] for groups in by_task.values() for group in [groups[name]] if group)
         numbers = run_numbers(first)
-        cells = [name, method_settings(first["config"]["adapter"]), count_text(numbers["trainable"]),
-                 _share(numbers["share"])]
+        cells = [name, method_label(first["config"]), count_text(numbers["trainable"]),
+                 _share(numbers["share"], first)]
         cells += [_score_cell(groups[name]) for groups in by_task.values()]
         for groups in by_task.values():
             cells += [_number(_median_of(groups[name], "seconds_per_epoch"), 0),

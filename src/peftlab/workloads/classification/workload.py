@@ -15,7 +15,7 @@ from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded, StepOutput, Task, right_pad
 from peftlab.tasks.metrics import classification_metrics
-from peftlab.workloads.base import Workload
+from peftlab.workloads.base import Workload, classifier_details, classifier_records, tokens_within
 
 
 class ClassificationTask(Task):
@@ -96,3 +96,13 @@ class ClassificationWorkload(Workload):
 
     def model_options(self, task: ClassificationTask) -> dict:
         return {"num_labels": task.num_labels}
+
+    def encode_input(self, task: ClassificationTask, fields, origin) -> Encoded:
+        return Encoded(tokens_within(task.tokenizer, fields["text"], task.max_length, origin), -1, origin)
+
+    def predict_examples(self, task, model, examples) -> list[dict]:
+        return classifier_records(task, model, examples, task.label_names)
+
+    def prediction_details(self, task, model, examples) -> list[dict]:
+        return classifier_details(task, model, examples, task.label_names)
+

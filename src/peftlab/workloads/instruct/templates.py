@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 
 from peftlab.errors import PeftlabError
+from peftlab.settings import expand_escapes
 
 _CHAT = "<|im_start|>user\n{question}\n{{text}}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -25,7 +26,7 @@ DEFAULT_VERBALIZERS = {"cola": ("no", "yes")}  # otherwise the label names
 
 
 def resolve_template(task: str, template: str) -> str:
-    """A template name of `task`, or a user's format string whose only field is {text} (\\n means newline)."""
+    """A template name of `task`, or a user's format string whose only field is {text} (escapes: `expand_escapes`)."""
     named = TEMPLATES.get(task, {})
     if not template:
         if not named:
@@ -33,7 +34,7 @@ def resolve_template(task: str, template: str) -> str:
         return next(iter(named.values()))
     if template in named:
         return named[template]
-    text = template.replace("\\n", "\n").replace("\\t", "\t")
+    text = expand_escapes(template)
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
     except ValueError as error:

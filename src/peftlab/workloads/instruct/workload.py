@@ -21,9 +21,9 @@ from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded
 from peftlab.generation import decode
-from peftlab.tasks.completion import Completion, CompletionTask, score_choices
+from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, score_choices
 from peftlab.tasks.metrics import classification_metrics
-from peftlab.workloads.base import Workload
+from peftlab.workloads.base import Workload, label_record
 from peftlab.workloads.instruct import PREDICT_MODES, InstructConfig
 from peftlab.workloads.instruct.templates import DEFAULT_VERBALIZERS, resolve_template
 
@@ -150,3 +150,32 @@ class InstructWorkload(Workload):
         instruct = config.instruct or InstructConfig()
         return self.labelled_task(InstructTask, config, tokenizer, config.task.loss_on, instruct.template,
                                   instruct.verbalizers, instruct.predict)
+
+    def encode_input(self, task: InstructTask, fields, origin) -> Encoded:
+        """The run's prompt for the text; it must leave room for the longest answer and EOS within the run's max
+        length, as a training example must."""
+        prompt = task.tokens(self.prompt_text(task, fields))
+        longest = len(prompt) + max(len(tokens) for tokens in task.answer_tokens) + 1
+        if longest > task.max_length:
+            raise PeftlabError(f"{origin}: {longest} tokens with the prompt template and the longest answer, more than "
+                               f"the run's max length {task.max_length}. Fix: shorten the input (nothing is cut "
+                               "silently)")
+        return Encoded(prompt, CompletionTarget(len(prompt), None), origin)
+
+    def predict_examples(self, task: InstructTask, model, examples) -> list[dict]:
+        """The run's prediction mode decides the label (the generated one when generation runs, as in evaluation);
+        the generated text comes with it."""
+        records = []
+        for result, details in zip(task.predict(model, examples), self.prediction_details(task, model, examples)):
+            record = label_record(result["generate" if "generate" in result else "score"], details)
+            records.append(record | ({"generated": result["text"]} if "text" in result else {}))
+        return records
+
+    def prediction_details(self, task: InstructTask, model, examples) -> list[dict]:
+        """Label names and probabilities: each verbaliser's likelihood after the prompt, normalised over the labels."""
+        prompts, prefix = task.prompt_inputs(model, examples)
+        scores = score_choices(model, prompts, task.answer_tokens, task.tokenizer.pad_token_id, prefix=prefix)
+        return [{"label_names": list(task.label_names), "probabilities": row} for row in scores.softmax(-1).tolist()]
+
+    def prompt_text(self, task: InstructTask, fields) -> str:
+        return task.template.format(text=fields["text"])

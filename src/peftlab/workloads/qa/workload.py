@@ -15,9 +15,6 @@ What is QA-specific:
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
@@ -31,34 +28,11 @@ from peftlab.tasks import Encoded, StepOutput
 from peftlab.generation import decode
 from peftlab.shared_prefix import block_mask_unsupported, continuation_cache
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, line_stop_ids
+from peftlab.tasks.metrics import exact_match, f1_score
 from peftlab.workloads.base import Workload
 
 PROMPT_PREFIX = "Context:"
 PROMPT_SUFFIX = "\nQuestion: {question}\nAnswer:"
-
-
-def normalize_answer(text: str) -> str:
-    """The official SQuAD v1.1 normalisation: lower-case, drop punctuation and articles, collapse whitespace."""
-    text = "".join(character for character in text.lower() if character not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, references: Sequence[str]) -> float:
-    return max(float(normalize_answer(prediction) == normalize_answer(reference)) for reference in references)
-
-
-def f1_score(prediction: str, references: Sequence[str]) -> float:
-    """Token-overlap F1 after normalisation, best over the references (official v1.1 definition)."""
-    best = 0.0
-    predicted = normalize_answer(prediction).split()
-    for reference in references:
-        gold = normalize_answer(reference).split()
-        common = sum((Counter(predicted) & Counter(gold)).values())
-        if common:
-            precision, recall = common / len(predicted), common / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
 
 
 @dataclass(frozen=True)
@@ -180,3 +154,39 @@ class QAWorkload(Workload):
             print(f"Note: contexts are not shared: {unsupported}")
             task.shares_prefixes = False
         return model
+
+    input_fields = ("context", "question")
+
+    def input_from_text(self, text: str, origin: str) -> dict[str, str]:
+        """One text is the context, then the question on its last line."""
+        context, _, question = text.rpartition("\n")
+        if not context.strip() or not question.strip():
+            missing = "question" if context.strip() else "context"
+            raise PeftlabError(f"{origin}: a qa input given as one text is the context, a new line, then the question "
+                               "(e.g. --text 'Anna painted the door red.\\nWhat colour is the door?'); this one has no "
+                               f"{missing}. Fix: add it, or give a JSONL file with context and question")
+        return {"context": context.strip(), "question": question.strip()}
+
+    def encode_input(self, task: QATask, fields, origin) -> Encoded:
+        """The evaluation prompt: a context too long for the run's max length keeps its beginning, as in
+        evaluation, and the record says so (`context_cut`)."""
+        prefix, suffix = task.prefix, task.tokens(PROMPT_SUFFIX.format(question=fields["question"]))
+        context = task.tokens(" " + fields["context"])
+        budget = task.max_length - len(prefix) - len(suffix)
+        if budget < 1:
+            raise PeftlabError(f"{origin}: the question alone is {len(suffix)} tokens with the prompt, which leaves no "
+                               f"room for the context in the run's max length {task.max_length}. Fix: shorten it")
+        prompt = prefix + context[:budget] + suffix
+        return Encoded(prompt, CompletionTarget(len(prompt), QAReference((), "", len(context) > budget)), origin,
+                       shared_length=len(prefix) + len(context[:budget]))
+
+    def predict_examples(self, task: QATask, model, examples) -> list[dict]:
+        return [{"prediction": answer, "context_cut": example.target.reference.answer_cut}
+                for answer, example in zip(task.predict(model, examples), examples)]
+
+    def prompt_text(self, task: QATask, fields) -> str:
+        return f"{PROMPT_PREFIX} {fields['context']}{PROMPT_SUFFIX.format(question=fields['question'])}"
+
+    def split_inputs(self, task: QATask, split: str) -> dict[str, dict[str, str]]:
+        return {example.origin: {"context": example.context, "question": example.question}
+                for example in read_squad(split, task.data_dir)}
