@@ -9,7 +9,8 @@ code, commit e4c4b74), swapped into the workload modules for its side; "new" is 
 sides run the same command in this process, interleaved (old, new, new, old, ...); their outputs must be
 identical: every token each loop generated, and the metrics (checked, else the comparison is void). Prints the
 whole evaluation's seconds (model load and the loss pass included, as `peftlab eval` runs) and the decoding loop's
-own, medians with the min-max spread; writes bench/results/eval_generation.json.
+own, medians with the min-max spread; writes bench/results/eval_generation.json
+(eval_generation-NAME.json with --only NAME).
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def main() -> None:
               f"| {spread(row['loop_speedup'])} |")
     for name, row in results["evaluations"].items():
         print(f"{name}: {row['summary']}")
-    out = Path(__file__).parent / "results" / "eval_generation.json"
+    chosen = "-" + "-".join(args.only) if args.only else ""  # one evaluation's run does not replace the other's numbers
+    out = Path(__file__).parent / "results" / f"eval_generation{chosen}.json"
     write_text_atomic(out, json.dumps(results, indent=2))
     print(f"\nraw numbers: {out}")
 
