@@ -2,6 +2,8 @@
 
 import struct
 
+import pytest
+
 from PIL import Image
 
 from peftlab.report import plot_validation_loss
@@ -112,7 +114,8 @@ def test_scores_of_other_tasks_and_metrics_never_share_an_axis(tmp_path):
     assert _png_size(losses)[0] == 2 * 770
 
 
-def test_history_plots_count_whole_steps_and_label_the_best_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps", [(1, 2, 3), (8,)])  # (8,): one evaluation, where a locator falls back to 7.6, 7.8
+def test_history_plots_count_whole_steps_and_label_the_best_checkpoint(tmp_path, monkeypatch, steps):
     from matplotlib.axes import Axes
 
     from peftlab.report import plot_history
@@ -126,15 +129,16 @@ def test_history_plots_count_whole_steps_and_label_the_best_checkpoint(tmp_path,
 
     monkeypatch.setattr(Axes, "legend", remember)
     rows = [{"step": step, "epoch": 1, "val_loss": 1.0 / step, "val_accuracy": 0.5 + step / 10, "val_mcc": step / 10}
-            for step in (1, 2, 3)]
+            for step in steps]
     rows[-1] |= {"final_of_epoch": True, "train_loss": 0.4, "train_accuracy": 0.7}
-    written = plot_history(rows, tmp_path, "run", ("accuracy", "mcc"), "mcc", best_step=3)
+    best = steps[-1]
+    written = plot_history(rows, tmp_path, "run", ("accuracy", "mcc"), "mcc", best_step=best)
     assert [path.name for path in written] == ["loss.png", "metrics.png"]
     assert [title for title, _, _ in panels] == ["run: loss", "run: accuracy", "run: MCC"]  # one metric a panel
     for title, ticks, labels in panels:
         assert all(float(tick).is_integer() for tick in ticks), (title, ticks)
-        assert "best checkpoint (step 3)" in labels
-    assert "best MCC 0.3000" in panels[2][2] and not any("best MCC" in label for label in panels[1][2])
+        assert f"best checkpoint (step {best})" in labels
+    assert f"best MCC {best / 10:.4f}" in panels[2][2] and not any("best MCC" in label for label in panels[1][2])
 
 
 # ----------------------------------------------------------------------------------------------------------

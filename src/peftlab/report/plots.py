@@ -38,7 +38,12 @@ def metric_label(metric: str) -> str:
 
 
 def integer_steps(axes) -> None:
-    """Optimizer steps are whole numbers: no 2.5 on the step axis."""
+    """Optimizer steps are whole numbers: no 2.5 on the step axis (a short run's axis is widened to a step either
+    side, where the locator would otherwise fall back to fractions)."""
+    low, high = axes.get_xlim()
+    if high - low < 2:
+        middle = round((low + high) / 2)
+        axes.set_xlim(middle - 1, middle + 1)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
