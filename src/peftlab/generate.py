@@ -15,6 +15,7 @@ from typing import TextIO
 from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.generation import TokenPicker, decode, token_picker
+from peftlab.models import position_limit
 from peftlab.peft.base import adapter_modules
 from peftlab.peft.prefix import PrefixTuning
 from peftlab.sampling import Sampling
@@ -22,12 +23,11 @@ from peftlab.sampling import Sampling
 
 def context_length(model) -> int:
     """Maximum sequence length (prompt + generated tokens) the model's position embeddings support."""
-    config = model.config
-    for attribute in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attribute, None)
-        if value:
-            return int(value)
-    raise PeftlabError(f"cannot tell the context length of {type(model).__name__}: its config has no max_position_embeddings")
+    limit = position_limit(model.config)
+    if limit is None:
+        raise PeftlabError(f"cannot tell the context length of {type(model).__name__}: its config has no "
+                           "max_position_embeddings")
+    return limit
 
 
 def _tokens(count: int) -> str:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -291,3 +292,30 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise PeftlabError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16. "
                            "Fix: --precision fp16 or fp32")
     return precision
+
+
+GPT2_POSITIONS = 1024  # every GPT-2 size peftlab knows by name, pretrained or --init random (`_gpt2_config`)
+
+
+def position_limit(config) -> int | None:
+    """The positions a transformer's position embeddings cover (GPT-2's n_positions, Llama's
+    max_position_embeddings), from its config object or its config.json as a mapping; None when it names none."""
+    for attribute in ("n_positions", "max_position_embeddings"):
+        value = config.get(attribute) if isinstance(config, Mapping) else getattr(config, attribute, None)
+        if value:
+            return int(value)
+    return None
+
+
+def model_positions(name: str) -> int | None:
+    """The position limit of the model peftlab loads as `name` (a known name or a local Hugging Face directory),
+    read without loading it; None when that cannot be told cheaply (loading the model then says what is wrong)."""
+    spec = KNOWN_MODELS.get(name)
+    if spec is not None and spec.family == "gpt2":
+        return GPT2_POSITIONS
+    folder = smollm2_cache_path() if spec is not None else Path(name)
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return position_limit(values) if isinstance(values, dict) else None

@@ -23,22 +23,19 @@ forward pre-hook on the body, so the engine, tasks and generation need no case o
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from peftlab.catalog import KNOWN_MODELS, smollm2_cache_path
 from peftlab.errors import PeftlabError
+from peftlab.models import model_positions, position_limit
 from peftlab.peft.base import AdapterMethod, AdapterModule, PeftExport, adapter_modules
 
 MODULE_NAME = "prefix_tuning"  # the attribute of the transformer body that holds the prefix
 INIT_SEED = 0  # the random vocabulary tokens whose keys and values start the prefix
-GPT2_POSITIONS = 1024  # every GPT-2 size peftlab knows by name, pretrained or --init random (models._gpt2_config)
 
 
 def transformer_body(model: nn.Module) -> PreTrainedModel:
@@ -47,30 +44,6 @@ def transformer_body(model: nn.Module) -> PreTrainedModel:
         if isinstance(module, PreTrainedModel) and module.base_model is module:
             return module
     raise PeftlabError("prefix tuning needs a Hugging Face transformer (GPT-2 or Llama family) inside the model")
-
-
-def position_limit(config) -> int | None:
-    """The positions a transformer's position embeddings cover (GPT-2's n_positions, Llama's
-    max_position_embeddings), from its config object or its config.json as a mapping; None when it names none."""
-    for attribute in ("n_positions", "max_position_embeddings"):
-        value = config.get(attribute) if isinstance(config, Mapping) else getattr(config, attribute, None)
-        if value:
-            return int(value)
-    return None
-
-
-def model_positions(name: str) -> int | None:
-    """The position limit of the model peftlab loads as `name` (a known name or a local Hugging Face directory),
-    read without loading it; None when that cannot be told cheaply (loading the model then says what is wrong)."""
-    spec = KNOWN_MODELS.get(name)
-    if spec is not None and spec.family == "gpt2":
-        return GPT2_POSITIONS
-    folder = smollm2_cache_path() if spec is not None else Path(name)
-    try:
-        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return position_limit(values) if isinstance(values, dict) else None
 
 
 def check_prefix_fits(length: int, max_length: int, positions: int | None, model: str) -> None:

@@ -5,19 +5,17 @@ directory (`outputs`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from peftlab.catalog import KNOWN_MODELS, smollm2_cache_path
 from peftlab.config import RunConfig
 from peftlab.data import evenly_spaced
 from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
-from peftlab.models import load_model, load_tokenizer, resolve_device
+from peftlab.generate import context_length
+from peftlab.models import load_model, load_tokenizer, model_positions, resolve_device
 from peftlab.runs import RunDir
 from peftlab.workloads.base import Workload
 from peftlab.workloads.icl import IclConfig
@@ -41,7 +39,6 @@ from peftlab.workloads.icl.templates import (
 )
 from peftlab.workloads.loading import load_run
 
-GPT2_CONTEXT = 1024  # every GPT-2 size reads 1024 positions
 
 
 class IclWorkload(Workload):
@@ -108,7 +105,7 @@ def plan_icl(config: RunConfig, device: str) -> IclPlan:
     orders = {seed: demonstration_order(pool, max(settings.shots), seed, settings.balanced)
               for seed in range(settings.demo_seeds)}
     room = answer_room(task, settings, [builder.answer_tokens(v) for v in prompt_format.verbalizers])
-    context, model = declared_context(config.model.name), None
+    context, model = model_positions(config.model.name), None
     if context is None:  # nothing to read it from before the weights load
         model = load_icl_model(settings.run, config.model.name, device)
         context = context_length(model)
@@ -120,18 +117,24 @@ def plan_icl(config: RunConfig, device: str) -> IclPlan:
 def evaluate_sets(plan: IclPlan) -> tuple[list[dict], list[dict]]:
     """(one summary per demonstration set, one record per set and test example), printing a line per set."""
     sets, records = [], []
+    done: dict[tuple[str, ...], tuple] = {}  # a set evaluated already (every seed's 0 shots): its result, seconds
     for seed, order in plan.orders.items():
         for shots in plan.settings.shots:
             demonstrations = [plan.pool[index] for index in order[:shots]]
-            started = time.perf_counter()
-            result = evaluate_set(plan.model, plan.builder, plan.task, plan.settings, plan.test, demonstrations,
-                                  plan.label_names)
-            seconds = time.perf_counter() - started
-            sets.append({"seed": seed, "shots": shots, "demonstrations": [d.origin for d in demonstrations],
+            key = tuple(d.origin for d in demonstrations)
+            reused = key in done
+            if not reused:
+                started = time.perf_counter()
+                result = evaluate_set(plan.model, plan.builder, plan.task, plan.settings, plan.test, demonstrations,
+                                      plan.label_names)
+                done[key] = result, time.perf_counter() - started
+            result, seconds = done[key]
+            sets.append({"seed": seed, "shots": shots, "demonstrations": list(key),
                          "prefix_tokens": result.prefix_tokens, "content_free_prior": result.prior,
-                         "metrics": result.metrics, "seconds": seconds})
+                         "metrics": result.metrics, "seconds": seconds, "reused": reused})
             records += [{"seed": seed, "shots": shots, **record} for record in result.records]
-            print(set_line(seed, shots, result, TASK_METRICS[plan.task][0], seconds), flush=True)
+            line = set_line(seed, shots, result, TASK_METRICS[plan.task][0], seconds)
+            print(line + (" (the same demonstrations as an earlier set: reused)" if reused else ""), flush=True)
     return sets, records
 
 
@@ -169,30 +172,6 @@ def load_icl_model(run_dir: str, base: str, device: str) -> torch.nn.Module:
         raise PeftlabError(f"{run_dir} trains a {run_task.model_task} model (a head instead of the language model "
                            "head); in-context learning needs a causal-LM run (instruct or qa) or a base model")
     return model.to(target).eval()
-
-
-def declared_context(name: str) -> int | None:
-    """The context length a model's config.json declares, read before its weights load (GPT-2's is 1024); None
-    when there is no config.json to read."""
-    spec = KNOWN_MODELS.get(name)
-    if spec is not None and spec.family == "gpt2":
-        return GPT2_CONTEXT
-    folder = smollm2_cache_path() if spec is not None else Path(name)
-    try:
-        declared = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    length = declared.get("max_position_embeddings") or declared.get("n_positions")
-    return int(length) if isinstance(length, int) else None
-
-
-def context_length(model: torch.nn.Module) -> int:
-    config = model.config
-    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not length:
-        raise PeftlabError(f"cannot tell the context length of {type(model).__name__} (no max_position_embeddings "
-                           "or n_positions in its config)")
-    return int(length)
 
 
 def set_line(seed: int, shots: int, result, metric: str, seconds: float) -> str:
