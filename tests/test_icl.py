@@ -194,7 +194,17 @@ def test_icl_run_directory_from_a_lora_run(lora_run, tiny_model_dir, rt_data, tm
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| 1 | " in table and "calibrated" in table
     assert (tmp_path / "run" / "plots" / "icl.png").stat().st_size > 0
-    assert "icl:" in (tmp_path / "run" / "config.yaml").read_text()
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "icl:" in config and "command: peftlab icl --task rotten_tomatoes" in config
+    # `peftlab report` and --html show an icl run's own tables and plot beside a trained run's row.
+    assert main(["report", lora_run, str(tmp_path / "run"), "--output-dir", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"| {Path(lora_run).name} |" in report and "| run |" in report  # the trained run's row
+    assert "## In-context learning: run" in report and table.splitlines()[-3] in report
+    assert main(["report", lora_run, str(tmp_path / "run"), "--html", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "<h2>In-context learning: run</h2>" in page and "calibrated" in page and "alt='icl.png'" in page
+    assert "peftlab icl --task rotten_tomatoes" in page
 
 
 def test_a_k_that_does_not_fit_names_k_and_the_overflow(tiny_model_dir, rt_data, tmp_path, capsys, monkeypatch):

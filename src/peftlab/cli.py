@@ -192,6 +192,18 @@ COMMANDS = (
             "(score against trainable parameters, log x). With --by-method the arguments are sweep folders (a task's "
             "runs may span several, e.g. its extra seeds), runs of the same name are one row with a score column per "
             "task, and runs named <name>_seed<k> count as more seeds of <name>."),
+    Command("preferences", "sample and score preference pairs on Rotten Tomatoes prompts (for DPO)",
+            "peftlab.commands.preference_options:preference_arguments", "peftlab.commands.preferences:run_preferences",
+            "Prompts = the first 2-8 tokens of Rotten Tomatoes reviews (seeded); the policy samples --samples "
+            "completions of each; the reward run scores each whole review (P(positive)); every two samples of a "
+            "prompt with different rewards make a pair, the higher chosen. JSON lines for `train --objective dpo`."),
+    Command("frontier", "the reward-KL frontier of DPO runs: reference, best-of-N and each run (W7)",
+            "peftlab.commands.frontier_options:frontier_arguments", "peftlab.commands.frontier:run_frontier",
+            "Sample completions of held-out Rotten Tomatoes test prompts from each DPO run and from its reference, "
+            "score them with a reward run (P(positive)) and measure each run's sequence KL(π‖π_ref) against its own "
+            "reference; best-of-N sampling from the reference is drawn on its analytic KL bound log N - (N-1)/N. "
+            "Writes frontier.json, frontier.md (the table), frontier.png (reward against KL) and samples.jsonl into "
+            "--output-dir; `peftlab report DIR --html OUT.html` shows them."),
     Command("recipes", "list the measured recipes for `peftlab train --recipe NAME`", _no_arguments,
             "peftlab.commands.listing:run_recipes"),
     Command("models", "list known models and whether they are available here", _no_arguments,

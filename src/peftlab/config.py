@@ -237,11 +237,12 @@ def _check_type(value, hint, where: str):
         raise PeftlabError(f"{where}: expected {_type_name(options[0])}, found nothing (null)")
     expected = options[0]
     if typing.get_origin(expected) is list:
-        if isinstance(value, str):  # "q,v" (a --set value, or a YAML scalar) is the list q, v
-            value = [item.strip() for item in value.split(",") if item.strip()]
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise PeftlabError(f"{where}: expected a list of strings, found {value!r}")
-        return value
+        item_type = (typing.get_args(expected) or (str,))[0]
+        if isinstance(value, str):  # "q,v" (a --set value, or a YAML scalar) is the list q, v; "0,4" the list 0, 4
+            value = [_from_text(item.strip(), item_type) for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise PeftlabError(f"{where}: expected {_type_name(expected)}, found {value!r}")
+        return [_check_type(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
     if expected is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
         try:
             return float(value)
@@ -308,7 +309,20 @@ def section_type(hint):
 
 
 def _type_name(hint) -> str:
-    return "a list of strings" if typing.get_origin(hint) is list else hint.__name__
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name((typing.get_args(hint) or (str,))[0])}s"
+    return hint.__name__
+
+
+def _from_text(text: str, item_type):
+    """One item of a comma-separated list as its type (an integer list's "4" is 4); left as text when it is not one,
+    so the type check names it."""
+    if item_type is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    return text
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

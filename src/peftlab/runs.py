@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -459,3 +460,10 @@ def load_state(directory: Path, name: str) -> dict:
         return _unflatten(skeleton, tensors)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise damaged_checkpoint(directory, f"{name}.json cannot be read: {type(error).__name__}: {error}") from None
+
+
+def run_environment(device, precision: str, num_processes: int, command: str | None) -> dict:
+    """What config.yaml records about where and how a run was started (a training, an icl evaluation)."""
+    versions = {name: metadata.version(name) for name in ("peftlab", "torch", "transformers", "accelerate")}
+    return versions | {"command": command, "device": str(device), "precision": precision, "weights": "fp32",
+                       "num_processes": num_processes, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

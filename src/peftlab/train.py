@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
 
 from peftlab.catalog import PRECISIONS, export_base
 from peftlab.config import CORE_SECTIONS, RunConfig
@@ -31,13 +30,12 @@ from peftlab.hf import export_merged, export_peft, read_export_record
 from peftlab.models import resolve_device, resolve_precision
 from peftlab.options import RUN_PLACE_OPTIONS, eval_options, settings_options
 from peftlab.peft import parameter_report
-from peftlab.peft.base import adapter_parameters
-from peftlab.peft.checkpoint import TENSORS_FILE
+from peftlab.peft.checkpoint import checkpoint_parameters
 from peftlab.peft.methods import get_method
-from peftlab.peft.prepare import canonical_parameter_names, check_extra_trainable, unused_settings
+from peftlab.peft.prepare import check_extra_trainable, unused_settings
 from peftlab.predict import in_batches
 from peftlab.report import method_label, plot_history, run_title
-from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock
+from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock, run_environment
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
 from peftlab.workloads.loading import build_model, build_task, load_run, workload_for
@@ -128,15 +126,6 @@ def _setting_text(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
-def _body_name(name: str, body_prefix: str) -> str:
-    """A tensor's name inside the transformer body, however the run held the body (a classifier's `backbone.`, a
-    language model's `transformer.` or `model.`), so an adapter moves between objectives; a head's name stays."""
-    for prefix in ("backbone.", f"{body_prefix}."):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
 def init_from_run(model, config: RunConfig, say=print) -> RunConfig | None:
     """Start `model` (built fresh for this run) from the adapter weights of the run `--init-from` names (None
     without it): every tensor of its checkpoint that this model has with the same shape is copied in; tensors this
@@ -146,20 +135,13 @@ def init_from_run(model, config: RunConfig, say=print) -> RunConfig | None:
     if source_config is None:
         return None
     directory = RunDir(config.train.init_from).checkpoint(config.train.init_checkpoint)
-    body_prefix = getattr(getattr(model, "backbone", model), "base_model_prefix", "")
-    tensors = {_body_name(name, body_prefix): tensor for name, tensor in load_file(directory / TENSORS_FILE).items()}
-    parameters = {_body_name(name, body_prefix): parameter
-                  for name, parameter in canonical_parameter_names(model).items()}
-    adapter_ids = {id(parameter) for parameter in adapter_parameters(model)}
-    missing = [name for name, parameter in parameters.items() if id(parameter) in adapter_ids and name not in tensors]
-    if missing:
-        raise PeftlabError(f"--init-from {directory} lacks adapter tensors this run has: {', '.join(missing[:3])}")
-    fits = {name: tensor for name, tensor in tensors.items()
-            if name in parameters and tuple(tensor.shape) == tuple(parameters[name].shape)}
+    try:
+        fits, left = checkpoint_parameters(model, directory)
+    except PeftlabError as error:
+        raise PeftlabError(f"--init-from {error}") from None
     with torch.no_grad():
-        for name, tensor in fits.items():
-            parameters[name].copy_(tensor)
-    left = sorted(set(tensors) - set(fits))
+        for parameter, tensor in fits.values():
+            parameter.copy_(tensor)
     say(f"Initialised from {directory}: {len(fits)} tensor(s)"
         + (f"; not carried (this run's model has none of that shape): {', '.join(left)}" if left else ""))
     return source_config
@@ -316,15 +298,6 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-
-
-def run_environment(device, precision: str, num_processes: int, command: str | None) -> dict:
-    """What config.yaml records about where and how a run was started."""
-    from importlib import metadata
-
-    versions = {name: metadata.version(name) for name in ("peftlab", "torch", "transformers", "accelerate")}
-    return versions | {"command": command, "device": str(device), "precision": precision, "weights": "fp32", "num_processes": num_processes,
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class PlotHistory(Callback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from peftlab.config import RunConfig, parse_assignment, set_dotted
+from peftlab.data.datasets import only_dataset_of
 from peftlab.errors import PeftlabError
 from peftlab.options import RUN_PLACE_OPTIONS, apply_options, eval_options, train_options
 from peftlab.recipes import recipe_values
@@ -24,6 +25,8 @@ def train_config_from_args(args: argparse.Namespace) -> RunConfig:
         set_dotted(values, key, value, f"--set {option}")
     config = RunConfig.from_dict(values) if values else RunConfig()
     apply_options(config, args, train_options())
+    if args.task is None and "name" not in (values.get("task") or {}):
+        config.task.name = only_dataset_of(config.task.objective) or config.task.name  # --objective dpo alone
     if args.output_dir:
         config.output_dir = args.output_dir
     elif "output_dir" not in values:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from peftlab.data import cola, rotten_tomatoes, squad
+from peftlab.data import cola, preferences, rotten_tomatoes, squad
 from peftlab.errors import PeftlabError
 
 
@@ -30,9 +30,10 @@ DATASETS: dict[str, Dataset] = {dataset.name: dataset for dataset in (
     Dataset("cola", cola.read_cola, tuple(cola.SPLIT_FILES), cola.present_splits, ("classification", "instruct"), 128,
             label_names=cola.LABEL_NAMES),
     Dataset("rotten_tomatoes", rotten_tomatoes.read_rotten_tomatoes, tuple(rotten_tomatoes.SPLIT_SIZES),
-            rotten_tomatoes.present_splits, ("instruct", "classification"), 128, test_split="test",
+            rotten_tomatoes.present_splits, ("instruct", "classification", "lm"), 128, test_split="test",
             label_names=rotten_tomatoes.LABEL_NAMES),
     Dataset("squad", squad.read_squad, tuple(squad.SPLIT_FILES), squad.present_splits, ("qa",), 384),
+    Dataset("preferences", preferences.read_preferences, preferences.SPLITS, preferences.present_splits, ("dpo",), 256),
 )}
 
 
@@ -60,5 +61,15 @@ def objective_of(name: str, objective: str) -> str:
     dataset = get_dataset(name)
     chosen = objective or dataset.default_objective
     if chosen not in dataset.objectives:
-        raise PeftlabError(f"task {name} has no objective '{chosen}': expected one of {', '.join(dataset.objectives)}")
+        offering = [other.name for other in DATASETS.values() if chosen in other.objectives]
+        hint = f" ('{chosen}' trains --task {' or '.join(offering)})" if offering else ""
+        raise PeftlabError(f"task {name} has no objective '{chosen}': expected one of {', '.join(dataset.objectives)}"
+                           + hint)
     return chosen
+
+
+def only_dataset_of(objective: str | None) -> str | None:
+    """The one dataset that offers `objective` (dpo: preferences), so `--objective dpo` needs no --task; None when
+    several or none do."""
+    offering = [dataset.name for dataset in DATASETS.values() if objective in dataset.objectives]
+    return offering[0] if len(offering) == 1 else None

@@ -211,3 +211,35 @@ def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], direct
             f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}). "
             "Fix: load it onto the base model (size, number of labels) it was trained on"
         )
+
+
+def _body_name(name: str, body_prefix: str) -> str:
+    """A tensor's name inside the transformer body, however the run held the body (a classifier's `backbone.`, a
+    language model's `transformer.` or `model.`), so an adapter moves between objectives; a head's name stays."""
+    for prefix in ("backbone.", f"{body_prefix}."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def checkpoint_parameters(model: nn.Module, directory: str | os.PathLike
+                          ) -> tuple[dict[str, tuple[nn.Parameter, torch.Tensor]], list[str]]:
+    """Another run's checkpoint tensors matched to this model's parameters, by name inside the transformer body (so
+    an adapter moves between objectives): ({name: (parameter, tensor)} of those with the same shape, the names of
+    the tensors this model lacks or shapes differently). Every adapter parameter of `model` must have its tensor."""
+    directory = Path(directory)
+    try:
+        saved = load_file(directory / TENSORS_FILE)
+    except (OSError, SafetensorError) as error:
+        raise PeftlabError(f"cannot read {directory / TENSORS_FILE}: {error}") from None
+    body_prefix = getattr(getattr(model, "backbone", model), "base_model_prefix", "")
+    tensors = {_body_name(name, body_prefix): tensor for name, tensor in saved.items()}
+    parameters = {_body_name(name, body_prefix): parameter
+                  for name, parameter in canonical_parameter_names(model).items()}
+    adapter_ids = {id(parameter) for parameter in adapter_parameters(model)}
+    missing = [name for name, parameter in parameters.items() if id(parameter) in adapter_ids and name not in tensors]
+    if missing:
+        raise PeftlabError(f"{directory} lacks adapter tensors this run has: {', '.join(missing[:3])}")
+    fits = {name: (parameters[name], tensor) for name, tensor in tensors.items()
+            if name in parameters and tuple(tensor.shape) == tuple(parameters[name].shape)}
+    return fits, sorted(set(tensors) - set(fits))

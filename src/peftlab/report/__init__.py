@@ -9,11 +9,12 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text, write_text_atomic
 from peftlab.report.plots import (METRIC_LABELS, plot_comparison, plot_history, plot_score_vs_parameters,
                                   plot_validation_loss, run_title, save_figure)
-from peftlab.report.tables import method_label, method_settings, methods_table, read_run, run_status, runs_table
+from peftlab.report.tables import (RESULTS, RESULTS_TABLE, evaluation_plots, evaluation_text, method_label,
+                                   method_settings, methods_table, read_run, run_status, runs_table)
 from peftlab.runs import METRICS
 
-__all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "method_label", "method_settings", "methods_table",
-           "plot_comparison", "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report",
+__all__ = ["METRIC_LABELS", "REPORT_MARKER", "REPORT_PLOTS", "RESULTS", "RESULTS_TABLE", "method_label",
+           "method_settings", "methods_table", "plot_comparison", "plot_history", "plot_score_vs_parameters", "plot_validation_loss", "print_report",
            "read_run", "run_status", "run_title", "runs_table", "save_figure", "write_methods_report", "write_report"]
 
 
@@ -46,9 +47,13 @@ def write_report(run_dirs: list[str], output_dir: str | Path,
     table = _check_report_folder(output)
     errors = {Path(run_dir): line for run_dir, line in (failures or {}).items()}
     runs = [read_run(run_dir, errors.get(Path(run_dir))) for run_dir in run_dirs]
-    write_text_atomic(table, f"{REPORT_MARKER}\n{runs_table(runs)}")
-    return table, [plot_validation_loss(runs, output / REPORT_PLOTS[0]),
-                   plot_score_vs_parameters(runs, output / REPORT_PLOTS[1])]
+    trained = [run for run in runs if "kind" not in run]
+    evaluated = [run for run in runs if "kind" in run]  # icl runs: their own tables and plots, as written
+    text = (runs_table(trained) if trained else "") + "".join(evaluation_text(run) for run in evaluated)
+    write_text_atomic(table, f"{REPORT_MARKER}\n{text}")
+    plots = [plot_validation_loss(trained, output / REPORT_PLOTS[0]),
+             plot_score_vs_parameters(trained, output / REPORT_PLOTS[1])] if trained else []
+    return table, plots + [plot for run in evaluated for plot in evaluation_plots(run)]
 
 
 def write_methods_report(folders: list[str], output_dir: str | Path) -> tuple[Path, list[Path]]:

@@ -2,9 +2,10 @@
 runs, sweeps or a distillation comparison.
 
 For several runs: the comparison table and plots of `peftlab report`. For a folder (a sweep, a comparison): its own
-tables (*.md) and plots (*.png), then its runs. For each run: what it trained (parameters, examples, time), a row
-per evaluation, its plots (drawn afresh), the best checkpoint, its config.yaml and the command that started it. Images are
-embedded as data URIs; a one-line script records how many of them the browser decoded (`data-images-decoded`).
+tables (*.md) and plots (*.png), then its runs; a folder of results alone (a `peftlab frontier`) is shown too. For
+each run: what it trained (parameters, examples, time), a row per evaluation, its plots (drawn afresh), the best
+checkpoint, its config.yaml and the command that started it. Images are embedded as data URIs; a one-line script
+records how many of them the browser decoded (`data-images-decoded`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, read_text, write_text_atomic
 from peftlab.report import REPORT_PLOTS
 from peftlab.report.plots import METRIC_LABELS, plot_history, plot_score_vs_parameters, plot_validation_loss, run_title
-from peftlab.report.tables import count_text, finished, method_label, read_run, run_status, runs_table  # noqa: F401 (finished: here before)
+from peftlab.report.tables import (KIND_TITLES, RESULTS_TABLE, count_text, evaluation_plots, finished,  # noqa: F401
+                                   method_label, read_run, run_status, runs_table)  # (finished: here before)
 from peftlab.runs import CONFIG, STEPS, RunDir
 
 STYLE = """
@@ -60,11 +62,12 @@ def write_html_report(paths: list[str], output: str | Path) -> Path:
             runs += [read_run(child) for child in sorted(path.iterdir()) if (child / CONFIG).is_file()]
         else:
             raise PeftlabError(f"{path} is neither a run directory (config.yaml) nor a folder of runs")
-    if not runs:
-        raise PeftlabError(f"no runs in {', '.join(paths)} (run directories hold {CONFIG})")
-    if len(runs) > 1:
-        sections.insert(0, comparison_section(runs))
-    sections += [run_section(run) for run in runs]
+    if not runs and not any(sections):  # a folder of results without runs (a reward-KL frontier) is a page too
+        raise PeftlabError(f"no runs in {', '.join(paths)} (run directories hold {CONFIG}), nor tables or plots")
+    trained = [run for run in runs if "kind" not in run]
+    if len(trained) > 1:
+        sections.insert(0, comparison_section(trained))
+    sections += [evaluation_section(run) if "kind" in run else run_section(run) for run in runs]
     title = f"peftlab report: {', '.join(Path(path).name for path in paths)}"
     page = (f"{HTML_MARKER}\n<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(sections)
@@ -127,6 +130,28 @@ def run_section(run: dict) -> str:
             f"({html.escape(str(path / 'checkpoints' / 'best'))})</p>\n{plots}\n"
             f"<h3>Command</h3>\n<pre>{html.escape(command)}</pre>\n"
             f"<h3>Environment</h3>\n<pre>{html.escape(json.dumps(environment, indent=1) if environment else '—')}</pre>\n"
+            f"<h3>config.yaml</h3>\n<pre>{html.escape(yaml.safe_dump(recorded, sort_keys=False))}</pre>")
+
+
+def evaluation_section(run: dict) -> str:
+    """An evaluation run (`peftlab icl`): what it evaluated, its results.md tables and plots as written, its command
+    and config.yaml."""
+    results, config = run["results"], run["config"]
+    facts = [(name, results[key]) for name, key in (
+        ("task", "task"), ("model", "model"), ("trained run (adapter on)", "run"), ("split", "split"),
+        ("examples", "examples"), ("demonstration seeds", "demo_seeds"), ("format", "format_name"),
+        ("prompt format", "format"), ("verbalisers", "verbalizers"), ("chat template", "chat"),
+        ("balanced demonstrations", "balanced"), ("context (tokens)", "context_tokens")) if results.get(key) not in (None, "")]
+    seconds = sum(item.get("seconds", 0) for item in results.get("sets", []) if not item.get("reused"))
+    facts.append(("scoring time", f"{seconds:.0f} s"))
+    images = "".join(image(plot) for plot in evaluation_plots(run))
+    environment = config.get("environment") or {}
+    command = environment.get("command") or "(not recorded: written before icl runs recorded their command)"
+    recorded = {key: value for key, value in config.items() if key not in ("environment", "adapter", "train")}
+    return (f"<h2>{html.escape(KIND_TITLES[run['kind']])}: {html.escape(run['name'])}</h2>\n"
+            f"<p class='note'>{html.escape(run['path'])}</p>\n{facts_table(facts)}\n"
+            f"{markdown_tables(read_text(Path(run['path']) / RESULTS_TABLE, 'results table'))}\n{images}\n"
+            f"<h3>Command</h3>\n<pre>{html.escape(command)}</pre>\n"
             f"<h3>config.yaml</h3>\n<pre>{html.escape(yaml.safe_dump(recorded, sort_keys=False))}</pre>")
 
 

@@ -13,6 +13,11 @@ from peftlab.peft.methods import METHODS, method_for
 from peftlab.fileio import read_text
 from peftlab.runs import CONFIG, METRICS, STEPS, SUMMARY, RunDir
 
+# An evaluation run (`peftlab icl`) trains nothing: its results.json says what it is ("kind") and holds its numbers,
+# results.md its tables and plots/*.png its figures; reports show those as they are.
+RESULTS, RESULTS_TABLE = "results.json", "results.md"
+KIND_TITLES = {"icl": "In-context learning"}
+
 
 def read_run(run_dir: str | Path, error: str | None = None) -> dict:
     """A finished, interrupted or failed run's config (as a dict), history and summary (if written yet), for
@@ -22,6 +27,10 @@ def read_run(run_dir: str | Path, error: str | None = None) -> dict:
     if not (run.path / CONFIG).is_file():
         raise PeftlabError(f"{run} is not a run directory (expected {CONFIG}, and {METRICS} once it has results)")
     config = run.read_config()
+    results = read_results(run.path)
+    if results is not None:
+        return {"name": run.path.name, "path": str(run), "config": config.to_dict(), "kind": results["kind"],
+                "results": results, "status": "finished"}
     summary = run.read_summary() if (run.path / SUMMARY).is_file() else {}
     rows = run.read_metrics() if (run.path / METRICS).is_file() else []
     read = {"name": run.path.name, "path": str(run), "config": config.to_dict(), "rows": rows, "summary": summary,
@@ -29,6 +38,31 @@ def read_run(run_dir: str | Path, error: str | None = None) -> dict:
     if student_of(read["config"]):
         read["teacher_total"] = _teacher_total(read["config"])
     return read | {"status": run_status(read, error)}
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """An evaluation run's results.json (one whose "kind" a report knows), else None (a training run)."""
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(read_text(path, "results"))
+    except json.JSONDecodeError as error:
+        raise PeftlabError(f"{path} is not valid JSON ({error}). Fix: run the evaluation again into a new "
+                           "--output-dir") from None
+    return results if isinstance(results, dict) and results.get("kind") in KIND_TITLES else None
+
+
+def evaluation_text(run: dict) -> str:
+    """An evaluation run's results.md under a heading naming the run (its own headings one level down)."""
+    table = Path(run["path"]) / RESULTS_TABLE
+    body = read_text(table, "results table") if table.is_file() else "(results.md is missing)\n"
+    body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+    return f"\n## {KIND_TITLES[run['kind']]}: {run['name']} ({run['path']})\n\n{body}\n"
+
+
+def evaluation_plots(run: dict) -> list[Path]:
+    return sorted((Path(run["path"]) / "plots").glob("*.png"))
 
 
 def _last_step(path: Path) -> int | None:

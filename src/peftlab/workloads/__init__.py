@@ -4,8 +4,8 @@ ones; a workload from elsewhere calls `registry.register_workload` itself. `load
 through the registry; no module outside a workload's package names it.
 """
 
-from peftlab.workloads import classification, distill, icl, instruct, qa
+from peftlab.workloads import classification, distill, dpo, icl, instruct, lm, qa
 from peftlab.workloads.registry import register_workload
 
-for _package in (classification, instruct, qa, distill, icl):
+for _package in (classification, instruct, qa, distill, icl, lm, dpo):
     register_workload(_package.SPEC)

@@ -16,7 +16,7 @@ from peftlab.data.datasets import get_dataset
 from peftlab.errors import PeftlabError
 from peftlab.generate import context_length
 from peftlab.models import load_model, load_tokenizer, model_positions, resolve_device
-from peftlab.runs import RunDir
+from peftlab.runs import RunDir, run_environment
 from peftlab.workloads.base import Workload
 from peftlab.workloads.icl import IclConfig
 from peftlab.workloads.icl.command_line import icl_run_config
@@ -38,7 +38,6 @@ from peftlab.workloads.icl.templates import (
     resolve_format,
 )
 from peftlab.workloads.loading import load_run
-
 
 
 class IclWorkload(Workload):
@@ -80,6 +79,8 @@ def run_icl(args: argparse.Namespace) -> None:
     run = RunDir(config.output_dir)
     run.check_new()
     plan = plan_icl(config, args.device)
+    config.environment = run_environment(next(plan.model.parameters()).device, "fp32", 1,
+                                         getattr(args, "command_line", None))
     lock = run.lock()
     try:
         run.write_config(config)

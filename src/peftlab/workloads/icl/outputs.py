@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from peftlab.fileio import finite_or_null, write_json_lines, write_text_atomic
-from peftlab.report import METRIC_LABELS, save_figure
+from peftlab.report import METRIC_LABELS, RESULTS, RESULTS_TABLE, save_figure
 
 MODE_LABELS = {"raw": "raw", "norm": "length-normalised", "calibrated": "calibrated", "generate": "generated"}
 MODES_NOTE = ("raw: the verbaliser with the highest log-likelihood (lm-evaluation-harness's acc rule); "
@@ -28,7 +28,7 @@ MODES_NOTE = ("raw: the verbaliser with the highest log-likelihood (lm-evaluatio
               "text, parsed (unparsable counts as wrong)")
 TASK_METRICS = {"cola": ("mcc", "accuracy"), "rotten_tomatoes": ("accuracy",), "squad": ("f1", "exact_match"),
                 "cot": ("accuracy",)}
-PREDICTIONS, RESULTS, TABLE, PLOT = "predictions.jsonl", "results.json", "results.md", "plots/icl.png"
+PREDICTIONS, PLOT = "predictions.jsonl", "plots/icl.png"
 
 
 def summary_rows(sets: list[dict], metrics: tuple[str, ...]) -> list[dict]:
@@ -95,6 +95,6 @@ def write_outputs(directory: Path, description: dict, sets: list[dict], records:
              f"examples), {description['demo_seeds']} demonstration seed(s), format {description['format_name']}")
     write_json_lines(directory / PREDICTIONS, records)
     write_text_atomic(directory / RESULTS, json.dumps(finite_or_null(results), indent=1) + "\n")
-    write_text_atomic(directory / TABLE, results_table(f"# In-context learning: {title}", rows, metrics))
+    write_text_atomic(directory / RESULTS_TABLE, results_table(f"# In-context learning: {title}", rows, metrics))
     plot = plot_against_shots(rows, metrics, title, directory / PLOT)
-    return [directory / PREDICTIONS, directory / RESULTS, directory / TABLE, plot]
+    return [directory / PREDICTIONS, directory / RESULTS, directory / RESULTS_TABLE, plot]

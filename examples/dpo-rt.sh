@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The DPO paper's controlled-sentiment experiment on Rotten Tomatoes (SPEC W7), on SmolLM2-135M, in five commands:
+# a reward run, a short SFT of the policy on reviews as plain text, preference pairs sampled from the SFT policy and
+# scored by the reward run, DPO over a β grid from the SFT run (its adapter is the reference), and the reward–KL
+# frontier against the SFT policy and best-of-N sampling. Budget on a 2-core CPU: see README, "DPO (W7)".
+set -euo pipefail
+peftlab train --task rotten_tomatoes --objective classification --method lora --targets all-linear --rank 16 \
+  --alpha 32 --lr 3e-4 --schedule cosine --epochs 1 --batch-size 16 --train-limit 2400 --eval-limit 200 \
+  --test-limit 400 --output-dir runs/dpo/reward
+peftlab train --task rotten_tomatoes --objective lm --method lora --targets all-linear --rank 16 --alpha 32 \
+  --lora-dropout 0 --lr 3e-4 --schedule cosine --epochs 1 --batch-size 16 --train-limit 2400 --eval-limit 200 \
+  --test-limit 200 --output-dir runs/dpo/sft
+peftlab preferences --policy runs/dpo/sft --reward runs/dpo/reward --prompts 256 --samples 4 --max-new-tokens 24 \
+  --output runs/dpo/pairs.jsonl
+peftlab sweep examples/sweep-dpo.yaml
+peftlab frontier --reward runs/dpo/reward --runs runs/dpo/sweep --prompts 64 --samples 4 --max-new-tokens 24 \
+  --output-dir runs/dpo/frontier
