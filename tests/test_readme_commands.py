@@ -43,6 +43,7 @@ def test_the_readme_block_is_found_and_holds_the_main_commands():
     commands, fragments = commands_and_fragments()
     names = {words[1] for words in commands}
     assert {"generate", "train", "eval", "predict", "icl", "export", "distill", "sweep", "report", "run.py"} <= names
+    assert ["peftlab", "train", "--objective", "dpo"] in [words[:4] for words in commands]
     assert len(fragments) >= 5
 
 
@@ -66,6 +67,9 @@ def tiny_world(tiny_model_dir, tmp_path, monkeypatch):
     grid.write_text(json.dumps({"output_dir": "runs/sweep", "base": {
         "model": {"name": tiny_model_dir}, "task": {"name": "cola", "train_limit": 16, "eval_limit": 8},
         "train": {"epochs": 1, "batch_size": 8, "device": "cpu"}}, "grid": {"adapter.rank": [2, 4]}}))
+    pairs = tmp_path / "pairs.jsonl"  # DPO's preference pairs: three prompts, one of them held out
+    pairs.write_text("".join(json.dumps({"prompt": f"the film {word}", "chosen": " is great .", "rejected": " is dull ."})
+                             + "\n" for word in ("starts", "opens", "ends") for _ in range(2)))
     monkeypatch.setenv("PEFTLAB_DATA", str(data))
     monkeypatch.chdir(tmp_path)
     return {"model": tiny_model_dir, "data": str(data), "grid": str(grid)}
@@ -107,7 +111,8 @@ def test_every_command_at_a_glance_runs(tiny_world, capsys):
         captured = capsys.readouterr()
         assert code == 0, f"README's `{shlex.join(words)}` failed as `{shlex.join(arguments)}`: {captured.err[-2000:]}"
     for written in ("runs/cola/summary.json", "runs/cola-more/summary.json", "exported/adapter_config.json",
-                    "runs/sweep/report.md", "runs/report/report.md", "report.html", "runs/icl-rt/results.json"):
+                    "runs/sweep/report.md", "runs/report/report.md", "report.html", "runs/icl-rt/results.json",
+                    "runs/dpo/summary.json"):
         assert Path(written).is_file(), written
 
 

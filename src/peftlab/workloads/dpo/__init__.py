@@ -1,7 +1,7 @@
 """Direct preference optimisation (W7): the `dpo` settings section and the workload's spec. The task (`task`), the
 reference (`reference`) and the workload (`workload`) are imported only when a run is built.
 
-A DPO run trains the `preferences` task (its only objective is dpo): `peftlab train --task preferences
+A DPO run trains the `preferences` task (its only objective is dpo): `peftlab train --objective dpo
 --preferences FILE_OR_DIR`.
 """
 

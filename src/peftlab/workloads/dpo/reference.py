@@ -49,7 +49,7 @@ def check_reference_possible(model: nn.Module, method: str, extra_trainable: Seq
               "must be an adapter module")
     if extra_trainable:
         raise PeftlabError(f"--objective dpo cannot train --extra-trainable {','.join(extra_trainable)}: {reason}. "
-                           "Fix: --extra-trainable none")
+                           "Fix: leave --extra-trainable out")
     adapter = {id(parameter) for parameter in adapter_parameters(model)}
     outside = [name for name, parameter in model.named_parameters()
                if parameter.requires_grad and id(parameter) not in adapter]
@@ -75,7 +75,7 @@ def load_reference_state(model: nn.Module, checkpoint: str | Path | None) -> Ref
     if outside:
         raise PeftlabError(f"the DPO reference {checkpoint} trained {outside[0]}{' and more' if len(outside) > 1 else ''}"
                            " besides its adapter; the reference can only be an adapter over the shared base. Fix: "
-                           "start from a run trained with --extra-trainable none")
+                           "start from a run trained without --extra-trainable")
     names = tuple(sorted(name for name, (parameter, _) in fits.items()))
     frozen = tuple((fits[name][0], fits[name][1].to(fits[name][0].device, fits[name][0].dtype)) for name in names)
     return ReferenceState(str(checkpoint), frozen, names)
