@@ -286,6 +286,11 @@ def test_train_dpo_end_to_end(tiny_model_dir, tmp_path):
     best = json.loads((run / "summary.json").read_text())["best"]
     assert best["val_rewards/accuracies"] == 1.0
     assert "name: preferences" in (run / "config.yaml").read_text()  # --objective dpo alone chose the task
+    # The HTML report draws the run's own metrics (summary.json names them) beside its loss.
+    assert json.loads((run / "summary.json").read_text())["metric_names"] == ["rewards/accuracies", "rewards/margins"]
+    assert main(["report", str(run), "--html", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "alt='loss.png'" in page and "alt='metrics.png'" in page
 
 
 def test_a_resumed_run_keeps_its_reference_and_cache(tiny_model_dir, sft, tmp_path):

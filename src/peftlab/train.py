@@ -332,7 +332,7 @@ def run_summary(config: RunConfig, engine: Engine, report, num_train: int, num_v
         "train_examples": num_train, "validation_examples": num_val,
         "skipped_examples": engine.task.skipped,
         "num_processes": engine.accelerator.num_processes,
-        "select_metric": engine.select, "best": engine.best_row(), "last": final_rows[-1] if final_rows else None,
+        "select_metric": engine.select, "metric_names": list(engine.task.metric_names), "best": engine.best_row(), "last": final_rows[-1] if final_rows else None,
         "epochs_completed": engine.history.epoch, "steps_completed": engine.history.step,
         "finished": engine.finished, "elapsed_seconds": engine.history.seconds,
         "seconds_per_epoch": [row["train_seconds"] for row in final_rows],

@@ -159,7 +159,9 @@ def run_plots(run: dict, path: Path) -> str:
     """The run's loss and metric plots, drawn afresh from metrics.jsonl and steps.jsonl (a run written by an older
     peftlab has older plots on disk)."""
     rows, summary = run["rows"], run["summary"]
-    metrics = [name for name in METRIC_LABELS if any(f"val_{name}" in row for row in rows)]
+    # The task's own metrics (summary.json names them since DPO's rewards/*), else the ones peftlab labels.
+    metrics = summary.get("metric_names") or [name for name in METRIC_LABELS
+                                              if any(f"val_{name}" in row for row in rows)]
     steps = RunDir(path).read_steps() if (path / STEPS).is_file() else None
     best = (summary.get("best") or {}).get("step")
     with tempfile.TemporaryDirectory() as folder:

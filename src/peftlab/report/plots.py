@@ -99,6 +99,8 @@ def plot_history(rows: list[dict], directory: Path, title: str, metric_names=("a
     written = [save_figure(figure, directory / "loss.png")]
     metrics = [metric for metric in metric_names if any(isinstance(row.get(f"val_{metric}"), (int, float))
                                                         for row in rows)] or list(metric_names[:1])
+    if not metrics:  # a task with no metric but its loss
+        return written
     figure, axes_list = plt.subplots(1, len(metrics), figsize=(max(7, 5 * len(metrics)), 4.2), dpi=110,
                                      squeeze=False)
     for axes, metric in zip(axes_list[0], metrics):
