@@ -312,3 +312,12 @@ def test_a_resumed_run_keeps_its_reference_and_cache(tiny_model_dir, sft, tmp_pa
     for whole, resumed in zip(runs["whole"], runs["resumed"]):
         assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-6)
         assert resumed["rewards/margins"] == pytest.approx(whole["rewards/margins"], rel=1e-5, abs=1e-7)
+
+
+def test_a_missing_preferences_file_is_named_before_the_model_loads(tmp_path, capsys):
+    code = main(["train", "--objective", "dpo", "--preferences", str(tmp_path / "missing.jsonl"), "--dry-run",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert f"--preferences {tmp_path / 'missing.jsonl'}: no such file or folder" in captured.err
+    assert "Reduction" not in captured.out  # refused before any model was built

@@ -36,6 +36,9 @@ class DPOWorkload(Workload):
         dpo = config.dpo
         if dpo.reference not in REFERENCES:
             raise PeftlabError(f"--reference must be one of {', '.join(REFERENCES)}, got '{dpo.reference}'")
+        if dpo.preferences and not Path(dpo.preferences).exists():
+            raise PeftlabError(f"--preferences {dpo.preferences}: no such file or folder. Fix: give the pairs' JSONL "
+                               "file (from `peftlab preferences`) or a folder with train.jsonl")
         if dpo.preferences and not config.task.data_dir:
             config.task.data_dir = dpo.preferences
         if config.train.merge_for_evaluation:
