@@ -35,14 +35,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
-from peftlab.commands.preference_options import PREFERENCE_SAMPLING
-from peftlab.commands.preferences import check_reward_run, load_policy, review_prompts, reward_scores
+from peftlab.commands.preferences import (check_reward_run, load_policy, review_prompts, reward_scores,
+                                          sampled_settings)
 from peftlab.data.datasets import objective_of
 from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, finite_or_null, replace_directory, write_json_lines, write_text_atomic
 from peftlab.generation import decode, token_picker
 from peftlab.models import load_tokenizer
-from peftlab.options import apply_options, sampling_options
 from peftlab.predict import load_run
 from peftlab.report import save_figure
 from peftlab.runs import CONFIG, SUMMARY, RunDir
@@ -288,12 +287,8 @@ def dpo_runs(paths: Sequence[str]) -> list[DpoRun]:
 
 def frontier_sampling(args: argparse.Namespace) -> Sampling:
     """The sampling settings; the KL compares full next-token distributions, so nothing may truncate them."""
-    sampling = Sampling(**PREFERENCE_SAMPLING)
-    apply_options(sampling, args, sampling_options())
-    sampling.check()
-    if sampling.greedy:
-        raise PeftlabError("--temperature 0: greedy decoding has no distribution to measure a KL of, and best-of-N "
-                           "needs different samples. Fix: --temperature 1 (the models as they are)")
+    sampling = sampled_settings(args, "greedy decoding has no distribution to measure a KL of, and best-of-N needs "
+                                      "different samples. Fix: --temperature 1 (the models as they are)")
     if sampling.top_k != 0 or sampling.top_p != 1:
         raise PeftlabError(f"--top-k {sampling.top_k} --top-p {sampling.top_p}: the KL is between the models' full "
                            "next-token distributions, and a truncated one may sample a token the other cannot (an "

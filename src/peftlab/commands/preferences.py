@@ -111,13 +111,20 @@ def load_policy(name: str, checkpoint: str, device: str | None):
     return model.to(torch_device).eval(), tokenizer
 
 
-def run_preferences(args: argparse.Namespace) -> None:
+def sampled_settings(args: argparse.Namespace, why_not_greedy: str) -> Sampling:
+    """The sampling settings of a command that needs samples (preferences, frontier): its defaults, the options
+    given, checked; greedy decoding is refused with `why_not_greedy`."""
     sampling = Sampling(**PREFERENCE_SAMPLING)
     apply_options(sampling, args, sampling_options())
     sampling.check()
     if sampling.greedy:
-        raise PeftlabError("--temperature 0: greedy decoding gives every sample of a prompt the same text, so no pair. "
-                           "Fix: sample with --temperature > 0")
+        raise PeftlabError(f"--temperature 0: {why_not_greedy}")
+    return sampling
+
+
+def run_preferences(args: argparse.Namespace) -> None:
+    sampling = sampled_settings(args, "greedy decoding gives every sample of a prompt the same text, so no pair. "
+                                      "Fix: sample with --temperature > 0")
     if args.samples < 2 or args.batch_size < 1:
         raise PeftlabError(f"--samples must be >= 2 (a pair needs two; got {args.samples}) and --batch-size >= 1 "
                            f"(got {args.batch_size})")
