@@ -9,7 +9,7 @@ from peftlab.peft.methods import METHODS
 from peftlab.commands.sweep import load_sweep
 from peftlab.train import validate
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("grid", EXAMPLES, ids=lambda path: path.name)

@@ -5,7 +5,8 @@ import torch
 
 from peftlab import PeftlabError
 from peftlab import catalog, models
-from peftlab.models import SequenceClassifier, convert_conv1d_to_linear, count_parameters, load_model
+from peftlab.models import SequenceClassifier, convert_conv1d_to_linear, count_parameters, load_model, set_model_dropout
+from tiny_models import tiny_gpt2, tiny_llama
 
 
 def test_gpt2_tokenizer_matches_official_ids(gpt2_tokenizer):
@@ -140,3 +141,41 @@ def test_resolve_device_rejects_unknown_and_missing_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(PeftlabError, match="--device cpu"):
             models.resolve_device("cuda")
+
+
+def _train_mode_outputs_differ(model, ids) -> bool:
+    model.train()
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+    model.eval()
+    return not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_model_dropout_is_set_in_every_module_and_acts_only_in_training(family):
+    model = tiny_gpt2(vocab_size=100, special_id=0) if family == "gpt2" else tiny_llama(vocab_size=100, special_id=0)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert not _train_mode_outputs_differ(model, ids)  # built without dropout
+    set_model_dropout(model, 0.5)
+    torch.manual_seed(0)
+    assert _train_mode_outputs_differ(model, ids)
+    fields = ("embd_pdrop", "attn_pdrop", "resid_pdrop") if family == "gpt2" else ("attention_dropout",)
+    assert all(getattr(model.config, name) == 0.5 for name in fields)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # eval mode: no dropout
+    set_model_dropout(model, 0.0)
+    assert not _train_mode_outputs_differ(model, ids)
+
+
+def test_load_model_dropout_overrides_gpt2s_own():
+    with torch.device("meta"):
+        model, _ = load_model("distilgpt2", init="random", dropout=0.0)
+        default, _ = load_model("distilgpt2", init="random")
+    assert model.config.resid_pdrop == 0.0
+    assert {module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)} == {0.0}
+    assert {module.p for module in default.modules() if isinstance(module, torch.nn.Dropout)} == {0.1}
+
+
+def test_model_dropout_out_of_range_is_refused():
+    with pytest.raises(PeftlabError, match="--model-dropout must be in"):
+        set_model_dropout(tiny_gpt2(vocab_size=100, special_id=0), 1.0)

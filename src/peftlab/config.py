@@ -34,6 +34,10 @@ class ModelConfig:
                         option="model", evaluation="zero-shot")
     init: str = setting("pretrained", "pretrained | random (the architecture with random weights)",
                         evaluation="zero-shot")
+    dropout: float | None = setting(None, "dropout inside the model while training (GPT-2: embedding, attention and "
+                                    "residual dropout; Llama-family models such as SmolLM2 have attention dropout "
+                                    "only); the LoRA branch's own is --lora-dropout", option="model-dropout",
+                                    default_text="the model's own: GPT-2 0.1, SmolLM2 0")
 
 
 @dataclass

@@ -110,6 +110,7 @@ def load_model(
     init: str = "pretrained",
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
+    dropout: float | None = None,
 ):
     """Load a model and its tokenizer.
 
@@ -121,6 +122,7 @@ def load_model(
             work where no weights can be downloaded). The tokenizer is always the real one.
         num_labels: classes of the classification head.
         dtype: parameter dtype (fp32 on CPU; bf16 is sensible on GPUs).
+        dropout: every dropout probability inside the model (see `set_model_dropout`); None keeps the model's own.
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -132,6 +134,8 @@ def load_model(
     tokenizer = load_tokenizer(name)
     causal_lm = _load_causal_lm(name, init, dtype)
     convert_conv1d_to_linear(causal_lm)
+    if dropout is not None:
+        set_model_dropout(causal_lm, dropout)
     causal_lm.config.pad_token_id = tokenizer.pad_token_id
     if task == "causal-lm":
         model = causal_lm
@@ -139,6 +143,27 @@ def load_model(
         model = SequenceClassifier(causal_lm.base_model, num_labels).to(dtype)
     model.eval()
     return model, tokenizer
+
+
+# The config fields that hold a transformer's dropout probabilities (GPT-2's three; Llama's one), kept in step with
+# the modules so a saved or exported config says what the model trained with.
+DROPOUT_CONFIG_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout")
+
+
+def set_model_dropout(model: nn.Module, probability: float) -> None:
+    """Set every dropout inside a transformers model to `probability`: its `nn.Dropout` modules (GPT-2: embedding,
+    attention weights, residual and MLP outputs) and the attention modules' `attention_dropout` rate (read in
+    forward by Llama-family attention, which has no other dropout). Acts only in training mode."""
+    if not 0 <= probability < 1:
+        raise PeftlabError(f"--model-dropout must be in [0, 1), got {probability}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = probability
+    for name in DROPOUT_CONFIG_FIELDS:
+        if hasattr(model.config, name):
+            setattr(model.config, name, probability)
 
 
 def _load_causal_lm(name: str, init: str, dtype: torch.dtype):

@@ -57,7 +57,7 @@ class Workload:
     def base_model(self, config: RunConfig, task: Task, dtype: torch.dtype) -> nn.Module:
         """The un-tuned model (no method applied): what a run starts from, and what a zero-shot evaluation scores."""
         model, _ = load_model(config.model.name, task=task.model_task, init=config.model.init, dtype=dtype,
-                              **self.model_options(task))
+                              dropout=config.model.dropout, **self.model_options(task))
         return model
 
     def resolve(self, config: RunConfig, task: Task) -> None:
