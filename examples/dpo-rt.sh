@@ -13,5 +13,5 @@ peftlab train --task rotten_tomatoes --objective lm --method lora --targets all-
 peftlab preferences --policy runs/dpo/sft --reward runs/dpo/reward --prompts 256 --samples 4 --max-new-tokens 24 \
   --output runs/dpo/pairs.jsonl
 peftlab sweep examples/sweep-dpo.yaml
-peftlab frontier --reward runs/dpo/reward --runs runs/dpo/sweep --prompts 64 --samples 4 --max-new-tokens 24 \
+peftlab frontier --reward runs/dpo/reward --runs runs/dpo/sweep --prompts 32 --samples 4 --max-new-tokens 24 \
   --output-dir runs/dpo/frontier
