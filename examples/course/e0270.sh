@@ -3,7 +3,7 @@
 # medium, Problem 1 (LoRA on CoLA with the course's settings: rank 4, alpha 64, every linear layer, LayerNorms and
 # head trainable, lr 1e-3) and Problem 2 (distillation into an LSTM, with and without KD, students of equal size),
 # then one HTML page. Budget for a 2-core CPU (~20 min): CoLA on 2,048 evenly spaced training sentences for 3 epochs
-# of batch 32, evaluated on the whole dev set every 32 steps; the students on the whole training set.
+# of batch 32, evaluated on the whole dev set every 32 steps; the students on the same 2,048 sentences (the teacher's).
 # Usage: bash examples/course/e0270.sh [OUTPUT_FOLDER]   (default runs/course/e0270; PEFTLAB_DATA must be set)
 set -euo pipefail
 out=${1:-runs/course/e0270}
