@@ -32,4 +32,5 @@ def test_homework3_qkv_at_rank_128_on_gpt2_medium():
 def test_squad_report_target_sets_on_gpt2_small(rank):
     c_attn, attn_proj, mlp_proj = 12 * rank * (768 + 3 * 768), 12 * rank * (768 + 768), 12 * rank * (4 * 768 + 768)
     expected = [c_attn, c_attn + attn_proj, c_attn + attn_proj + mlp_proj]
-    assert [counts.fused_adapter_count("gpt2", targets, rank)[0] for targets in counts.SQUAD_TARGETS.values()] == expected
+    actual = [counts.fused_adapter_count("gpt2", targets, rank)[0] for targets in counts.SQUAD_TARGETS.values()]
+    assert actual == expected

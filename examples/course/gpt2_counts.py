@@ -12,7 +12,7 @@ import torch
 from peftlab.models import load_model
 from peftlab.peft.lora import apply_adapter_specs, apply_adapters
 from peftlab.peft.prepare import apply_method, parameter_report
-from peftlab.peft.targets import AdapterSpec
+from peftlab.peft.targets import AdapterSpec, resolve_targets
 
 # The LoRA SQuAD report's target sets on GPT-2 small, as peft's `target_modules` would name them.
 SQUAD_TARGETS = {
@@ -41,8 +41,8 @@ def separate_qkv_adapter_count(name: str, rank: int) -> tuple[int, int]:
     """(LoRA parameters, total) with q, k and v adapted as three separate projections (Homework 3's model): one
     LoRA per slice of GPT-2's fused c_attn, each A (r, d) and B (d, r)."""
     model = meta_model(name)
-    layers = [module for module in dict(model.named_modules()) if module.endswith("attn.c_attn")]
-    apply_adapter_specs(model, [AdapterSpec(layer, ("q", "k", "v")) for layer in layers], rank, alpha=4 * rank)
+    fused = [AdapterSpec(spec.module, ("q", "k", "v")) for spec in resolve_targets(model, ["c_attn"])]
+    apply_adapter_specs(model, fused, rank, alpha=4 * rank)
     report = parameter_report(model)
     return report.adapter, report.total
 

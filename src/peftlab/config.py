@@ -69,7 +69,8 @@ class TaskConfig:
                                      legacy_unset=0, evaluation="zero-shot")
     train_limit: int = setting(0, "use only N evenly spaced training examples; 0 = all")
     objective: str | None = setting(None, "classification (a head on the last token) | instruct (generated labels) | "
-                                    "qa (squad) | lm (plain text) | dpo (preference pairs)", default_text="the task's own, see `peftlab templates`",
+                                    "qa (squad) | lm (plain text) | dpo (preference pairs)",
+                                    default_text="the task's own, see `peftlab templates`",
                                     legacy_unset="", evaluation="zero-shot")
     loss_on: str = setting("answer", "instruct, qa: learn the answer tokens only, or all tokens: answer | all")
     eval_limit: int = setting(0, "evaluate on N evenly spaced validation examples; 0 = all")
