@@ -8,11 +8,11 @@ Both sides use the same fp32 weights (peftlab's cache) and greedy decoding, so t
 (checked); the runs are interleaved (ours, plain, plain, ours, ...) so machine noise hits both alike. Prints
 medians with the min-max spread, each side's share of the tighter bound, and writes bench/results/generate.json.
 
---profile: where one decode step's time goes (attention, MLP, the rest of the transformer body, the output
-projection, picking the token, and the loop's own overhead), for the loop before the in-place cache
-(bench_eval_generation.reference_decode) and for peftlab.generation.decode, at batch 1 and 8: each part timed
-around its modules with perf_counter (one decode of --new-tokens minus one of a single token, so the prompt's
-forward pass is left out); writes bench/results/generate_profile.json.
+--profile: where one decode step's time goes (matrix products, attention, other operations, and the Python and
+dispatch between them, from torch.profiler's self times), for the loop before the in-place cache
+(bench_eval_generation.reference_decode), for peftlab.generation.decode with decode_step switched off (every step
+through transformers' modules) and for decode as it is, at batch 1 and 8 (one decode of --new-tokens minus one of
+a single token, so the prompt's forward pass is left out); writes bench/results/generate_profile.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -133,109 +132,65 @@ def compare(args: argparse.Namespace) -> None:
 # --profile
 
 
-class PartTimer:
-    """Seconds spent inside modules, by part name, accumulated through forward pre/post hooks."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.running: set[str] = set()  # parts being timed by timed_function now
-        self._started: dict[int, float] = {}
-
-    def watch(self, module: torch.nn.Module, part: str) -> list:
-        def before(module, args):
-            self._started[id(module)] = time.perf_counter()
-
-        def after(module, args, output):
-            self.add(part, time.perf_counter() - self._started.pop(id(module)))
-
-        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-
-    def add(self, part: str, seconds: float) -> None:
-        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
 
 
-@contextmanager
-def instrumented(model, timer: PartTimer, reference: bool):
-    """Hooks on attention, MLP and the body; the output projection and the pick timed where each loop does them:
-    for the reference loop, its model's lm_head module and a timed greedy `pick_next`; for ours,
-    `generation.project` / `project_for_argmax` and `generation.choose` (ours bypasses the lm_head module, and would
-    run the whole model if it carried a hook; and greedy decoding without `pick_next` is its argmax path)."""
-    body = model.base_model
-    handles = timer.watch(body, "body")
-    for layer in body.layers:
-        handles += timer.watch(layer.self_attn, "attention") + timer.watch(layer.mlp, "mlp")
-    patched = {}
-    if reference:
-        handles += timer.watch(model.get_output_embeddings(), "output projection")
-    else:
-        for name, part in (("project", "output projection"), ("project_for_argmax", "output projection"),
-                           ("choose", "pick token")):
-            patched[name] = getattr(peftlab.generation, name)
-            setattr(peftlab.generation, name, timed_function(patched[name], timer, part))
+def op_seconds(run) -> dict[str, float]:
+    """Seconds of one `run()` by kind of operation (torch.profiler's self time of each op): matrix products,
+    attention (SDPA), every other operation; and what is left of the wall time: Python and dispatch between them."""
+    with torch.profiler.profile() as profiler:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    seconds = {"matrix products": 0.0, "attention (SDPA)": 0.0, "other operations (norms, rotary, copies, ...)": 0.0}
+    for event in profiler.key_averages():
+        if event.key in PRODUCTS:
+            part = "matrix products"
+        elif "scaled_dot_product" in event.key:
+            part = "attention (SDPA)"
+        else:
+            part = "other operations (norms, rotary, copies, ...)"
+        seconds[part] += event.self_cpu_time_total / 1e6
+    seconds["Python and dispatch between operations"] = wall - sum(seconds.values())
+    seconds["total"] = wall
+    return seconds
+
+
+def step_profile(loop, model, prompts, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decode step by part: (a decode of new_tokens) - (a decode of 1), over new_tokens - 1, so
+    the prompt's forward pass is left out."""
+    loop(model, prompts, 4, set(), 0)  # warm-up (and decode_step's packing)
+    long, short = (op_seconds(lambda count=count: loop(model, prompts, count, set(), 0)) for count in (new_tokens, 1))
+    return {part: 1e3 * (long[part] - short[part]) / (new_tokens - 1) for part in long}
+
+
+def modules_only(model, prompts, new_tokens, stop_ids, pad_id):
+    """generation.decode with every step through the model's modules (decode_step switched off): the loop as it
+    was before decode_step."""
+    original = peftlab.generation.decode_step
+    peftlab.generation.decode_step = lambda model: None
     try:
-        yield
+        return peftlab.generation.decode(model, prompts, new_tokens, stop_ids, pad_id)
     finally:
-        for name, function in patched.items():
-            setattr(peftlab.generation, name, function)
-        for handle in handles:
-            handle.remove()
-
-
-def timed_function(function, timer: PartTimer, part: str):
-    """`function`, its seconds added to `part`; a call inside another timed call of the same part (project_for_argmax
-    falling back to project) is counted once, by the outer one."""
-
-    def timed(*args, **kwargs):
-        if part in timer.running:
-            return function(*args, **kwargs)
-        timer.running.add(part)
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            timer.add(part, time.perf_counter() - start)
-            timer.running.discard(part)
-
-    return timed
-
-
-def profile_once(model, loop, prompts, new_tokens: int, reference: bool) -> dict[str, float]:
-    timer = PartTimer()
-    pick = timed_function(lambda logits: logits.argmax(-1), timer, "pick token") if reference else None
-    with instrumented(model, timer, reference):
-        start = time.perf_counter()
-        loop(model, prompts, new_tokens, set(), 0, pick)
-        timer.add("total", time.perf_counter() - start)
-    return timer.seconds
-
-
-def step_profile(model, loop, prompts, new_tokens: int, reference: bool) -> dict[str, float]:
-    """Milliseconds per decode step by part: (a decode of new_tokens) - (a decode of 1), over new_tokens - 1."""
-    loop(model, prompts, 4, set(), 0)  # warm-up
-    long, short = (profile_once(model, loop, prompts, count, reference) for count in (new_tokens, 1))
-    per_step = {part: 1e3 * (long[part] - short.get(part, 0.0)) / (new_tokens - 1) for part in long}
-    per_step["rest of the body (embedding, norms, rotary, mask)"] = (per_step.pop("body") - per_step["attention"]
-                                                                      - per_step["mlp"])
-    per_step["loop overhead (outside the model)"] = per_step["total"] - sum(
-        value for part, value in per_step.items() if part != "total")
-    return per_step
+        peftlab.generation.decode_step = original
 
 
 def profile(args: argparse.Namespace) -> None:
     model, tokenizer = load_model("smollm2-135m")
-    loops = {"before (reference_decode)": (reference_decode, True), "after (generation.decode)": (peftlab.generation.decode, False)}
+    loops = {"reference_decode (commit e4c4b74)": reference_decode, "decode, modules only": modules_only,
+             "decode with decode_step": peftlab.generation.decode}
     results = {}
     for batch_size in BATCHES:
         prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS[:batch_size]]
-        for name, (loop, reference) in loops.items():
-            results[f"batch {batch_size}, {name}"] = step_profile(model, loop, prompts, args.new_tokens, reference)
+        for name, loop in loops.items():
+            results[f"batch {batch_size}, {name}"] = step_profile(loop, model, prompts, args.new_tokens)
     parts = list(next(iter(results.values())))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; smollm2-135m fp32; greedy; ms per decode "
-          f"step ({args.new_tokens} new tokens minus 1; prompt forward excluded)\n")
+          f"step under torch.profiler ({args.new_tokens} new tokens minus 1; prompt forward excluded)\n")
     print("| part | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for part in parts:
-        print(f"| {part} | " + " | ".join(f"{row[part]:.2f}" for row in results.values()) + " |")
+        print(f"| {part} | " + " | ".join(f"{row[part]:.1f}" for row in results.values()) + " |")
     out = Path(__file__).parent / "results" / "generate_profile.json"
     write_text_atomic(out, json.dumps(results, indent=2))
     print(f"\nraw numbers: {out}")

@@ -11,23 +11,26 @@ import torch
 GPT2_VOCAB = 50257
 
 
-def tiny_gpt2(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1, n_positions: int = 64):
-    """A Hugging Face GPT-2 LM, still in its Conv1D form; `special_id` is its BOS/EOS/pad token."""
+def tiny_gpt2(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1, n_positions: int = 64,
+              width: int = 32):
+    """A Hugging Face GPT-2 LM, still in its Conv1D form; `special_id` is its BOS/EOS/pad token. `width` 256 makes
+    its products large enough for the blocked CPU products of `decode_step`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=n_positions,
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=width, vocab_size=vocab_size, n_positions=n_positions,
                         bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1):
-    """A Hugging Face Llama LM with grouped-query attention and RoPE; `special_id` is its BOS/EOS/pad token."""
+def tiny_llama(seed: int = 0, vocab_size: int = GPT2_VOCAB, special_id: int = GPT2_VOCAB - 1, width: int = 32):
+    """A Hugging Face Llama LM with grouped-query attention and RoPE; `special_id` is its BOS/EOS/pad token;
+    `width` as for `tiny_gpt2`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64,
                          bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id)
     return LlamaForCausalLM(config).eval()

@@ -11,12 +11,14 @@
 - `prefix` (a `shared_prefix.PrefixCache` from `prefill`, one row per prompt) continues every prompt after its
   already computed prefix: positions start after the row's prefix, whose cache and mask come first.
 
-What makes it fast (bench/bench_generate.py --profile shows where a step's time goes): the key/value cache is
-written in place (`kv_cache.InPlaceLayer`: buffers as wide as the prompt plus every new token, no per-step copy);
-the mask and the positions of every step are built once and sliced; a finished row stays in the batch (its token
-is never read) until half the rows have finished, then they all leave in one copy of the cache, so a batch shrinks
-at most log2(B) times and a long straggler still runs alone; the output projection, the largest single matrix,
-is computed by `project` / `project_for_argmax` (same logits bit for bit, or the same argmax).
+What makes it fast (bench/bench_generate.py --profile shows where a step's time goes): one-token steps of GPT-2
+and Llama run through `decode_step` (fused products read in blocks on every thread, none of transformers' module
+stack; the model's own values bit for bit, its docstring says how); the key/value cache is written in place
+(`kv_cache.InPlaceLayer`: buffers as wide as the prompt plus every new token, no per-step copy); the mask and the
+positions of every step are built once and sliced; a finished row stays in the batch (its token is never read)
+until half the rows have finished, then they all leave in one copy of the cache, so a batch shrinks at most
+log2(B) times and a long straggler still runs alone; the output projection, the largest single matrix, is
+computed by `project` (the same logits bit for bit, faster).
 transformers' `generate` is used only in the tests, as the reference this loop must match token for token.
 """
 
@@ -26,9 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+from peftlab.decode_step import blocked_product, blocks_pay, decode_step, projection_parts, weight_blocks
 from peftlab.errors import PeftlabError
 from peftlab.kv_cache import in_place_cache
 from peftlab.sampling import Sampling
@@ -36,7 +38,6 @@ from peftlab.shared_prefix import PrefixCache, continuation_inputs
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
 PLAIN_HEAD_MODELS = (GPT2LMHeadModel, LlamaForCausalLM)  # forward = body, then the output projection, nothing else
-HEAD_BLOCK = 2048  # vocabulary rows per block of the output projection (`project`)
 MAX_RESERVE = 4096  # cache columns allocated up front at most; a longer generation grows the buffers (one copy each)
 
 
@@ -102,7 +103,7 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
     if any(len(prompt) == 0 for prompt in prompts):
         raise PeftlabError("an empty prompt has nothing to continue; give it at least one token")
     device = next(model.parameters()).device
-    next_logits = logits_function(model, greedy=pick_next is None)
+    next_logits = logits_function(model)
     # B prompts, T the longest, P the prefix's width (0 without one), V the vocabulary; A rows in the batch.
     input_ids, prompt_mask, position_ids = left_pad(prompts, pad_id, device)  # (B, T) each
     start = None
@@ -178,65 +179,39 @@ def text_stops(tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, 
     return stopped
 
 
-def logits_function(model, greedy: bool) -> Callable[..., torch.Tensor]:
-    """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
-    For GPT-2 and Llama with a plain output projection, the body runs and the projection is ours (`project`, or
-    `project_for_argmax` when only the argmax is read): the same logits bit for bit, or the same argmax; any other
-    model runs whole."""
+def logits_function(model) -> Callable[..., torch.Tensor]:
+    """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column,
+    the model's own bit for bit. For GPT-2 and Llama with a plain output projection, the projection is ours
+    (`project`) and a one-token step runs through `decode_step.DecodeStep` where it applies, else through the
+    body; any other model runs whole."""
     head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
     plain = (type(head) is torch.nn.Linear and head.bias is None and not model._forward_hooks
              and not model._forward_pre_hooks and not head._forward_hooks and not head._forward_pre_hooks)
     if not plain:
         return lambda **inputs: model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
-    body, projection = model.base_model, project_for_argmax if greedy else project
-    return lambda **inputs: projection(body(**inputs, use_cache=True).last_hidden_state[:, -1], head.weight)
+    body = model.base_model
+    step = decode_step(model)
+
+    def forward(input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        if step is not None and cache is not None and input_ids.shape[1] == 1:
+            hidden = step(input_ids, attention_mask, position_ids, cache)
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          use_cache=True).last_hidden_state[:, -1]
+        return project(hidden, head.weight)
+
+    return forward
 
 
 def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden (A, H) @ weight (V, H).T, on a CPU in blocks of HEAD_BLOCK vocabulary rows when A > 1: there one
-    matrix product over the whole (V, H) weight runs well below the memory bandwidth (SmolLM2's 49152 x 576 at
-    batch 8: 32 ms whole, 24 ms in blocks of 2048 rows, one thread); every logit is the same dot product either
-    way (tested bit for bit). GPUs get the one product their libraries tune."""
-    if len(hidden) == 1 or hidden.device.type != "cpu":
+    """hidden (A, H) @ weight (V, H).T, the same logits bit for bit as `F.linear`: on a CPU as blocks of vocabulary
+    rows, one per thread pair (`decode_step.blocked_product`), which read the weight at close to the memory
+    bandwidth where one product does not (SmolLM2's 49152 x 576 here: 4.8 ms against 8.5 ms at batch 1, 13 ms
+    against 22 ms at batch 8). GPUs get the one product their libraries tune."""
+    parts = projection_parts()
+    if not weight.is_contiguous() or not blocks_pay(weight, parts):
         return F.linear(hidden, weight)
-    logits = hidden.new_empty((len(hidden), weight.shape[0]))
-    for start in range(0, weight.shape[0], HEAD_BLOCK):
-        logits[:, start : start + HEAD_BLOCK] = F.linear(hidden, weight[start : start + HEAD_BLOCK])
-    return logits
-
-
-def project_for_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits whose argmax is `project`'s, for greedy decoding. One fp32 row on a CPU multiplies a transposed copy
-    of the weight (H, V), which reads memory far better (SmolLM2: 8 ms against 13 ms, one thread) but sums in
-    another order, so a logit may differ by a rounding error. Each of the two differs from the exact dot product
-    by at most gamma_H * |h| * |w_v| (gamma_H = H u / (1 - H u), u the unit roundoff; |.| Euclidean), so when the
-    top two logits lie further apart than twice that bound for both, the argmax is the same; otherwise (a near
-    tie) the row is computed as `project` does."""
-    if len(hidden) != 1 or hidden.device.type != "cpu" or weight.dtype != torch.float32 or weight.is_inference():
-        return project(hidden, weight)  # (an inference tensor has no version to tell when it changed)
-    transposed, largest_row_norm = transposed_weight(weight)
-    logits = hidden @ transposed  # (1, V)
-    unit = torch.finfo(weight.dtype).eps / 2
-    gamma = hidden.shape[-1] * unit / (1 - hidden.shape[-1] * unit)
-    bound = gamma * float(hidden.norm()) * largest_row_norm  # on each logit, either way of summing
-    top_two = logits.topk(2, dim=-1).values[0]
-    if float(top_two[0] - top_two[1]) > 4 * bound:
-        return logits
-    return project(hidden, weight)
-
-
-TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version, weight.T contiguous, max row norm)
-
-
-def transposed_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(weight.T as a contiguous (H, V) copy, the largest row norm of weight), made once per weight and made again
-    after the weight changes in place (training between decodes); it lives as long as the weight (SmolLM2: 113 MB
-    more while the model lives)."""
-    entry = TRANSPOSED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        entry = (weight._version, weight.t().contiguous(), float(weight.norm(dim=1).max()))
-        TRANSPOSED[weight] = entry
-    return entry[1], entry[2]
+    return blocked_product(hidden, weight_blocks(weight, parts))
 
 
 @torch.inference_mode()
