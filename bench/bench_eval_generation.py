@@ -4,8 +4,10 @@ SmolLM2-135M, exactly as `peftlab eval --task rotten_tomatoes --split test` and 
 
     PEFTLAB_DATA=/work/shared/data .venv/bin/python bench/bench_eval_generation.py [--limit 200] [--repeats 5]
 
-"old" is `reference_decode` below: a bench-only copy of peftlab's decoding loop before the in-place cache (our own
-code, commit e4c4b74), swapped into the workload modules for its side; "new" is `peftlab.generation.decode`. Both
+"old" is peftlab as of commit e4c4b74: `reference_decode` below (a bench-only copy of the decoding loop before the
+in-place cache, our own code) swapped into the workload modules, and Rotten Tomatoes' prompts computed again for
+generation after the loss pass (the task's loss-only forward, so evaluation calls `predict`); "new" is
+`peftlab.generation.decode` and the instruct task's forward, which generates from the loss pass's cache. Both
 sides run the same command in this process, interleaved (old, new, new, old, ...); their outputs must be
 identical: every token each loop generated, and the metrics (checked, else the comparison is void). Prints the
 whole evaluation's seconds (model load and the loss pass included, as `peftlab eval` runs) and the decoding loop's
@@ -34,6 +36,7 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import write_text_atomic
 from peftlab.generation import TokenPicker, left_pad
 from peftlab.shared_prefix import PrefixCache, continuation_inputs
+from peftlab.tasks.completion import CompletionTask
 
 WORKLOAD_MODULES = (peftlab.workloads.instruct.workload, peftlab.workloads.qa.workload)
 EVALUATIONS = {"rt_test_generate": ["--task", "rotten_tomatoes", "--split", "test"],
@@ -112,13 +115,24 @@ def recorded_loop(loop: Callable, seconds: list[float], outputs: list) -> Callab
     return run
 
 
-def run_eval(arguments: list[str], loop: Callable, limit: int, batch_size: int) -> dict:
-    """One `peftlab eval` with `loop` as the workloads' decode: wall seconds, the loop's seconds, every token it
-    generated and the metrics line."""
+INSTRUCT = peftlab.workloads.instruct.workload.InstructTask
+SIDES = {  # side -> (the decoding loop, Rotten Tomatoes' evaluation forward)
+    # e4c4b74: the old loop, and the prompts computed again for generation after the loss pass
+    "old": (reference_decode, CompletionTask.forward),
+    # today: decode (decode_step) continuing every prompt from the loss pass's cache
+    "new": (peftlab.generation.decode, INSTRUCT.forward),
+}
+
+
+def run_eval(arguments: list[str], side: str, limit: int, batch_size: int) -> dict:
+    """One `peftlab eval` as `side` runs it: wall seconds, the decoding loop's seconds, every token it generated
+    and the metrics line."""
+    loop, instruct_forward = SIDES[side]
     loop_seconds: list[float] = []
     generated: list = []
     for module in WORKLOAD_MODULES:
         module.decode = recorded_loop(loop, loop_seconds, generated)
+    INSTRUCT.forward = instruct_forward
     argv = ["eval", *arguments, "--limit", str(limit), "--batch-size", str(batch_size), "--device", "cpu"]
     try:
         start = time.perf_counter()
@@ -128,6 +142,7 @@ def run_eval(arguments: list[str], loop: Callable, limit: int, batch_size: int) 
     finally:
         for module in WORKLOAD_MODULES:
             module.decode = peftlab.generation.decode
+        INSTRUCT.forward = SIDES["new"][1]
     if status:
         raise SystemExit(f"peftlab {' '.join(argv)} failed ({status}):\n{printed.getvalue()}")
     summary = next((line for line in printed.getvalue().splitlines() if "examples)" in line), "")
@@ -146,16 +161,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--only", choices=sorted(EVALUATIONS), action="append", help="run only these evaluations")
     args = parser.parse_args()
-    sides = {"old": reference_decode, "new": peftlab.generation.decode}
     results = {"limit": args.limit, "repeats": args.repeats, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "evaluations": {}}
     for name in args.only or sorted(EVALUATIONS):
-        run_eval(EVALUATIONS[name], peftlab.generation.decode, min(args.limit, 16) or 16, args.batch_size)  # warm-up
-        timings = {side: {"seconds": [], "loop_seconds": []} for side in sides}
+        run_eval(EVALUATIONS[name], "new", min(args.limit, 16) or 16, args.batch_size)  # warm-up
+        timings = {side: {"seconds": [], "loop_seconds": []} for side in SIDES}
         outputs = {}
         for repeat in range(args.repeats):
             for side in (("old", "new") if repeat % 2 == 0 else ("new", "old")):
-                run = run_eval(EVALUATIONS[name], sides[side], args.limit, args.batch_size)
+                run = run_eval(EVALUATIONS[name], side, args.limit, args.batch_size)
                 timings[side]["seconds"].append(run["seconds"])
                 timings[side]["loop_seconds"].append(run["loop_seconds"])
                 outputs.setdefault(side, run)

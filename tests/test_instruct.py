@@ -246,6 +246,30 @@ def test_predict_both_equals_generate_and_score_apart_and_reuses_the_prefill(ver
     assert len({result["score"] for result in both}) == 2  # both labels occur: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_evaluation_generates_from_the_loss_pass_as_predict_does(family, make_tiny_gpt2, make_tiny_llama,
+                                                                   gpt2_tokenizer, rt_data, monkeypatch, tmp_path):
+    """Evaluating by generation continues every prompt from the loss pass's cache (no second pass over the
+    prompts): the same labels and texts as `predict`, which computes the prompts again."""
+    from peftlab.engine import evaluate
+    from peftlab.models import convert_conv1d_to_linear
+    from peftlab.workloads.instruct import workload as instruct
+
+    model = (make_tiny_gpt2 if family == "gpt2" else make_tiny_llama)(seed=4, width=256)
+    convert_conv1d_to_linear(model)
+    task = rt_task(gpt2_tokenizer, rt_data, verbalizers=["very good", "quite bad"])  # 2-token answers
+    examples = task.encode("validation")[::41][:12]
+    expected = task.predict(model, examples)
+    assert len({result["text"] for result in expected}) > 1  # the texts differ: the comparison is not vacuous
+    monkeypatch.setattr(instruct.InstructTask, "predict", lambda *args: pytest.fail("prompts computed again"))
+    predictions_file = tmp_path / "predictions.jsonl"
+    metrics = evaluate(model, task, examples, batch_size=5, predictions_file=predictions_file)
+    written = [json.loads(line)["prediction"] for line in predictions_file.read_text().splitlines()]
+    assert written == expected
+    assert metrics["accuracy"] == sum(result["generate"] == example.target.reference
+                                      for result, example in zip(expected, examples)) / len(examples)
+
+
 def test_metrics_count_unparsable_as_wrong_and_report_agreement(gpt2_tokenizer, rt_data):
     task = rt_task(gpt2_tokenizer, rt_data)
     examples = task.encode("validation")[530:536]  # 3 positive then 3 negative

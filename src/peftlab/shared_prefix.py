@@ -161,6 +161,20 @@ def continuation_cache(cache, batch: dict[str, torch.Tensor]) -> tuple[PrefixCac
     return PrefixCache(cache, kept.gather(-1, columns).long()), last_tokens
 
 
+def single_row_continuations(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """For a batch of unpacked rows (one example per row, 2-D padding mask): the `segments` and `continue_*` that
+    `continuation_cache` reads, so a loss pass over them is continued by generation too. Each row's prompt ends
+    where its first target column is; None when a row has no target (nothing marks its prompt's end)."""
+    targeted = batch["targets"] != IGNORE  # (B, T)
+    if not bool(targeted.any(-1).all()):
+        return None
+    first = targeted.long().argmax(-1, keepdim=True)  # (B, 1): the column that predicts the completion's first token
+    rows = torch.arange(len(targeted), device=targeted.device)
+    return {"segments": torch.where(batch["attention_mask"].bool(), 1, PAD_SEGMENT), "continue_rows": rows,
+            "continue_segments": torch.ones_like(rows), "continue_ends": batch["position_ids"].gather(1, first)[:, 0],
+            "continue_examples": rows}
+
+
 def block_attention_mask(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(rows, 1, T, T) bool: query q may attend key k (see the module docstring). Padding sees only padding."""
     query_segment, key_segment = segments[:, :, None], segments[:, None, :]

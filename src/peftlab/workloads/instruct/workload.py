@@ -1,7 +1,8 @@
 """Instruction tuning with generated labels (W3): `template(text) + verbalized label + EOS`, causal-LM loss.
 
 Prediction (`predict`):
-- generate: greedy generation of a few tokens (KV cache); the text is mapped to a label when, lower-cased and
+- generate: greedy generation of a few tokens (KV cache; in evaluation continued from the loss pass's cache, so the
+  prompts are computed once); the text is mapped to a label when, lower-cased and
   stripped of leading spaces/punctuation, it starts with exactly one verbalizer as a whole word (the longest
   wins when one verbalizer is a prefix of another). Anything else is *unparsable*: a wrong prediction, counted
   and reported, never dropped.
@@ -19,8 +20,9 @@ from typing import Callable, Sequence
 
 from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Encoded
 from peftlab.generation import decode
+from peftlab.shared_prefix import continuation_cache, single_row_continuations
+from peftlab.tasks import Encoded, StepOutput
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, score_choices
 from peftlab.tasks.metrics import classification_metrics
 from peftlab.workloads.base import Workload, label_record
@@ -83,6 +85,30 @@ class InstructTask(CompletionTask):
         return [Completion(self.template.format(text=example.text), self.answers[example.label], example.label, example.origin)
                 for example in self.read_split(split)]
 
+    def forward(self, model, batch: dict) -> StepOutput:
+        """Training: the loss. Evaluating by generation alone (answer-only loss): the loss pass also holds every
+        prompt in its key/value cache, so the labels are generated from there instead of computing the prompts
+        again (`shared_prefix.continuation_cache`)."""
+        if model.training or self.predict_mode != "generate" or self.loss_on != "answer":
+            return super().forward(model, batch)
+        continuations = batch if "continue_rows" in batch else single_row_continuations(batch)
+        if continuations is None:
+            return super().forward(model, batch)
+        output, cache = self.loss(model, batch, use_cache=True)
+        prefix, last_prompt_tokens = continuation_cache(cache, batch | continuations)
+        generated = self.generate(model, last_prompt_tokens[:, None].tolist(), prefix)
+        by_example = dict(zip(continuations["continue_examples"].tolist(), generated))
+        output.predictions = [by_example[index] for index in range(len(generated))]
+        return output
+
+    def generate(self, model, prompts: list[list[int]], prefix, pick_next=None) -> list[dict]:
+        """Greedy labels for `prompts` (after `prefix`): {"generate": label or -1, "text": generated text} each."""
+        longest = max(len(tokens) for tokens in self.answer_tokens)
+        eos = self.tokenizer.eos_token_id
+        generated = decode(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, pick_next, prefix=prefix)
+        texts = [self.tokenizer.decode([token for token in tokens if token != eos]) for tokens in generated]
+        return [{"generate": parse_label(text, self.verbalizers), "text": text} for text in texts]
+
     def predict(self, model, examples: Sequence[Encoded]) -> list[dict]:
         """Per example {"generate": label or -1, "text": generated text} and/or {"score": label}."""
         prompts, prefix = self.prompt_inputs(model, examples)  # after a shared prefix (demonstrations), if any
@@ -96,12 +122,8 @@ class InstructTask(CompletionTask):
                     first_step_logits.append(logits)
                 return logits.argmax(-1)
 
-            longest = max(len(tokens) for tokens in self.answer_tokens)
-            eos = self.tokenizer.eos_token_id
-            generated = decode(model, prompts, longest + 1, {eos}, self.tokenizer.pad_token_id, greedy, prefix=prefix)
-            for result, tokens in zip(results, generated):
-                text = self.tokenizer.decode([t for t in tokens if t != eos])
-                result.update(generate=parse_label(text, self.verbalizers), text=text)
+            for result, generated in zip(results, self.generate(model, prompts, prefix, greedy)):
+                result.update(generated)
             if self.predict_mode == "both" and all(len(tokens) == 1 for tokens in self.answer_tokens):
                 # Single-token answers: scoring needs exactly that distribution, so no second pass over the prompts.
                 scores = first_step_logits[0].float().log_softmax(-1)[:, [tokens[0] for tokens in self.answer_tokens]]
