@@ -111,6 +111,21 @@ def test_pairs_that_cannot_be_encoded_name_their_line(gpt2_tokenizer):
         dpo_task(gpt2_tokenizer, [PreferencePair("Q:", " a", " word" * 70, "t:8")]).encode("train")
 
 
+def test_a_minimum_score_gap_keeps_the_clear_training_pairs_only(gpt2_tokenizer):
+    scored = [PreferencePair("The film was", " a joy", " dull", "t:1", 0.9, 0.1),  # gap 0.8
+              PreferencePair("Plot:", " clever", " a mess", "t:2", 0.6, 0.5),  # gap 0.1
+              PreferencePair("The film was", " fine", " bad", "t:3", 0.75, 0.3)]  # gap 0.45
+    task = DPOTask(lambda split: list(scored), gpt2_tokenizer, 64, 0.5, 0.0, min_score_gap=0.4)
+    assert [pair.origin for pair in task.encode("train")] == ["t:1", "t:3"]
+    assert len(task.encode("validation")) == 3  # validation keeps every pair, so runs stay comparable
+    with pytest.raises(PeftlabError, match=r"keeps none of the 3 training pairs \(the largest gap is 0.8\)"):
+        DPOTask(lambda split: list(scored), gpt2_tokenizer, 64, 0.5, 0.0, min_score_gap=0.9).encode("train")
+    with pytest.raises(PeftlabError, match="t:1: --min-score-gap 0.2 needs chosen_score and rejected_score"):
+        DPOTask(lambda split: list(PAIRS), gpt2_tokenizer, 64, 0.5, 0.0, min_score_gap=0.2).encode("train")
+    with pytest.raises(PeftlabError, match="--min-score-gap must be >= 0"):
+        DPOTask(lambda split: list(PAIRS), gpt2_tokenizer, 64, 0.5, 0.0, min_score_gap=-1)
+
+
 def test_conservative_dpo_smoothing_by_hand():
     policy, reference = torch.tensor([[-3.0, -5.0]]), torch.tensor([[-4.0, -4.0]])  # delta = 1 - (-1) = 2
     losses, rewards = dpo_losses(policy, reference, beta=0.5, label_smoothing=0.2)  # beta * delta = 1

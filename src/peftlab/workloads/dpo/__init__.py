@@ -28,6 +28,9 @@ class DPOConfig:
                                      "-(1-ε)·log σ(βΔ) - ε·log σ(-βΔ); 0 = plain DPO")
     reference: str = setting("auto", "dpo: the reference model: auto = the --init-from run's adapter, frozen, when "
                              "given, else this model with its adapter disabled")
+    min_score_gap: float = setting(0.0, "dpo: train only on pairs whose chosen_score - rejected_score is at least "
+                                   "this (pairs whose reward barely differs teach little but noise); validation "
+                                   "keeps every pair; 0 = every pair")
     precompute_reference: bool = setting(False, "dpo: compute the reference log-probs of every pair once, into "
                                          "RUN/cache (recomputed when the model, the reference or the data change)")
 

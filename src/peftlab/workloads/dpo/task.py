@@ -58,6 +58,23 @@ class Precompute:
     model_name: str
 
 
+def clear_pairs(pairs: list[PreferencePair], min_gap: float) -> list[PreferencePair]:
+    """The pairs whose chosen_score - rejected_score is at least `min_gap` (all of them when it is 0); a pair
+    without scores cannot be judged, so it is an error then (nothing is dropped silently)."""
+    if min_gap == 0:
+        return pairs
+    unscored = next((pair for pair in pairs if pair.chosen_score is None or pair.rejected_score is None), None)
+    if unscored is not None:
+        raise PeftlabError(f"{unscored.origin}: --min-score-gap {min_gap} needs chosen_score and rejected_score on "
+                           "every pair. Fix: score the pairs (`peftlab preferences` writes both) or drop the option")
+    kept = [pair for pair in pairs if pair.chosen_score - pair.rejected_score >= min_gap]
+    if not kept:
+        largest = max(pair.chosen_score - pair.rejected_score for pair in pairs)
+        raise PeftlabError(f"--min-score-gap {min_gap} keeps none of the {len(pairs)} training pairs (the largest gap "
+                           f"is {largest:.4g}). Fix: a smaller gap")
+    return kept
+
+
 def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float,
                label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-pair losses (P,), rewards (P, 2) without gradient) from (P, 2) log-probs of (chosen, rejected)."""
@@ -74,14 +91,17 @@ class DPOTask(CompletionTask):
     metric_names = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, read_split: Callable[[str], list[PreferencePair]], tokenizer, max_length: int, beta: float,
-                 label_smoothing: float):
+                 label_smoothing: float, min_score_gap: float = 0.0):
         super().__init__("preferences", tokenizer, max_length, "answer")
         if not beta > 0:
             raise PeftlabError(f"--beta must be > 0, got {beta}")
         if not 0 <= label_smoothing < 0.5:
             raise PeftlabError(f"--label-smoothing must be in [0, 0.5) (the share of pairs assumed flipped), got "
                                f"{label_smoothing}")
+        if not min_score_gap >= 0:
+            raise PeftlabError(f"--min-score-gap must be >= 0, got {min_score_gap}")
         self.read_split, self.beta, self.label_smoothing = read_split, beta, label_smoothing
+        self.min_score_gap = min_score_gap
         self.shares_prefixes = True  # chosen and rejected in one packed row; the workload turns it off if it must
         self.reference_state: ReferenceState = DISABLED  # the workload sets the run's
         self.precompute: Precompute | None = None
@@ -89,7 +109,9 @@ class DPOTask(CompletionTask):
     # Examples
 
     def encode(self, split: str) -> list[Encoded]:
-        pairs = [self.encode_pair(pair) for pair in self.read_split(split)]
+        read = self.read_split(split)
+        kept = clear_pairs(read, self.min_score_gap) if split == "train" else read  # validation: every pair
+        pairs = [self.encode_pair(pair) for pair in kept]
         if not pairs:
             raise PeftlabError(f"preferences {split}: no pairs")
         return self.with_reference(split, pairs) if self.precompute else pairs

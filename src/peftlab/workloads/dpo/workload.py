@@ -27,7 +27,7 @@ class DPOWorkload(Workload):
         dataset = get_dataset(config.task.name)
         data_dir = config.task.data_dir or dpo.preferences
         return DPOTask(lambda split: dataset.read(split, data_dir), tokenizer,
-                       config.task.max_length or dataset.max_length, dpo.beta, dpo.label_smoothing)
+                       config.task.max_length or dataset.max_length, dpo.beta, dpo.label_smoothing, dpo.min_score_gap)
 
     def resolve(self, config, task: DPOTask) -> None:
         """--preferences becomes the run's data directory (so `peftlab eval` finds the pairs); the reference must be
