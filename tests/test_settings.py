@@ -91,3 +91,21 @@ def test_the_same_run_rule_matches_resolved_values_but_not_other_settings():
     assert not same_run(recorded, given)  # the run predicted by generation
     given.instruct, given.train.lr = None, 1e-3
     assert not same_run(recorded, given)
+
+
+def test_a_dpo_run_is_the_same_run_again_although_it_resolved_its_data_directory():
+    """A DPO run records --preferences as its data directory (so `peftlab eval` finds the pairs); the same
+    command or sweep point again, whose data_dir is still None, is that run (a finished one is skipped); another
+    data directory is not."""
+    from peftlab.config import same_run
+    from peftlab.workloads.dpo import DPOConfig
+
+    recorded = RunConfig(sections={"dpo": DPOConfig(preferences="runs/dpo/pairs.jsonl")})
+    recorded.task.name, recorded.task.data_dir = "preferences", "runs/dpo/pairs.jsonl"
+    recorded.task.objective, recorded.task.max_length = "dpo", 256
+    recorded.adapter.extra_trainable, recorded.train.select_metric = [], "loss"
+    given = RunConfig(sections={"dpo": DPOConfig(preferences="runs/dpo/pairs.jsonl")})
+    given.task.name = "preferences"
+    assert same_run(recorded, given)
+    given.task.data_dir = "elsewhere/pairs.jsonl"
+    assert not same_run(recorded, given)

@@ -63,7 +63,8 @@ class AdapterConfig:
 @dataclass
 class TaskConfig:
     name: str = setting("cola", "task to train on: cola, rotten_tomatoes, squad", option="task", evaluation="zero-shot")
-    data_dir: str | None = setting(None, "data directory", default_text="$PEFTLAB_DATA")
+    data_dir: str | None = setting(None, "data directory", default_text="$PEFTLAB_DATA",
+                                   legacy_unset="")  # a DPO run resolves it to its --preferences
     max_length: int | None = setting(None, "tokens per example at most; longer is an error, except squad contexts, "
                                      "which are cut", default_text="the task's: 128, squad 384",
                                      legacy_unset=0, evaluation="zero-shot")
