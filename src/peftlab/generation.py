@@ -180,10 +180,10 @@ def text_stops(tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, 
 
 
 def logits_function(model) -> Callable[..., torch.Tensor]:
-    """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column,
-    the model's own bit for bit. For GPT-2 and Llama with a plain output projection, the projection is ours
-    (`project`) and a one-token step runs through `decode_step.DecodeStep` where it applies, else through the
-    body; any other model runs whole."""
+    """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
+    For GPT-2 and Llama with a plain output projection, a one-token step runs through `decode_step.DecodeStep`
+    where it applies, else through the body, and the projection is ours (`project`): the body's hidden state and
+    `F.linear` bit for bit. Any other model runs whole."""
     head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
     plain = (type(head) is torch.nn.Linear and head.bias is None and not model._forward_hooks
              and not model._forward_pre_hooks and not head._forward_hooks and not head._forward_pre_hooks)
@@ -205,9 +205,9 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
 
 def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden (A, H) @ weight (V, H).T, the same logits bit for bit as `F.linear`: on a CPU as blocks of vocabulary
-    rows, one per thread pair (`decode_step.blocked_product`), which read the weight at close to the memory
-    bandwidth where one product does not (SmolLM2's 49152 x 576 here: 4.8 ms against 8.5 ms at batch 1, 13 ms
-    against 22 ms at batch 8). GPUs get the one product their libraries tune."""
+    rows, two per thread (`decode_step.blocked_product`), which read the weight on every thread where one product
+    reads it on one (SmolLM2's 49152 x 576, `bench_roofline.py --shapes`: 20.2 against 11.4 GB/s at batch 1, 7.5
+    against 5.0 at batch 8). GPUs get the one product their libraries tune."""
     parts = projection_parts()
     if not weight.is_contiguous() or not blocks_pay(weight, parts):
         return F.linear(hidden, weight)
