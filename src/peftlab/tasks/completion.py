@@ -19,15 +19,15 @@ Shared here, once, by both:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
 from peftlab.generation import left_pad, prefill
-from peftlab.shared_prefix import (IGNORE, PrefixCache, collate_rows, continuation_inputs, model_attention_mask, pack,
-                                   prefix_units, single)
+from peftlab.shared_prefix import (IGNORE, PrefixCache, collate_rows, continuation_cache, continuation_inputs,
+                                   model_attention_mask, pack, prefix_units, single)
 from peftlab.tasks import Encoded, StepOutput, Task
 
 LOSS_ON = ("answer", "all")
@@ -132,6 +132,20 @@ class CompletionTask(Task):
         learned = targets != IGNORE  # (B, K)
         correct = ((logits.argmax(-1) == targets) & learned).sum()
         return StepOutput(loss_sum, int(learned.sum()), None, int(correct)), output.cache if use_cache else None
+
+    def generate_after_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                            continuations: dict[str, torch.Tensor],
+                            generate: Callable[[list[list[int]], PrefixCache], list]) -> StepOutput:
+        """The loss pass, kept with its key/value cache, then `generate(prompts, prefix)` continuing every example
+        from its prompt's last token (`continuation_cache` re-cuts the cache; `continuations`: the batch's
+        `continue_*` and `segments`), so each prompt is computed once for the loss and the prediction. The
+        StepOutput carries the predictions in example order."""
+        output, cache = self.loss(model, batch, use_cache=True)
+        prefix, last_prompt_tokens = continuation_cache(cache, batch | continuations)
+        generated = generate(last_prompt_tokens[:, None].tolist(), prefix)
+        by_example = dict(zip(continuations["continue_examples"].tolist(), generated))
+        output.predictions = [by_example[index] for index in range(len(generated))]
+        return output
 
     def prompts(self, examples: Sequence[Encoded]) -> list[list[int]]:
         return [example.input_ids[: example.target.prompt_length] for example in examples]

@@ -15,13 +15,14 @@ The answer follows the template directly when the template ends in whitespace, e
 from __future__ import annotations
 
 import string
+from functools import partial
 from collections import Counter
 from typing import Callable, Sequence
 
 from peftlab.data import LabelledText
 from peftlab.errors import PeftlabError
 from peftlab.generation import decode
-from peftlab.shared_prefix import continuation_cache, single_row_continuations
+from peftlab.shared_prefix import single_row_continuations
 from peftlab.tasks import Encoded, StepOutput
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, score_choices
 from peftlab.tasks.metrics import classification_metrics
@@ -94,12 +95,7 @@ class InstructTask(CompletionTask):
         continuations = batch if "continue_rows" in batch else single_row_continuations(batch)
         if continuations is None:
             return super().forward(model, batch)
-        output, cache = self.loss(model, batch, use_cache=True)
-        prefix, last_prompt_tokens = continuation_cache(cache, batch | continuations)
-        generated = self.generate(model, last_prompt_tokens[:, None].tolist(), prefix)
-        by_example = dict(zip(continuations["continue_examples"].tolist(), generated))
-        output.predictions = [by_example[index] for index in range(len(generated))]
-        return output
+        return self.generate_after_loss(model, batch, continuations, partial(self.generate, model))
 
     def generate(self, model, prompts: list[list[int]], prefix, pick_next=None) -> list[dict]:
         """Greedy labels for `prompts` (after `prefix`): {"generate": label or -1, "text": generated text} each."""

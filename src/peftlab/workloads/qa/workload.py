@@ -16,7 +16,7 @@ What is QA-specific:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Sequence
 
 from torch import nn
@@ -26,7 +26,7 @@ from peftlab.data.squad import read_squad
 from peftlab.errors import PeftlabError
 from peftlab.tasks import Encoded, StepOutput
 from peftlab.generation import decode
-from peftlab.shared_prefix import block_mask_unsupported, continuation_cache
+from peftlab.shared_prefix import block_mask_unsupported
 from peftlab.tasks.completion import Completion, CompletionTarget, CompletionTask, line_stop_ids
 from peftlab.tasks.metrics import exact_match, f1_score
 from peftlab.workloads.base import Workload
@@ -93,16 +93,13 @@ class QATask(CompletionTask):
         prompt in its key/value cache, so the answers are generated from there (each context computed once)."""
         if model.training or "continue_rows" not in batch:
             return super().forward(model, batch)
-        output, cache = self.loss(model, batch, use_cache=True)
-        prefix, last_prompt_tokens = continuation_cache(cache, batch)
-        answers = self.answers(decode(model, last_prompt_tokens[:, None].tolist(), self.max_new_tokens, self.stop_ids,
-                                      self.tokenizer.pad_token_id, prefix=prefix))
-        by_example = dict(zip(batch["continue_examples"].tolist(), answers))
-        output.predictions = [by_example[index] for index in range(len(answers))]
-        return output
+        return self.generate_after_loss(model, batch, batch, partial(self.generate, model))
 
     def predict(self, model, examples: Sequence[Encoded]) -> list[str]:
-        prompts, prefix = self.prompt_inputs(model, examples)
+        return self.generate(model, *self.prompt_inputs(model, examples))
+
+    def generate(self, model, prompts: list[list[int]], prefix) -> list[str]:
+        """Greedy answers to `prompts` (after `prefix`)."""
         return self.answers(decode(model, prompts, self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id,
                                    prefix=prefix))
 
