@@ -3,6 +3,7 @@ instruct workload, predict=generate) and SQuAD validation answers (the qa worklo
 SmolLM2-135M, exactly as `peftlab eval --task rotten_tomatoes --split test` and `peftlab eval --task squad` run them.
 
     PEFTLAB_DATA=/work/shared/data .venv/bin/python bench/bench_eval_generation.py [--limit 200] [--repeats 5]
+        [--weights fp16,int8]
 
 "old" is peftlab as of commit e4c4b74: `reference_decode` below (a bench-only copy of the decoding loop before the
 in-place cache, our own code) swapped into the workload modules, and Rotten Tomatoes' prompts computed again for
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -125,8 +127,10 @@ SIDES = {  # side -> (the decoding loop, Rotten Tomatoes' evaluation forward)
 
 
 def run_eval(arguments: list[str], side: str, limit: int, batch_size: int) -> dict:
-    """One `peftlab eval` as `side` runs it: wall seconds, the decoding loop's seconds, every token it generated
-    and the metrics line."""
+    """One `peftlab eval` as `side` runs it ("new-int8": new with --weights int8): wall seconds, the decoding
+    loop's seconds, every token it generated and the metrics line."""
+    side, _, weights = side.partition("-")
+    arguments = [*arguments, "--weights", weights] if weights else arguments
     loop, instruct_forward = SIDES[side]
     loop_seconds: list[float] = []
     generated: list = []
@@ -145,7 +149,7 @@ def run_eval(arguments: list[str], side: str, limit: int, batch_size: int) -> di
         INSTRUCT.forward = SIDES["new"][1]
     if status:
         raise SystemExit(f"peftlab {' '.join(argv)} failed ({status}):\n{printed.getvalue()}")
-    summary = next((line for line in printed.getvalue().splitlines() if "examples)" in line), "")
+    summary = next((line for line in printed.getvalue().splitlines() if re.search(r"\(\d+ examples", line)), "")
     return {"seconds": seconds, "loop_seconds": sum(loop_seconds), "generated": generated,
             "summary": summary.rsplit(",", 1)[0]}  # without its examples/s, which differ by side
 
@@ -160,15 +164,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--only", choices=sorted(EVALUATIONS), action="append", help="run only these evaluations")
+    parser.add_argument("--weights", default="", help="also time new with packed weights (e.g. fp16,int8; their "
+                        "outputs may differ: their metrics are printed)")
     args = parser.parse_args()
+    sides = ["old", "new", *(f"new-{kind}" for kind in args.weights.split(",") if kind)]
     results = {"limit": args.limit, "repeats": args.repeats, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "evaluations": {}}
     for name in args.only or sorted(EVALUATIONS):
         run_eval(EVALUATIONS[name], "new", min(args.limit, 16) or 16, args.batch_size)  # warm-up
-        timings = {side: {"seconds": [], "loop_seconds": []} for side in SIDES}
+        timings = {side: {"seconds": [], "loop_seconds": []} for side in sides}
         outputs = {}
         for repeat in range(args.repeats):
-            for side in (("old", "new") if repeat % 2 == 0 else ("new", "old")):
+            for side in sides[repeat % len(sides):] + sides[: repeat % len(sides)]:  # each side first in turn
                 run = run_eval(EVALUATIONS[name], side, args.limit, args.batch_size)
                 timings[side]["seconds"].append(run["seconds"])
                 timings[side]["loop_seconds"].append(run["loop_seconds"])
@@ -180,8 +187,15 @@ def main() -> None:
         timings["speedup"] = [old / new for old, new in zip(timings["old"]["seconds"], timings["new"]["seconds"])]
         timings["loop_speedup"] = [old / new for old, new in zip(timings["old"]["loop_seconds"],
                                                                   timings["new"]["loop_seconds"])]
-        timings["examples"] = int(outputs["new"]["summary"].split(" examples)")[0].rsplit("(", 1)[1])
+        timings["examples"] = int(outputs["new"]["summary"].split(" examples")[0].rsplit("(", 1)[1])
         timings["summary"] = outputs["new"]["summary"]
+        for side in sides[2:]:
+            timings[side] |= {"speedup": [old / packed for old, packed in zip(timings["old"]["seconds"],
+                                                                                 timings[side]["seconds"])],
+                              "summary": outputs[side]["summary"],
+                              "same_generations": sum(a == b for a, b in zip(outputs[side]["generated"],
+                                                                              outputs["new"]["generated"])),
+                              "decode_calls": len(outputs["new"]["generated"])}
         results["evaluations"][name] = timings
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; smollm2-135m fp32 zero-shot; "
@@ -195,6 +209,10 @@ def main() -> None:
               f"| {spread(row['loop_speedup'])} |")
     for name, row in results["evaluations"].items():
         print(f"{name}: {row['summary']}")
+        for side in sides[2:]:
+            print(f"  {side}: {spread(row[side]['seconds'])} s, {spread(row[side]['speedup'])}x old; "
+                  f"{row[side]['summary']} (decode calls generating what new did: {row[side]['same_generations']} "
+                  f"of {row[side]['decode_calls']})")
     chosen = "-" + "-".join(args.only) if args.only else ""  # one evaluation's run does not replace the other's numbers
     out = Path(__file__).parent / "results" / f"eval_generation{chosen}.json"
     write_text_atomic(out, json.dumps(results, indent=2))

@@ -1,7 +1,7 @@
 """Generation speed of peftlab vs plain transformers `generate` on SmolLM2-135M, side by side in one process, beside
 this machine's decode bounds (bench_roofline.py: memory bandwidth and fp32 matmul rate, measured in the same run).
 
-    .venv/bin/python bench/bench_generate.py [--repeats 5] [--new-tokens 64]
+    .venv/bin/python bench/bench_generate.py [--repeats 5] [--new-tokens 64] [--weights fp16,int8]
     .venv/bin/python bench/bench_generate.py --profile [--new-tokens 32]
 
 Both sides use the same fp32 weights (peftlab's cache) and greedy decoding, so they must produce the same text
@@ -32,6 +32,7 @@ from peftlab.fileio import write_text_atomic
 from peftlab.generate import generate
 from peftlab.models import load_model, smollm2_cache_path
 from peftlab.sampling import Sampling
+from peftlab.weights import PackedLinear, pack_linear_layers
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -78,36 +79,66 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def packed_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads from a model packed by `--weights`: its packed linear layers (2 or 1 byte per
+    weight, not the fp32 layers they keep for wide passes) and its other parameters but the input embedding (a
+    lookup of a few rows)."""
+    packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
+    skipped = {id(parameter) for module in packed for parameter in module.parameters()}
+    skipped.add(id(model.get_input_embeddings().weight))
+    others = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()
+                 if id(parameter) not in skipped)
+    return others + sum(module.in_features * module.out_features * WEIGHT_BYTES[module.weights] for module in packed)
+
+
+WEIGHT_BYTES = {"fp16": 2, "int8": 1}
+
+
 def compare(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     limits = machine_limits(args.repeats)
     ours_model, ours_tokenizer = load_model("smollm2-135m")
     plain_model, plain_tokenizer = plain_transformers(smollm2_cache_path())
     weight_bytes, weights = weight_footprint(ours_model)
+    packed_models = {}  # --weights: "ours-int8" -> a packed copy of the model
+    for kind in args.weights:
+        packed_models[f"ours-{kind}"] = load_model("smollm2-135m")[0].eval()
+        pack_linear_layers(packed_models[f"ours-{kind}"], kind)
 
     results = {"limits": limits, "weight_bytes": weight_bytes, "new_tokens": args.new_tokens,
-               "repeats": args.repeats, "batches": {}}
+               "repeats": args.repeats, "batches": {},
+               "packed_read_bytes": {side: packed_read_bytes(model) for side, model in packed_models.items()}}
     for batch_size in BATCHES:
         prompts = PROMPTS[:batch_size]
-        run_plain(plain_model, plain_tokenizer, prompts, 8)  # warm-up, both sides
-        generate(ours_model, ours_tokenizer, prompts, Sampling(temperature=0, max_new_tokens=8))
+        run_plain(plain_model, plain_tokenizer, prompts, 8)  # warm-up, every side
+        for model in (ours_model, *packed_models.values()):
+            generate(model, ours_tokenizer, prompts, Sampling(temperature=0, max_new_tokens=8))
         sides = {
-            "ours": lambda prompts=prompts: [texts[0] for texts in generate(
-                ours_model, ours_tokenizer, prompts, Sampling(temperature=0, max_new_tokens=args.new_tokens))],
-            "plain": lambda prompts=prompts: run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[0],
-        }
+            side: lambda prompts=prompts, model=model: [texts[0] for texts in generate(
+                model, ours_tokenizer, prompts, Sampling(temperature=0, max_new_tokens=args.new_tokens))]
+            for side, model in {"ours": ours_model, **packed_models}.items()}
+        sides["plain"] = lambda prompts=prompts: run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[0]
         produced = run_plain(plain_model, plain_tokenizer, prompts, args.new_tokens)[1]  # same for both (checked)
-        ours_rates, plain_rates = [], []
+        rates = {side: [] for side in sides}
+        same_text = {side: [] for side in packed_models}  # rows whose text equals fp32's, per repeat
         for repeat in range(args.repeats):
-            order = ("ours", "plain") if repeat % 2 == 0 else ("plain", "ours")
+            names = list(sides)
+            order = names[repeat % len(names):] + names[: repeat % len(names)]  # each side first in turn
             timed = {side: time_call(sides[side]) for side in order}  # side -> (seconds, texts)
             if timed["ours"][1] != timed["plain"][1]:
                 raise SystemExit("peftlab and plain transformers produced different greedy text: the comparison is void")
-            ours_rates.append(produced / timed["ours"][0])
-            plain_rates.append(produced / timed["plain"][0])
-        ratios = [ours / plain for ours, plain in zip(ours_rates, plain_rates)]
-        results["batches"][batch_size] = {"ours_tokens_per_s": ours_rates, "plain_tokens_per_s": plain_rates,
+            for side in sides:  # packed sides: tokens/s over the tokens fp32 produced (their lengths may differ)
+                rates[side].append(produced / timed[side][0])
+            for side in packed_models:
+                same_text[side].append(sum(a == b for a, b in zip(timed[side][1], timed["ours"][1])))
+        ratios = [ours / plain for ours, plain in zip(rates["ours"], rates["plain"])]
+        results["batches"][batch_size] = {"ours_tokens_per_s": rates["ours"], "plain_tokens_per_s": rates["plain"],
                                           "ratio": ratios, **decode_bounds(weight_bytes, weights, batch_size, limits)}
+        for side in packed_models:
+            bytes_read = results["packed_read_bytes"][side]
+            results["batches"][batch_size][side] = {
+                "tokens_per_s": rates[side], "ratio_to_plain": [a / b for a, b in zip(rates[side], rates["plain"])],
+                "same_text_rows": same_text[side], **decode_bounds(bytes_read, weights, batch_size, limits)}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; smollm2-135m fp32 ({weight_bytes / 1e6:.0f} MB); "
           f"greedy, {args.new_tokens} new tokens (the prompt's forward pass included); {args.repeats} interleaved "
@@ -123,6 +154,18 @@ def compare(args: argparse.Namespace) -> None:
               f"{row['bandwidth_tokens_per_s']:.1f} | {row['compute_tokens_per_s']:.1f} | "
               f"{spread([100 * rate / bound for rate in row['ours_tokens_per_s']])} | "
               f"{spread([100 * rate / bound for rate in row['plain_tokens_per_s']])} |")
+    for side, bytes_read in results["packed_read_bytes"].items():
+        print(f"\n{side} (--weights {side[5:]}, {bytes_read / 1e6:.0f} MB read per step; tokens/s counted over the "
+              "fp32 side's tokens):\n")
+        print("| batch | tokens/s | against transformers generate | bandwidth bound | % of bound | rows with the fp32 "
+              "text |")
+        print("|---|---|---|---|---|---|")
+        for batch_size, row in results["batches"].items():
+            packed = row[side]
+            print(f"| {batch_size} | {spread(packed['tokens_per_s'])} | {spread(packed['ratio_to_plain'])} | "
+                  f"{packed['bandwidth_tokens_per_s']:.1f} | "
+                  f"{spread([100 * rate / packed['bound_tokens_per_s'] for rate in packed['tokens_per_s']])} | "
+                  f"{min(packed['same_text_rows'])}-{max(packed['same_text_rows'])} of {batch_size} |")
     out = Path(__file__).parent / "results" / "generate.json"
     write_text_atomic(out, json.dumps(results, indent=2))
     print(f"\nraw numbers: {out}")
@@ -201,7 +244,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="where a decode step's time goes, before and after")
+    parser.add_argument("--weights", default="", help="also time packed copies (e.g. fp16,int8; `peftlab.weights`)")
     args = parser.parse_args()
+    args.weights = [kind for kind in args.weights.split(",") if kind]
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2")
     (profile if args.profile else compare)(args)

@@ -43,3 +43,16 @@ def tiny_model_dir(tmp_path_factory):
     tiny_gpt2(seed=0).save_pretrained(directory)
     gpt2_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def make_model(request, make_tiny_gpt2, make_tiny_llama):
+    """Factory of a tiny GPT-2 (its Conv1D layers made nn.Linear, as peftlab loads GPT-2) and of a tiny Llama:
+    every test that takes it runs on both; width 256 by default (blocked products in decode_step)."""
+    from peftlab.models import convert_conv1d_to_linear
+
+    def make(width: int = 256):
+        model = (make_tiny_gpt2 if request.param == "gpt2" else make_tiny_llama)(seed=4, width=width)
+        convert_conv1d_to_linear(model)
+        return model.eval()
+    return make

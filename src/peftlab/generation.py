@@ -35,6 +35,7 @@ from peftlab.errors import PeftlabError
 from peftlab.kv_cache import in_place_cache
 from peftlab.sampling import Sampling
 from peftlab.shared_prefix import PrefixCache, continuation_inputs
+from peftlab.weights import PackedLinear
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
 PLAIN_HEAD_MODELS = (GPT2LMHeadModel, LlamaForCausalLM)  # forward = body, then the output projection, nothing else
@@ -183,12 +184,14 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
     """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
     For GPT-2 and Llama with a plain output projection, a one-token step runs through `decode_step.DecodeStep`
     where it applies, else through the body, and the projection is ours (`project`): the body's hidden state and
-    `F.linear` bit for bit. Any other model runs whole."""
+    `F.linear` bit for bit; a packed one (`--weights`, `weights.PackedLinear`) is called as it is. Any other model
+    runs whole."""
     head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
-    plain = (type(head) is torch.nn.Linear and head.bias is None and not model._forward_hooks
-             and not model._forward_pre_hooks and not head._forward_hooks and not head._forward_pre_hooks)
-    if not plain:
+    ours = (type(head) in (torch.nn.Linear, PackedLinear) and not model._forward_hooks and not model._forward_pre_hooks
+            and not head._forward_hooks and not head._forward_pre_hooks)
+    if not ours or (type(head) is torch.nn.Linear and head.bias is not None):
         return lambda **inputs: model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+    output_projection = head if type(head) is PackedLinear else lambda hidden: project(hidden, head.weight)
     body = model.base_model
     step = decode_step(model)
 
@@ -198,7 +201,7 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
         else:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                           use_cache=True).last_hidden_state[:, -1]
-        return project(hidden, head.weight)
+        return output_projection(hidden)
 
     return forward
 

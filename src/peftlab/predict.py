@@ -22,6 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.runs import RunDir
 from peftlab.tasks import Encoded
+from peftlab.weights import pack_linear_layers, packing_note
 from peftlab.workloads.loading import load_run as load_run_model
 from peftlab.workloads.loading import workload_for
 
@@ -31,13 +32,14 @@ Input = str | dict
 class LoadedRun:
     """A run's checkpoint loaded for prediction: `predict` turns inputs into records (see the module's docstring)."""
 
-    def __init__(self, path: str, checkpoint: str, device: str | None = None):
+    def __init__(self, path: str, checkpoint: str, device: str | None = None, weights: str = "fp32"):
         config = RunDir(path).read_config()
         if device:
             config.train.device = device
         self.path, self.checkpoint = path, checkpoint
         self.config, self.task, self.model = load_run_model(path, checkpoint, config)
         self.model.eval()
+        packing_note(pack_linear_layers(self.model, weights), weights)
         self.workload = workload_for(self.config)
 
     @property
@@ -80,11 +82,13 @@ class LoadedRun:
         return self.workload.encode_input(self.task, fields, origin)
 
 
-def load_run(path: str | Path, checkpoint: str = "best", device: str | None = None) -> LoadedRun:
+def load_run(path: str | Path, checkpoint: str = "best", device: str | None = None,
+             weights: str = "fp32") -> LoadedRun:
     """A trained run ready to predict: `load_run("runs/rt").predict(["A gripping film."])`.
 
-    `checkpoint`: "best" or "last"; `device`: instead of the run's config.yaml's (e.g. "cpu")."""
-    return LoadedRun(str(path), checkpoint, device)
+    `checkpoint`: "best" or "last"; `device`: instead of the run's config.yaml's (e.g. "cpu"); `weights`: fp16 or
+    int8 packs the frozen linear layers for a CPU (`peftlab.weights`)."""
+    return LoadedRun(str(path), checkpoint, device, weights)
 
 
 def in_batches(predict: Callable[[list[Encoded]], list[dict]], examples: list[Encoded], batch_size: int,

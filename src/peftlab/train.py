@@ -38,6 +38,7 @@ from peftlab.report import method_label, plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock, run_environment
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
+from peftlab.weights import pack_linear_layers, packing_note
 from peftlab.workloads.loading import build_model, build_task, load_run, workload_for
 from peftlab.workloads.registry import spec_for
 
@@ -378,7 +379,7 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, resume: bool, accelerator) 
 
 def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str = "best", batch_size: int | None = None,
                  limit: int = 0, config: RunConfig | None = None, predictions_file: str | None = None,
-                 place: dict | None = None, **settings) -> dict:
+                 place: dict | None = None, weights: str = "fp32", **settings) -> dict:
     """Evaluate a run's checkpoint (`best` or `last`) on a split; prints and returns the metrics, and writes them
     into the run (`eval_results_path`: RUN/eval/<split>.json with the data directory, checkpoint, limit and time).
 
@@ -386,8 +387,10 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
     only prints. `limit` keeps N evenly spaced examples; `predictions_file` receives every example's origin, input,
     prediction, reference and the task's own scores, and a classifier's label names and probabilities (JSON lines).
     `place` ({"device": ..., "data_dir": ...}) overrides where the run's config.yaml says it ran (a run trained on a
-    GPU, or moved to another machine). `settings`: the evaluation settings of the run's workload section, by option
-    name (e.g. predict="score" for an instruct run; see `peftlab.options.eval_options("any")`).
+    GPU, or moved to another machine). `weights`: fp16 or int8 packs the frozen linear layers for a CPU
+    (`peftlab.weights`; the metrics go to RUN/eval/<split>-<weights>.json). `settings`: the evaluation settings of
+    the run's workload section, by option name (e.g. predict="score" for an instruct run; see
+    `peftlab.options.eval_options("any")`).
     """
     if limit < 0:
         raise PeftlabError(f"--limit must be >= 0 (0 = all examples), got {limit}")
@@ -395,7 +398,7 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         check_writable(Path(predictions_file))  # before a long evaluation, not after it
     if run_dir:
         config = read_run_config(run_dir, place)
-        results_path = eval_results_path(RunDir(run_dir), split, checkpoint, config.task.data_dir)
+        results_path = eval_results_path(RunDir(run_dir), split, checkpoint, config.task.data_dir, weights)
         try:
             check_writable(results_path)
         except PeftlabError as error:  # a run one may read but not write (a shared folder): evaluate, say so
@@ -403,6 +406,10 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
             results_path = None
     check_split(config.task.name, split, config.task.data_dir)  # before the model loads
     apply_evaluation_settings(config, settings)
+    if weights != "fp32" and config.train.merge_for_evaluation:
+        raise PeftlabError(f"--weights {weights} packs the base weights as they are, so adapters cannot be merged into "
+                           "them, but this evaluation merges them (--merge-for-evaluation, or the run's config.yaml). "
+                           "Fix: add --no-merge-for-evaluation, or evaluate with --weights fp32")
     if run_dir:
         config, task, model = load_run(run_dir, checkpoint, config)
         label = f"{run_dir} [{checkpoint}]"
@@ -413,6 +420,7 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         device, dtype = resolve_device(config.train.device)
         model = workload_for(config).base_model(config, task, dtype).to(device)
         label = f"{config.model.name} (no fine-tuning)"
+    packing_note(pack_linear_layers(model.eval(), weights), weights)
     examples = evenly_spaced(task.encode(split), limit)
     batch_size = batch_size or config.train.eval_batch_size
     metrics = evaluate(model, task, examples, batch_size, predictions_file=predictions_file,
@@ -422,11 +430,13 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         print(f"predictions: {predictions_file}")
     if run_dir and results_path:
         record = {"split": split, "checkpoint": checkpoint, "data_dir": str(data_folder(config) or ""), "limit": limit,
-                  "examples": len(examples), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics}
+                  "weights": weights, "examples": len(examples), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "metrics": metrics}
         write_text_atomic(results_path, json.dumps(finite_or_null(record), indent=1, allow_nan=False) + "\n")
         print(f"metrics: {results_path}")
-    print(f"{label} {split} ({len(examples)} examples): Loss: {metrics['loss']:.4f}, {task.format_metrics(metrics)}, "
-          f"{metrics['examples_per_second']:.1f} examples/s")  # last: the line a user reads
+    packed = f", {weights} weights" if weights != "fp32" else ""
+    print(f"{label} {split} ({len(examples)} examples{packed}): Loss: {metrics['loss']:.4f}, "
+          f"{task.format_metrics(metrics)}, {metrics['examples_per_second']:.1f} examples/s")  # last: the line a user reads
     return metrics
 
 
@@ -438,10 +448,11 @@ def data_folder(config: RunConfig) -> Path | None:
         return None
 
 
-def eval_results_path(run: RunDir, split: str, checkpoint: str, data_dir: str | None) -> Path:
+def eval_results_path(run: RunDir, split: str, checkpoint: str, data_dir: str | None, weights: str = "fp32") -> Path:
     """Where `evaluate_run` writes a run's metrics: RUN/eval/<split>.json for its best checkpoint on the data it was
-    trained on; `-last` is added for the last checkpoint, and `-data-<8 hex digits>` (of the folder's path) for
-    another data folder, so that no evaluation replaces another's; the same evaluation again replaces its file."""
+    trained on, with fp32 weights; `-last` is added for the last checkpoint, `-data-<8 hex digits>` (of the
+    folder's path) for another data folder, and `-fp16` / `-int8` for packed weights, so that no evaluation
+    replaces another's; the same evaluation again replaces its file."""
     trained = run.read_config()
     here = copy.deepcopy(trained)
     here.task.data_dir = data_dir
@@ -449,6 +460,7 @@ def eval_results_path(run: RunDir, split: str, checkpoint: str, data_dir: str | 
     folder = data_folder(here)
     if folder != data_folder(trained):
         name += "-data-" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    name += "" if weights == "fp32" else f"-{weights}"
     return run.path / "eval" / f"{name}.json"
 
 

@@ -14,6 +14,7 @@ from peftlab.models import load_model, model_summary, resolve_device
 from peftlab.options import apply_options, sampling_options
 from peftlab.sampling import Sampling
 from peftlab.settings import expand_escapes
+from peftlab.weights import pack_linear_layers, packing_note
 from peftlab.workloads.loading import load_run, workload_for
 
 
@@ -36,6 +37,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.chat:
         prompts = chat_prompts(tokenizer, prompts, args.model)
     print(model_summary(args.model, model), flush=True)
+    packing_note(pack_linear_layers(model.eval(), args.weights), args.weights)
     if args.stream:
         for prompt in prompts:
             sys.stdout.write(f"--- {prompt!r} ---\n{prompt}")

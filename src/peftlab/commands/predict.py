@@ -27,7 +27,7 @@ def run_predict(args: argparse.Namespace) -> None:
     if args.output:
         check_output(Path(args.output), args.overwrite)  # before the model loads
     with contextlib.redirect_stdout(sys.stderr):  # the workloads' notes while loading are not records
-        run = load_run(args.run_dir, args.checkpoint, args.device)
+        run = load_run(args.run_dir, args.checkpoint, args.device, args.weights)
         records = run.predict(inputs, args.batch_size, progress=True, origins=origins)
     lines = "".join(json.dumps(finite_or_null(record), ensure_ascii=False) + "\n" for record in records)
     if args.output:

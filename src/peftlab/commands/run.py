@@ -58,7 +58,7 @@ def run_eval(args: argparse.Namespace) -> None:
         config = RunConfig()
         apply_options(config, args, zero_shot | RUN_PLACE_OPTIONS)
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.batch_size, args.limit, config, args.predictions,
-                 place=_place(args) if args.run_dir else None, **settings)
+                 place=_place(args) if args.run_dir else None, weights=args.weights, **settings)
 
 
 def _place(args: argparse.Namespace) -> dict:

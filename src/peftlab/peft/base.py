@@ -41,6 +41,7 @@ class AdapterModule(nn.Module):
 
     method: ClassVar[str]  # the name of the method that creates this kind of module
     mergeable: ClassVar[bool] = False
+    reads_base_weight: ClassVar[bool] = False  # the forward reads base.weight itself instead of calling base (DoRA)
 
     def __init__(self):
         super().__init__()

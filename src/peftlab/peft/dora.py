@@ -37,6 +37,8 @@ from peftlab.peft.targets import AdapterSpec, resolve_targets, splice_rows
 class DoRAMixin:
     """DoRA's forward and merge on top of a LoRA layer's (A, B); subclasses say where the magnitudes live."""
 
+    reads_base_weight = True  # the forward uses W0 itself (its row norms and product)
+
     def magnitudes(self, norm: torch.Tensor) -> torch.Tensor:
         """The full magnitude vector m (out,), given ‖V‖_c (rows without a trained magnitude keep it: scale 1)."""
         raise NotImplementedError
