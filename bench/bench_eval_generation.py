@@ -210,7 +210,8 @@ def main() -> None:
     for name, row in results["evaluations"].items():
         print(f"{name}: {row['summary']}")
         for side in sides[2:]:
-            print(f"  {side}: {spread(row[side]['seconds'])} s, {spread(row[side]['speedup'])}x old; "
+            print(f"  {side}: {spread(row[side]['seconds'])} s, {spread(row[side]['speedup'])}x old, decoding loop "
+                  f"{spread(row[side]['loop_seconds'])} s; "
                   f"{row[side]['summary']} (decode calls generating what new did: {row[side]['same_generations']} "
                   f"of {row[side]['decode_calls']})")
     chosen = "-" + "-".join(args.only) if args.only else ""  # one evaluation's run does not replace the other's numbers

@@ -1,21 +1,25 @@
-"""--weights fp16 | int8 (peftlab.weights): packed linear layers compute what they say over at most PACKED_ROWS rows
-(fp16 weights; int8 weights per row times 7-bit activations with one scale per input, checked against a
-hand-written quantization) and the fp32 layer's product bit for bit over more, stacked layers equal the layers side
-by side bit for bit, adapters and DoRA's bases stay fp32, and decoding a packed model gives the tokens of
-transformers' `generate` on the same packed model."""
+"""--weights fp16 | int8 (peftlab.weights): packed products compute what they say (fp16 weights; int8 weights per
+row times 7-bit activations with one scale per input, checked against a hand-written quantization), a packed model
+is its fp32 self bit for bit outside decoding steps, stacked layers equal the layers side by side bit for bit,
+adapters and DoRA's bases stay fp32, and a decoding step through decode_step gives the logits of the model's own
+modules with packed weights, bit for bit."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_decode_step import METHODS, PROMPTS, perturb_adapters
 from torch import nn
+from transformers import DynamicCache
 
 from peftlab import PeftlabError
 from peftlab.decode_step import decode_step
-from peftlab.generation import decode, left_pad
+from peftlab.generation import decode, left_pad, logits_function
+from peftlab.kv_cache import in_place_cache
 from peftlab.peft import apply_method
 from peftlab.peft.base import adapter_modules, disable_adapters, merged
-from peftlab.weights import PACKED_ROWS, PackedLinear, join_packed, pack_linear_layers
+from peftlab.weights import PackedLinear, PackedSwitch, join_packed, pack_linear_layers, packed_steps
 
 
 def linear(inputs: int = 64, outputs: int = 48, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -35,46 +39,53 @@ def int8_reference(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return (x_ints @ weight_ints.T) * scale * weight_scales + layer.bias
 
 
+def packed(layer: nn.Linear, weights: str) -> PackedLinear:
+    return PackedLinear(layer, weights, PackedSwitch())
+
+
 def test_fp16_computes_the_layer_with_its_weights_rounded_to_fp16():
     layer, x = linear(), torch.randn(5, 64)
     expected = F.linear(x, layer.weight.half().float(), layer.bias)
-    torch.testing.assert_close(PackedLinear(layer, "fp16")(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed(layer, "fp16").packed_product(x), expected, rtol=1e-5, atol=1e-6)
     assert not torch.equal(layer.weight.half().float(), layer.weight)  # the rounding is real
 
 
 def test_int8_is_int8_weights_per_row_times_the_input_at_7_bits_with_one_scale():
     layer, x = linear(), torch.randn(5, 64)
     with torch.no_grad():
-        torch.testing.assert_close(PackedLinear(layer, "int8")(x), int8_reference(x, layer), rtol=0, atol=1e-6)
+        product = packed(layer, "int8").packed_product
+        torch.testing.assert_close(product(x), int8_reference(x, layer), rtol=0, atol=1e-6)
         # One scale for the whole input: a row's outputs change when a row of larger values joins its batch.
-        alone = PackedLinear(layer, "int8")(x[:1])
-        beside_a_large_row = PackedLinear(layer, "int8")(torch.cat([x[:1], 10 * x[1:2]]))[:1]
+        alone, beside_a_large_row = product(x[:1]), product(torch.cat([x[:1], 10 * x[1:2]]))[:1]
     assert not torch.equal(alone, beside_a_large_row)
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_joined_layers_equal_the_layers_side_by_side_bit_for_bit(weights, bias):
-    layers = [PackedLinear(linear(64, outputs, bias, seed), weights) for seed, outputs in enumerate((32, 16, 16))]
+    layers = [packed(linear(64, outputs, bias, seed), weights) for seed, outputs in enumerate((32, 16, 16))]
     joined = join_packed(layers)
-    for rows in (1, 3, 8, PACKED_ROWS + 1):
+    for rows in (1, 3, 8, 100):
         x = torch.randn(rows, 64) * 3
-        assert torch.equal(joined(x), torch.cat([layer(x) for layer in layers], dim=-1))
+        assert torch.equal(joined(x), torch.cat([layer.packed_product(x) for layer in layers], dim=-1))
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8"])
-def test_over_packed_rows_the_product_is_the_fp32_layers_bit_for_bit(weights):
-    layer = linear()
-    packed = PackedLinear(layer, weights)
-    wide, narrow = torch.randn(2, PACKED_ROWS // 2 + 1, 64), torch.randn(2, PACKED_ROWS // 2, 64)
+def test_a_packed_layer_is_the_fp32_layer_bit_for_bit_outside_decoding_steps(weights):
+    model = nn.Sequential(linear()).eval()
+    layer, x = model[0], torch.randn(2, 5, 64)
+    pack_linear_layers(model, weights)
     with torch.no_grad():
-        assert torch.equal(packed(wide), layer(wide))  # a prompt's pass: fp32
-        assert not torch.equal(packed(narrow), layer(narrow))  # a decoding step: the packed weights
+        assert torch.equal(model(x), layer(x))  # a prompt's pass, a loss pass
+        with packed_steps(model):
+            assert torch.equal(model(x), model[0].packed_product(x))  # a decoding step
+            assert not torch.equal(model(x), layer(x))
+        assert torch.equal(model(x), layer(x))  # the switch is off again
 
 
 def test_layers_of_other_kinds_or_biases_are_not_joined():
-    assert join_packed([PackedLinear(linear(), "fp16"), PackedLinear(linear(), "int8")]) is None
-    assert join_packed([PackedLinear(linear(), "fp16"), PackedLinear(linear(bias=False), "fp16")]) is None
+    assert join_packed([packed(linear(), "fp16"), packed(linear(), "int8")]) is None
+    assert join_packed([packed(linear(), "fp16"), packed(linear(bias=False), "fp16")]) is None
 
 
 def test_packing_keeps_adapters_and_doras_bases_fp32_and_int8_keeps_the_mlp_output_fp16(make_tiny_llama):
@@ -106,20 +117,38 @@ def test_packing_keeps_adapters_and_doras_bases_fp32_and_int8_keeps_the_mlp_outp
 
 @pytest.mark.parametrize("weights", ["fp16", "int8"])
 @pytest.mark.parametrize("method", [None, "lora-all"])
-def test_decoding_a_packed_model_gives_the_tokens_of_its_generate(make_model, weights, method):
-    """decode_step joins q/k/v (gate/up) into one packed call; `generate` calls each packed layer. No row stops
-    early (int8: the rows share an input scale, so a row leaving the batch would move the others' values)."""
+def test_decoding_steps_read_the_packed_weights_and_the_prompts_pass_the_fp32_ones(make_model, weights, method):
+    """logits_function on a packed model: the prompt's pass equals the fp32 model's bit for bit; each one-token
+    step (decode_step, q/k/v and gate/up joined) equals the model's own modules inside `packed_steps`."""
     model = make_model()
     if method:
         apply_method(model, METHODS[method])
         perturb_adapters(model)
         model.eval()
+    exact = copy.deepcopy(model)
     pack_linear_layers(model, weights)
     assert decode_step(model) is not None
-    ids, mask, _ = left_pad(PROMPTS, pad_id=0)
+    ids, mask, positions = left_pad(PROMPTS, pad_id=0)
+    forward, head = logits_function(model), model.get_output_embeddings()
+    ours, theirs = in_place_cache(reserve=3), DynamicCache()
+
+    def reference(**inputs):
+        return head(model.base_model(**inputs, cache=theirs, use_cache=True).last_hidden_state[:, -1])
+
     with torch.no_grad():
-        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert decode(model, PROMPTS, 6, set(), pad_id=0) == [row[ids.shape[1]:].tolist() for row in theirs]
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions)
+        assert torch.equal(forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=ours), expected)
+        assert torch.equal(expected, logits_function(exact)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                            cache=in_place_cache(reserve=1)))
+        for _ in range(3):
+            token, positions = expected.argmax(-1, keepdim=True), positions[:, -1:] + 1
+            mask = F.pad(mask, (0, 1), value=1)
+            with packed_steps(model):
+                expected = reference(input_ids=token, attention_mask=mask, position_ids=positions)
+            assert torch.equal(forward(input_ids=token, attention_mask=mask, position_ids=positions, cache=ours),
+                               expected)
+    first_tokens = [row[:1] for row in decode(model, PROMPTS, 4, set(), pad_id=0)]
+    assert first_tokens == [row[:1] for row in decode(exact, PROMPTS, 4, set(), pad_id=0)]
 
 
 def test_packing_is_refused_in_training_mode_with_merged_adapters_and_for_unknown_kinds(make_tiny_llama):
@@ -139,9 +168,9 @@ def test_packing_is_refused_in_training_mode_with_merged_adapters_and_for_unknow
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8"])
-def test_a_pass_over_many_rows_such_as_the_loss_pass_is_fp32s_bit_for_bit(make_model, weights):
-    exact, packed = make_model(), make_model()
-    pack_linear_layers(packed, weights)
-    ids = torch.randint(0, 1000, (3, 30))  # 90 rows > PACKED_ROWS
+def test_a_packed_models_own_forward_such_as_the_loss_pass_is_fp32s_bit_for_bit(make_model, weights):
+    exact, packed_model = make_model(), make_model()
+    pack_linear_layers(packed_model, weights)
+    ids = torch.randint(0, 1000, (2, 5))
     with torch.no_grad():
-        assert torch.equal(packed(input_ids=ids).logits, exact(input_ids=ids).logits)
+        assert torch.equal(packed_model(input_ids=ids).logits, exact(input_ids=ids).logits)

@@ -25,6 +25,7 @@ transformers' `generate` is used only in the tests, as the reference this loop m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from peftlab.errors import PeftlabError
 from peftlab.kv_cache import in_place_cache
 from peftlab.sampling import Sampling
 from peftlab.shared_prefix import PrefixCache, continuation_inputs
-from peftlab.weights import PackedLinear
+from peftlab.weights import PackedLinear, packed_steps
 
 TokenPicker = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocabulary) logits -> (rows,) next token ids
 PLAIN_HEAD_MODELS = (GPT2LMHeadModel, LlamaForCausalLM)  # forward = body, then the output projection, nothing else
@@ -184,8 +185,8 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
     """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
     For GPT-2 and Llama with a plain output projection, a one-token step runs through `decode_step.DecodeStep`
     where it applies, else through the body, and the projection is ours (`project`): the body's hidden state and
-    `F.linear` bit for bit; a packed one (`--weights`, `weights.PackedLinear`) is called as it is. Any other model
-    runs whole."""
+    `F.linear` bit for bit; a packed one (`--weights`, `weights.PackedLinear`) is called as it is, and one-token
+    steps read the packed weights (`weights.packed_steps`). Any other model runs whole."""
     head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
     ours = (type(head) in (torch.nn.Linear, PackedLinear) and not model._forward_hooks and not model._forward_pre_hooks
             and not head._forward_hooks and not head._forward_pre_hooks)
@@ -196,12 +197,14 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
     step = decode_step(model)
 
     def forward(input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        if step is not None and cache is not None and input_ids.shape[1] == 1:
-            hidden = step(input_ids, attention_mask, position_ids, cache)
-        else:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                          use_cache=True).last_hidden_state[:, -1]
-        return output_projection(hidden)
+        one_token = cache is not None and input_ids.shape[1] == 1
+        with packed_steps(model) if one_token else nullcontext():  # `--weights`: packed weights for steps only
+            if step is not None and one_token:
+                hidden = step(input_ids, attention_mask, position_ids, cache)
+            else:
+                hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=True).last_hidden_state[:, -1]
+            return output_projection(hidden)
 
     return forward
 

@@ -3,11 +3,12 @@ frozen linear layer also packed for fbgemm, PyTorch's CPU kernels for packed wei
 weights is the cost.
 
 A decoding step reads every weight for one token per row, so its time is the time to read them (README, "Fast
-decoding"); fp16 weights halve that read and int8 weights quarter it. A pass over many rows (a prompt, the loss
-pass of an evaluation) is bound by arithmetic instead, where fbgemm's fp16 is no faster than fp32 here and int8
-costs accuracy: so a product over at most PACKED_ROWS rows reads the packed weights and a larger one is the fp32
-layer's own, bit for bit. An evaluation's loss and the first token after each prompt are then fp32's exactly
-(the first from the prompt's pass); the tokens after it come from the packed weights.
+decoding"); fp16 weights halve that read and int8 weights quarter it. A pass over a whole prompt (or an
+evaluation's loss pass) is bound by arithmetic instead, where fbgemm's fp16 is no faster than fp32 here and int8
+costs accuracy: so the packed weights are read only inside `packed_steps`, which `generation.logits_function`
+enters for each one-token step, and every other product is the fp32 layer's own, bit for bit. An evaluation's loss
+and the first token after each prompt are fp32's exactly (the first comes from the prompt's pass); the tokens
+after it come from the packed weights.
 - fp16: each weight rounded to fp16 (a relative error of at most 2^-11), the activations and the sums in fp32
   (`quantized::linear_dynamic_fp16`). Outputs move by ~1e-4 relative.
 - int8: each output row's weights in int8 with its own scale (max |w| / 127), the activations quantized to 7 bits
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -37,17 +40,21 @@ from peftlab.errors import PeftlabError
 from peftlab.peft.base import adapter_modules
 
 
-PACKED_ROWS = 64  # products over at most this many rows use the packed weights; larger ones the fp32 layer
+class PackedSwitch:
+    """Whether a packed model's layers compute with their packed weights now: only inside `packed_steps`."""
+
+    def __init__(self):
+        self.on = False
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` (kept, fp32) with its weights also packed in fp16 or int8 for fbgemm: a product over at most
-    PACKED_ROWS rows (a decoding step) reads the packed weights; a larger one (a prompt's or the loss's pass, bound
-    by arithmetic, not by reading the weights) is the fp32 layer's own, exactly."""
+    """An `nn.Linear` (kept, fp32) with its weights also packed in fp16 or int8 for fbgemm. It computes the fp32
+    layer's product, bit for bit, except while its model's switch is on (`packed_steps`, during decoding steps),
+    when it reads the packed weights."""
 
-    def __init__(self, layer: nn.Linear, weights: str):
+    def __init__(self, layer: nn.Linear, weights: str, switch: PackedSwitch):
         super().__init__()
-        self.layer = layer
+        self.layer, self.switch = layer, switch
         weight = layer.weight.detach().float()  # (out, in)
         if weights == "int8":
             weight = quantized_rows(weight)
@@ -60,33 +67,50 @@ class PackedLinear(nn.Module):
         self.packed = prepack(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.switch.on and x.dtype == torch.float32:
+            return self.packed_product(x)
+        return self.layer(x)
+
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (rows, in)
-        if len(rows) > PACKED_ROWS or x.dtype != torch.float32:
-            return self.exact(x)
         if self.weights == "fp16":
             out = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
         else:  # 7-bit activations (reduce_range), as x86's dynamic quantization: fbgemm's int16 sums cannot overflow
             out = torch.ops.quantized.linear_dynamic(rows, self.packed, True)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def exact(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, packed for at most {PACKED_ROWS} rows"
+        return f"weights={self.weights} (decoding steps)"
 
 
 class JoinedPackedLinear(PackedLinear):
-    """PackedLinear layers side by side as one (decode_step's q/k/v and gate/up): their packed weights stacked,
-    the same values, so the outputs are theirs bit for bit; over PACKED_ROWS rows, each layer's fp32 product."""
+    """PackedLinear layers side by side as one packed product (decode_step's q/k/v and gate/up, called during
+    decoding steps only): their packed weights stacked, the same values, so the outputs are theirs bit for bit."""
 
-    def __init__(self, parts: list[PackedLinear], weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weights: str):
         nn.Module.__init__(self)
-        self.parts = tuple(parts)  # not submodules: they live in the model
-        self.pack(weight, bias, parts[0].weights)
+        self.pack(weight, bias, weights)
 
-    def exact(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part.exact(x) for part in self.parts], dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed_product(x)
+
+
+@contextmanager
+def packed_steps(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's packed layers read their packed weights (a decoding step); outside it, and for
+    a model that is not packed, every product is the fp32 layer's."""
+    switch = getattr(model, SWITCH_ATTRIBUTE, None)
+    if switch is None:
+        yield
+        return
+    switch.on = True
+    try:
+        yield
+    finally:
+        switch.on = False
+
+
+SWITCH_ATTRIBUTE = "peftlab_packed_switch"  # set on a model by `pack_linear_layers`
 
 
 def join_packed(parts: list[PackedLinear]) -> JoinedPackedLinear | None:
@@ -100,10 +124,10 @@ def join_packed(parts: list[PackedLinear]) -> JoinedPackedLinear | None:
         return None
     bias = None if biases[0] is None else torch.cat(biases)
     if not int8:  # fp32 tensors holding the fp16 values: packed again exactly
-        return JoinedPackedLinear(parts, torch.cat(weights), bias).eval()
+        return JoinedPackedLinear(torch.cat(weights), bias, "fp16").eval()
     integers = torch.cat([weight.int_repr() for weight in weights])
     scales = torch.cat([weight.q_per_channel_scales() for weight in weights])
-    return JoinedPackedLinear(parts, per_channel_int8(integers, scales), bias).eval()
+    return JoinedPackedLinear(per_channel_int8(integers, scales), bias, "int8").eval()
 
 
 def quantized_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -132,7 +156,7 @@ def pack_linear_layers(model: nn.Module, weights: str) -> int:
         raise PeftlabError(f"--weights {weights} runs on a CPU only (fbgemm kernels); on a GPU leave --weights fp32")
     if model.training:
         raise PeftlabError(f"--weights {weights} is for inference: the packed products have no gradient")
-    if any(isinstance(module, PackedLinear) for module in model.modules()):
+    if hasattr(model, SWITCH_ATTRIBUTE):
         raise PeftlabError("the model's linear layers are packed already; load it again to pack them otherwise")
     if any(getattr(module, "merged", False) for _, module in adapter_modules(model)):
         raise PeftlabError(f"--weights {weights} packs the base weights as they are: un-merge the adapters first "
@@ -144,11 +168,13 @@ def pack_linear_layers(model: nn.Module, weights: str) -> int:
             keep |= {id(parameter) for parameter in module.base.parameters()}
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and id(module.weight) not in keep]
+    switch = PackedSwitch()
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         kind = "fp16" if weights == "int8" and MLP_OUTPUT.search(name) else weights
-        setattr(parent, child, PackedLinear(getattr(parent, child), kind).eval())
+        setattr(parent, child, PackedLinear(getattr(parent, child), kind, switch).eval())
+    setattr(model, SWITCH_ATTRIBUTE, switch)
     return len(targets)
 
 
@@ -159,5 +185,5 @@ def packing_note(packed: int, weights: str) -> None:
     """Say what `pack_linear_layers` did (nothing for fp32)."""
     if weights != "fp32":
         mlp_outputs = " (the MLP's output projections fp16)" if weights == "int8" else ""
-        print(f"--weights {weights}: {packed} linear layers packed (fbgemm){mlp_outputs} for decoding steps of at "
-              f"most {PACKED_ROWS} rows; larger passes, embeddings, norms and adapters stay fp32", flush=True)
+        print(f"--weights {weights}: {packed} linear layers packed (fbgemm){mlp_outputs} for the decoding steps; "
+              "prompts and loss passes, embeddings, norms and adapters stay fp32", flush=True)
