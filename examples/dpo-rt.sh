@@ -15,3 +15,13 @@ peftlab preferences --policy runs/dpo/sft --reward runs/dpo/reward --prompts 256
 peftlab sweep examples/sweep-dpo.yaml
 peftlab frontier --reward runs/dpo/reward --runs runs/dpo/sweep --prompts 32 --samples 4 --max-new-tokens 24 \
   --output-dir runs/dpo/frontier
+# More pairs (results: README, "DPO (W7)"): twice the prompts, the same SFT policy and reward run, clear pairs only,
+# one epoch (75 steps of 16 pairs) per beta, then the frontier of both:
+#   peftlab preferences --policy runs/dpo/sft --reward runs/dpo/reward --prompts 512 --samples 4 \
+#     --max-new-tokens 24 --output runs/dpo/pairs-512.jsonl
+#   for beta in 0.5 1.0; do peftlab train --objective dpo --preferences runs/dpo/pairs-512.jsonl \
+#     --min-score-gap 0.3 --init-from runs/dpo/sft --method lora --targets all-linear --rank 16 --alpha 32 \
+#     --lora-dropout 0 --lr 2e-4 --batch-size 16 --warmup-ratio 0.1 --epochs 1 --beta $beta \
+#     --output-dir runs/dpo/more-pairs/beta$beta; done
+#   PEFTLAB_DATA=../shared/data peftlab frontier --reward runs/dpo/reward --runs runs/dpo/more-pairs \
+#     --prompts 32 --samples 4 --max-new-tokens 24 --output-dir runs/dpo/frontier-more
