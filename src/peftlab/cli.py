@@ -36,11 +36,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _weights_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=WEIGHTS, default="fp32",
-                        help="the frozen linear layers' weights for inference on a CPU: fp32 (as trained), fp16 (half "
-                        "the bytes to read; outputs move by ~1e-4 relative) or int8 (a quarter; ~1e-2, and the "
-                        "activations share one scale per batch, so a prediction can depend on its batch). Decoding "
-                        "reads every weight per token, so fewer bytes decode faster; measured speed and accuracy: "
-                        "README, Fast decoding (default: fp32)")
+                        help="the weights the decoding steps read on a CPU: fp32 (as trained), fp16 (half the bytes; "
+                        "outputs move by ~1e-4 relative) or int8 (a quarter; ~1e-2, and the activations share one "
+                        "scale per batch, so a prediction can depend on its batch). A step reads every weight, so "
+                        "fewer bytes decode faster; prompt and loss passes stay fp32, bit for bit. Measured speed "
+                        "and accuracy: README, Benchmarks, Packed weights (default: fp32)")
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
