@@ -22,7 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.fileio import read_text
 from peftlab.runs import RunDir
 from peftlab.tasks import Encoded
-from peftlab.weights import pack_linear_layers, packing_note
+from peftlab.weights import pack_for_decoding
 from peftlab.workloads.loading import load_run as load_run_model
 from peftlab.workloads.loading import workload_for
 
@@ -39,7 +39,7 @@ class LoadedRun:
         self.path, self.checkpoint = path, checkpoint
         self.config, self.task, self.model = load_run_model(path, checkpoint, config)
         self.model.eval()
-        packing_note(pack_linear_layers(self.model, weights), weights)
+        pack_for_decoding(self.model, weights)
         self.workload = workload_for(self.config)
 
     @property

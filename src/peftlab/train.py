@@ -38,7 +38,7 @@ from peftlab.report import method_label, plot_history, run_title
 from peftlab.runs import METRICS, STEPS, TRACKERS, RunDir, RunLock, run_environment
 from peftlab.tasks import Task
 from peftlab.trackers import TRACKER_NAMES, Trackers, check_trackers
-from peftlab.weights import pack_linear_layers, packing_note
+from peftlab.weights import pack_for_decoding
 from peftlab.workloads.loading import build_model, build_task, load_run, workload_for
 from peftlab.workloads.registry import spec_for
 
@@ -420,7 +420,7 @@ def evaluate_run(run_dir: str | None, split: str = "validation", checkpoint: str
         device, dtype = resolve_device(config.train.device)
         model = workload_for(config).base_model(config, task, dtype).to(device)
         label = f"{config.model.name} (no fine-tuning)"
-    packing_note(pack_linear_layers(model.eval(), weights), weights)
+    pack_for_decoding(model.eval(), weights)
     examples = evenly_spaced(task.encode(split), limit)
     batch_size = batch_size or config.train.eval_batch_size
     metrics = evaluate(model, task, examples, batch_size, predictions_file=predictions_file,

@@ -181,8 +181,9 @@ def pack_linear_layers(model: nn.Module, weights: str) -> int:
 MLP_OUTPUT = re.compile(r"(^|\.)mlp\.(down_proj|c_proj)(\.|$)")  # int8 packs these fp16 (module docstring)
 
 
-def packing_note(packed: int, weights: str) -> None:
-    """Say what `pack_linear_layers` did (nothing for fp32)."""
+def pack_for_decoding(model: nn.Module, weights: str) -> None:
+    """`pack_linear_layers` as the commands call it (--weights), saying what it did (nothing for fp32)."""
+    packed = pack_linear_layers(model, weights)
     if weights != "fp32":
         mlp_outputs = " (the MLP's output projections fp16)" if weights == "int8" else ""
         print(f"--weights {weights}: {packed} linear layers packed (fbgemm){mlp_outputs} for the decoding steps; "

@@ -14,7 +14,7 @@ from peftlab.models import load_model, model_summary, resolve_device
 from peftlab.options import apply_options, sampling_options
 from peftlab.sampling import Sampling
 from peftlab.settings import expand_escapes
-from peftlab.weights import pack_linear_layers, packing_note
+from peftlab.weights import pack_for_decoding
 from peftlab.workloads.loading import load_run, workload_for
 
 
@@ -37,7 +37,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.chat:
         prompts = chat_prompts(tokenizer, prompts, args.model)
     print(model_summary(args.model, model), flush=True)
-    packing_note(pack_linear_layers(model.eval(), args.weights), args.weights)
+    pack_for_decoding(model.eval(), args.weights)
     if args.stream:
         for prompt in prompts:
             sys.stdout.write(f"--- {prompt!r} ---\n{prompt}")
