@@ -111,6 +111,16 @@ def test_pairs_that_cannot_be_encoded_name_their_line(gpt2_tokenizer):
         dpo_task(gpt2_tokenizer, [PreferencePair("Q:", " a", " word" * 70, "t:8")]).encode("train")
 
 
+def test_a_truncated_completion_is_trained_without_eos(gpt2_tokenizer):
+    eos = gpt2_tokenizer.eos_token_id
+    cut = PreferencePair("The film was", " a joy to", " dull.", "t:1", rejected_truncated=False, chosen_truncated=True)
+    [pair] = dpo_task(gpt2_tokenizer, [cut]).encode("train")
+    chosen, rejected = pair.target.chosen.input_ids, pair.target.rejected.input_ids
+    assert chosen == gpt2_tokenizer("The film was")["input_ids"] + gpt2_tokenizer(" a joy to")["input_ids"]
+    assert rejected[-1] == eos and chosen[-1] != eos
+    assert pair.input_ids == chosen + rejected[len(gpt2_tokenizer("The film was")["input_ids"]):]  # the packed row
+
+
 def test_a_minimum_score_gap_keeps_the_clear_training_pairs_only(gpt2_tokenizer):
     scored = [PreferencePair("The film was", " a joy", " dull", "t:1", 0.9, 0.1),  # gap 0.8
               PreferencePair("Plot:", " clever", " a mess", "t:2", 0.6, 0.5),  # gap 0.1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftlab import PeftlabError
-from peftlab.generate import generate, read_prompt_file
+from peftlab.generate import complete, generate, read_prompt_file
 from peftlab.generation import decode, token_picker
 from peftlab.sampling import Sampling
 from peftlab.models import convert_conv1d_to_linear
@@ -129,6 +129,25 @@ def test_a_stop_string_ends_the_continuation_with_the_token_that_completes_it(ti
     stop = gpt2_tokenizer.decode(tokens[end - 1 : end])  # first appears with token `end`, not the last one
     (stopped,), = generate(tiny_gpt2, gpt2_tokenizer, PROMPTS[0], replace(sampling, stop=[stop]))
     assert stopped == texts[end] and len(stopped) < len(texts[-1])
+
+
+@pytest.mark.parametrize("new_tokens, ended", [(2, True), (1, False)])
+def test_complete_says_whether_a_continuation_ended_with_eos(tiny_gpt2, gpt2_tokenizer, new_tokens, ended):
+    steps = []
+
+    def eos_at_the_second_step(module, inputs, logits):  # every row's second new token is EOS
+        steps.append(1)
+        if len(steps) == 2:
+            logits[..., gpt2_tokenizer.eos_token_id] = 1e4
+        return logits
+
+    tiny_gpt2.get_output_embeddings().register_forward_hook(eos_at_the_second_step)
+    settings = Sampling(temperature=0, max_new_tokens=new_tokens)
+    rows = complete(tiny_gpt2, gpt2_tokenizer, PROMPTS, settings)
+    assert [[sample.ended for sample in row] for row in rows] == [[ended], [ended]]
+    steps.clear()
+    assert [[sample.text for sample in row] for row in rows] == generate(tiny_gpt2, gpt2_tokenizer, PROMPTS, settings)
+    assert all(len(gpt2_tokenizer(row[0].text)["input_ids"]) == 1 for row in rows)  # EOS is not in the text
 
 
 def test_prompt_file_one_prompt_per_line(tmp_path):

@@ -13,6 +13,7 @@ import peftlab
 from peftlab import PeftlabError
 from peftlab.cli import main
 from peftlab.commands.preferences import preference_pairs, review_prompts, reward_scores
+from peftlab.generate import Completion
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.train import evaluate_run, train
 
@@ -66,16 +67,27 @@ def test_prompts_are_the_first_two_to_eight_tokens_of_seeded_reviews(gpt2_tokeni
         review_prompts(gpt2_tokenizer, "test", 2000, seed=0, data_dir=rt_data)
 
 
+def samples(*texts, ended=True) -> list[Completion]:
+    return [Completion(text, ended) for text in texts]
+
+
 def test_pairs_keep_every_two_samples_with_different_rewards_the_higher_chosen():
-    pairs = preference_pairs("p", [" a", " b", " c"], [0.1, 0.5, 0.5])
+    pairs = preference_pairs("p", samples(" a", " b", " c"), [0.1, 0.5, 0.5])
     assert [(pair["chosen"], pair["rejected"]) for pair in pairs] == [(" b", " a"), (" c", " a")]
     assert [(pair["chosen_score"], pair["rejected_score"]) for pair in pairs] == [(0.5, 0.1), (0.5, 0.1)]
     assert all(pair["prompt"] == "p" for pair in pairs)
     # Identical completions are never a pair, even when their scores differ (padding in another batch).
-    pairs = preference_pairs("p", [" x", " x", " y"], [0.3, 0.2, 0.9])
+    pairs = preference_pairs("p", samples(" x", " x", " y"), [0.3, 0.2, 0.9])
     assert [(pair["chosen"], pair["rejected"], pair["rejected_score"]) for pair in pairs] == [(" y", " x", 0.3),
                                                                                               (" y", " x", 0.2)]
-    assert preference_pairs("p", [" a", " b"], [0.4, 0.4]) == []
+    assert preference_pairs("p", samples(" a", " b"), [0.4, 0.4]) == []
+
+
+def test_a_completion_cut_before_eos_is_marked_truncated_on_its_side():
+    cut, ended = Completion(" went on and on", False), Completion(" was fine.", True)
+    first, second = preference_pairs("p", [cut, ended], [0.9, 0.2]), preference_pairs("p", [cut, ended], [0.2, 0.9])
+    assert (first[0]["chosen_truncated"], first[0]["rejected_truncated"]) == (True, False)
+    assert (second[0]["chosen_truncated"], second[0]["rejected_truncated"]) == (False, True)
 
 
 @pytest.mark.parametrize("kind", ["classifier", "instruct"])
@@ -107,7 +119,9 @@ def test_sampling_is_reproducible_and_every_pair_is_scored_by_the_reward(tiny_mo
     prompts = set(review_prompts(peftlab.load_run(reward_run).task.tokenizer, "train", 6, 5, rt_data))
     reward = peftlab.load_run(reward_run)
     for pair in pairs:
-        assert set(pair) == {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}
+        assert set(pair) == {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_truncated",
+                             "rejected_truncated"}
+        assert isinstance(pair["chosen_truncated"], bool) and isinstance(pair["rejected_truncated"], bool)
         assert pair["prompt"] in prompts and pair["chosen"] != pair["rejected"] and pair["chosen"].strip()
         assert pair["chosen_score"] > pair["rejected_score"]
         rescored = reward_scores(reward, [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]])

@@ -8,7 +8,7 @@ import pytest
 
 from peftlab import PeftlabError
 from peftlab.data.datasets import get_dataset, objective_of
-from peftlab.data.preferences import preference_files, present_splits, read_preferences
+from peftlab.data.preferences import parse_pair, preference_files, present_splits, read_preferences
 
 
 def write_pairs(path, records) -> str:
@@ -33,6 +33,14 @@ def test_a_file_is_read_with_origins_and_scores(tmp_path):
     assert (by_prompt["Q:"].chosen_score, by_prompt["Q:"].rejected_score) == (0.9, 1.0)
     assert by_prompt["R:"].chosen == " é" and by_prompt["R:"].chosen_score is None
     assert by_prompt["R:"].origin == f"{path}:3"  # the blank line counts
+    assert not by_prompt["Q:"].chosen_truncated and not by_prompt["Q:"].rejected_truncated  # absent: false
+
+
+def test_truncation_marks_are_read():
+    path_text = '{"prompt": "Q:", "chosen": " yes", "rejected": " no but", "rejected_truncated": true, ' \
+                '"chosen_truncated": false}'
+    pair = parse_pair(path_text, "f:1")
+    assert (pair.chosen_truncated, pair.rejected_truncated) == (False, True)
 
 
 def test_held_out_validation_takes_whole_prompts_a_tenth_at_least_one(tmp_path):
@@ -81,6 +89,8 @@ def test_a_folder_or_the_data_directory_gives_the_splits(tmp_path, monkeypatch):
     (b'{"prompt": "Q", "chosen": "  ", "rejected": " b"}', '"chosen" is empty'),
     (b'{"prompt": "Q", "chosen": " a", "rejected": " a"}', "chosen and rejected are the same text"),
     (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "chosen_score": "high"}', '"chosen_score" must be a number'),
+    (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "rejected_truncated": 1}',
+     '"rejected_truncated" must be true or false, found 1'),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "pairs.jsonl"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -62,6 +63,15 @@ def _check_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int) -> N
         )
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One continuation: its text, and whether it ended with EOS (False: cut at max new tokens or a stop string,
+    so the text does not end where the model would have ended it)."""
+
+    text: str
+    ended: bool
+
+
 def generate(model, tokenizer, prompts: str | list[str], sampling: Sampling | None = None, num_samples: int = 1,
              stream: TextIO | None = None) -> list[list[str]]:
     """Continue each prompt; returns, per prompt, `num_samples` continuations (generated text only).
@@ -78,6 +88,30 @@ def generate(model, tokenizer, prompts: str | list[str], sampling: Sampling | No
             token by token (e.g. `sys.stdout`). The same seed again gives the same streamed text, which may
             differ from the batched result because the random draws happen in another order.
     """
+    if stream is None:
+        return [[completion.text for completion in row] for row in complete(model, tokenizer, prompts, sampling,
+                                                                            num_samples)]
+    prompt_ids, sampling, pick_next = _prepared(model, tokenizer, prompts, sampling, num_samples)
+    return [[_stream_one(model, tokenizer, ids, sampling, pick_next, stream) for _ in range(num_samples)]
+            for ids in prompt_ids]
+
+
+def complete(model, tokenizer, prompts: str | list[str], sampling: Sampling | None = None,
+             num_samples: int = 1) -> list[list[Completion]]:
+    """`generate` as one batch, each continuation with whether it ended with EOS (what `peftlab preferences`
+    records, so DPO trains an EOS only after a completion that had one)."""
+    prompt_ids, sampling, pick_next = _prepared(model, tokenizer, prompts, sampling, num_samples)
+    rows = [ids for ids in prompt_ids for _ in range(num_samples)]  # prompt-major, like num_return_sequences
+    generated = _decode(model, tokenizer, rows, sampling, pick_next)
+    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    completions = [Completion(text, bool(tokens) and tokens[-1] == tokenizer.eos_token_id)
+                   for text, tokens in zip(decoded, generated)]
+    return [completions[index * num_samples : (index + 1) * num_samples] for index in range(len(prompt_ids))]
+
+
+def _prepared(model, tokenizer, prompts: str | list[str], sampling: Sampling | None,
+              num_samples: int) -> tuple[list[list[int]], Sampling, TokenPicker | None]:
+    """(each prompt's token ids, the settings, the token picker), every input checked; the model in eval mode."""
     sampling = sampling or Sampling()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
@@ -94,13 +128,7 @@ def generate(model, tokenizer, prompts: str | list[str], sampling: Sampling | No
     prompt_ids = tokenizer(texts)["input_ids"]
     _check_lengths(model, prompt_ids, sampling.max_new_tokens)
     model.eval()
-    if stream is not None:
-        return [[_stream_one(model, tokenizer, ids, sampling, pick_next, stream) for _ in range(num_samples)]
-                for ids in prompt_ids]
-    rows = [ids for ids in prompt_ids for _ in range(num_samples)]  # prompt-major, like num_return_sequences
-    generated = _decode(model, tokenizer, rows, sampling, pick_next)
-    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [decoded[index * num_samples : (index + 1) * num_samples] for index in range(len(prompt_list))]
+    return prompt_ids, sampling, pick_next
 
 
 def _decode(model, tokenizer, rows: list[list[int]], sampling: Sampling, pick_next: TokenPicker | None,

@@ -27,7 +27,7 @@ from peftlab.data.datasets import check_split
 from peftlab.data.rotten_tomatoes import read_rotten_tomatoes
 from peftlab.errors import PeftlabError
 from peftlab.fileio import check_writable, write_text_atomic
-from peftlab.generate import generate
+from peftlab.generate import Completion, complete
 from peftlab.models import load_model, resolve_device
 from peftlab.options import apply_options, sampling_options
 from peftlab.predict import LoadedRun, load_run
@@ -82,16 +82,20 @@ def reward_scores(run: LoadedRun, texts: list[str], batch_size: int | None = Non
     return [record["probabilities"][record["label_names"].index(POSITIVE)] for record in records]
 
 
-def preference_pairs(prompt: str, completions: list[str], rewards: list[float]) -> list[dict]:
+def preference_pairs(prompt: str, completions: list[Completion], rewards: list[float]) -> list[dict]:
     """Every two completions of `prompt` with different rewards and different texts, the higher-scored chosen, in
-    the order of the samples; equal rewards and identical texts carry no preference and make no pair."""
+    the order of the samples; equal rewards and identical texts carry no preference and make no pair. Each
+    completion that did not end with EOS (cut at --max-new-tokens) is marked `*_truncated`, so DPO trains no EOS
+    after it."""
     pairs = []
     for first, second in combinations(range(len(completions)), 2):
-        if rewards[first] == rewards[second] or completions[first] == completions[second]:
+        if rewards[first] == rewards[second] or completions[first].text == completions[second].text:
             continue
         chosen, rejected = (first, second) if rewards[first] > rewards[second] else (second, first)
-        pairs.append({"prompt": prompt, "chosen": completions[chosen], "rejected": completions[rejected],
-                      "chosen_score": rewards[chosen], "rejected_score": rewards[rejected]})
+        pairs.append({"prompt": prompt, "chosen": completions[chosen].text, "rejected": completions[rejected].text,
+                      "chosen_score": rewards[chosen], "rejected_score": rewards[rejected],
+                      "chosen_truncated": not completions[chosen].ended,
+                      "rejected_truncated": not completions[rejected].ended})
     return pairs
 
 
@@ -153,16 +157,16 @@ def sample_pairs(model, tokenizer, reward: LoadedRun, prompts: list[str], sampli
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             # One seed per chunk of prompts: the same seed and batch size give the same file.
-            completions = generate(model, tokenizer, chunk, dataclasses.replace(sampling, seed=sampling.seed + start),
+            completions = complete(model, tokenizer, chunk, dataclasses.replace(sampling, seed=sampling.seed + start),
                                    samples)
-            reviews = [prompt + text for prompt, texts in zip(chunk, completions) for text in texts]
+            reviews = [prompt + sample.text for prompt, own in zip(chunk, completions) for sample in own]
             scores = reward_scores(reward, reviews, samples * len(chunk))
-            for number, (prompt, texts) in enumerate(zip(chunk, completions)):
+            for number, (prompt, own_samples) in enumerate(zip(chunk, completions)):
                 own = scores[number * samples : (number + 1) * samples]
-                kept = [index for index, text in enumerate(texts) if text.strip()]  # an empty completion is no review
-                pairs += preference_pairs(prompt, [texts[index] for index in kept], [own[index] for index in kept])
+                kept = [index for index, sample in enumerate(own_samples) if sample.text.strip()]  # empty: no review
+                pairs += preference_pairs(prompt, [own_samples[index] for index in kept], [own[index] for index in kept])
                 rewards += own
-                empty += len(texts) - len(kept)
+                empty += len(own_samples) - len(kept)
             bar.update(len(chunk))
     return pairs, rewards, empty
 

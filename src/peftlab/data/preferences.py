@@ -1,5 +1,7 @@
 """Preference pairs for DPO: JSONL, one object per line with "prompt", "chosen" and "rejected" (strings) and
-optionally "chosen_score" and "rejected_score" (numbers, e.g. a reward model's; kept, not trained on).
+optionally "chosen_score" and "rejected_score" (numbers, e.g. a reward model's; kept, not trained on) and
+"chosen_truncated" and "rejected_truncated" (booleans, false when absent): true marks a completion cut before it
+ended (a sample stopped at its maximum length), which DPO then trains without an EOS after it.
 
 Where they come from: a file (`--preferences FILE`), or a folder DIR holding train.jsonl and, optionally,
 validation.jsonl (`--preferences DIR`, or `--data-dir DIR` / PEFTLAB_DATA with DIR/preferences/). Without a
@@ -35,6 +37,8 @@ class PreferencePair:
     origin: str  # file:line
     chosen_score: float | None = None
     rejected_score: float | None = None
+    chosen_truncated: bool = False  # cut before it ended: no EOS follows it in training
+    rejected_truncated: bool = False
 
 
 def preference_files(data_dir: str | os.PathLike | None) -> tuple[Path, Path | None]:
@@ -121,4 +125,9 @@ def parse_pair(line: str, origin: str) -> PreferencePair:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise PeftlabError(f"{origin}: \"{key}\" must be a number, found {type(value).__name__}")
         scores[key] = None if value is None else float(value)
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], origin, **scores)
+    for key in ("chosen_truncated", "rejected_truncated"):
+        if not isinstance(record.get(key, False), bool):
+            raise PeftlabError(f"{origin}: \"{key}\" must be true or false, found {json.dumps(record[key])}")
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], origin, **scores,
+                          chosen_truncated=record.get("chosen_truncated", False),
+                          rejected_truncated=record.get("rejected_truncated", False))

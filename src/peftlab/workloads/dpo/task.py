@@ -1,7 +1,8 @@
 """The DPO objective (Rafailov et al. 2023) over preference pairs.
 
 An example is one pair: the prompt and each completion tokenised separately, each completion + EOS the target (as
-`CompletionTask.encode_one` with answer-only loss). Chosen and rejected share the prompt, so a batch packs them into
+`CompletionTask.encode_one` with answer-only loss); a completion marked truncated (cut at its sampling length, not
+ended) gets no EOS, which would teach the policy to stop where the sampler cut. Chosen and rejected share the prompt, so a batch packs them into
 one row (`peftlab.shared_prefix.pack`: the prompt computed once for both; padded rows when the attention backend
 cannot take a block mask). Per pair, with π and π_ref the summed log-probs of a completion under the policy and the
 reference (`tasks.completion.sequence_logprobs`):
@@ -118,15 +119,15 @@ class DPOTask(CompletionTask):
 
     def encode_pair(self, pair: PreferencePair) -> Encoded:
         """The pair as one example; its input_ids are the tokens of its packed row (the prompt once, then each
-        completion + EOS), which is what batching by length reads."""
+        completion + EOS, or without EOS when truncated), which is what batching by length reads."""
         prompt = self.tokens(pair.prompt)
         if not prompt:
             raise PeftlabError(f"{pair.origin}: the prompt is empty; a completion's first token needs a prompt token "
                                "to predict it")
         eos = self.tokenizer.eos_token_id
         sequences = []
-        for text in (pair.chosen, pair.rejected):
-            ids = prompt + self.tokens(text) + [eos]
+        for text, truncated in ((pair.chosen, pair.chosen_truncated), (pair.rejected, pair.rejected_truncated)):
+            ids = prompt + self.tokens(text) + ([] if truncated else [eos])  # a cut completion did not end there
             if len(ids) > self.max_length:
                 raise PeftlabError(f"{pair.origin}: {len(ids)} tokens with the prompt, more than --max-length "
                                    f"{self.max_length}. Fix: raise --max-length (nothing is cut silently)")
