@@ -164,7 +164,8 @@ def sample_pairs(model, tokenizer, reward: LoadedRun, prompts: list[str], sampli
             for number, (prompt, own_samples) in enumerate(zip(chunk, completions)):
                 own = scores[number * samples : (number + 1) * samples]
                 kept = [index for index, sample in enumerate(own_samples) if sample.text.strip()]  # empty: no review
-                pairs += preference_pairs(prompt, [own_samples[index] for index in kept], [own[index] for index in kept])
+                pairs += preference_pairs(prompt, [own_samples[index] for index in kept],
+                                          [own[index] for index in kept])
                 rewards += own
                 empty += len(own_samples) - len(kept)
             bar.update(len(chunk))
