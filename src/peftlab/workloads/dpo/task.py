@@ -4,8 +4,8 @@ An example is one pair: the prompt and each completion tokenised separately, eac
 `CompletionTask.encode_one` with answer-only loss); a completion marked truncated (cut at its sampling length, not
 ended) gets no EOS, which would teach the policy to stop where the sampler cut. Chosen and rejected share the
 prompt, so a batch packs them into one row (`peftlab.shared_prefix.pack`: the prompt computed once for both;
-padded rows when the attention backend cannot take a block mask). Per pair, with π and π_ref the summed log-probs of a completion under the policy and the
-reference (`tasks.completion.sequence_logprobs`):
+padded rows when the attention backend cannot take a block mask). Per pair, with π and π_ref the summed log-probs
+of a completion under the policy and the reference (`tasks.completion.sequence_logprobs`):
 
     Δ = (π_c − π_ref,c) − (π_r − π_ref,r),   loss = −(1−ε)·log σ(β·Δ) − ε·log σ(−β·Δ)
 
