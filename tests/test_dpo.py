@@ -189,6 +189,9 @@ def test_packed_pairs_equal_unpacked_sequences(settings, make_tiny_gpt2, make_ti
                                     for sequence in (pair.target.chosen, pair.target.rejected)])
         torch.testing.assert_close(sequence_logprobs(model, packed), alone_values, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sequence_logprobs(model, padded), alone_values, rtol=1e-5, atol=1e-5)
+        # A hook on the model: it runs whole (the LM head on every target column), with the same values.
+        model.register_forward_pre_hook(lambda module, args: None)
+        torch.testing.assert_close(sequence_logprobs(model, packed), alone_values, rtol=1e-5, atol=1e-5)
 
 
 def test_precomputed_reference_equals_live_and_follows_model_and_data(make_tiny_gpt2, gpt2_tokenizer, tmp_path,

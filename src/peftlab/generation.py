@@ -181,15 +181,22 @@ def text_stops(tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, 
     return stopped
 
 
+def plain_output_head(model) -> torch.nn.Module | None:
+    """The output projection of a model whose forward is its body (`model.base_model`), then that projection and
+    nothing else (GPT-2, Llama, no hook on the model), so a caller may run the two itself; None for any other."""
+    if not isinstance(model, PLAIN_HEAD_MODELS) or model._forward_hooks or model._forward_pre_hooks:
+        return None
+    return model.get_output_embeddings()
+
+
 def logits_function(model) -> Callable[..., torch.Tensor]:
     """forward(input_ids=, attention_mask=, position_ids=, cache=) -> (rows, V) logits of each row's last column.
     For GPT-2 and Llama with a plain output projection, a one-token step runs through `decode_step.DecodeStep`
     where it applies, else through the body, and the projection is ours (`project`): the body's hidden state and
     `F.linear` bit for bit; a packed one (`--weights`, `weights.PackedLinear`) is called as it is, and one-token
     steps read the packed weights (`weights.packed_steps`). Any other model runs whole."""
-    head = model.get_output_embeddings() if isinstance(model, PLAIN_HEAD_MODELS) else None
-    ours = (type(head) in (torch.nn.Linear, PackedLinear) and not model._forward_hooks and not model._forward_pre_hooks
-            and not head._forward_hooks and not head._forward_pre_hooks)
+    head = plain_output_head(model)
+    ours = type(head) in (torch.nn.Linear, PackedLinear) and not head._forward_hooks and not head._forward_pre_hooks
     if not ours or (type(head) is torch.nn.Linear and head.bias is not None):
         return lambda **inputs: model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
     output_projection = head if type(head) is PackedLinear else lambda hidden: project(hidden, head.weight)

@@ -6,7 +6,8 @@ Shared here, once, by both:
 - targets: every column carries the token it predicts; with `loss_on="answer"` only the completion (and its EOS)
   is learned, with `loss_on="all"` every token after the first;
 - batches are left-padded (`peftlab.shared_prefix.collate_rows`) with the target columns last, so the LM head (the
-  largest single matrix of a small model) runs only on those (`logits_to_keep`), not on the whole sequence;
+  largest single matrix of a small model) runs only on the positions that have a target (`target_logits`), not on
+  the whole sequence;
 - shared prefixes (`Encoded.shared_length`, e.g. a SQuAD context): with `shares_prefixes`, the examples of a batch
   that start with the same prefix are one packed row in training and one prefix cache in prediction, computed
   once (`peftlab.shared_prefix`);
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
-from peftlab.generation import left_pad, prefill
+from peftlab.generation import left_pad, plain_output_head, prefill
 from peftlab.shared_prefix import (IGNORE, PrefixCache, collate_rows, continuation_cache, continuation_inputs,
                                    model_attention_mask, pack, prefix_units, single)
 from peftlab.tasks import Encoded, StepOutput, Task
@@ -127,11 +128,10 @@ class CompletionTask(Task):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
              use_cache: bool = False) -> tuple[StepOutput, Any]:
         """(StepOutput of the target columns, the pass's key/value cache when `use_cache`)."""
-        logits, targets, output = target_logits(model, batch, use_cache)  # (B, K, V), (B, K)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        learned = targets != IGNORE  # (B, K)
-        correct = ((logits.argmax(-1) == targets) & learned).sum()
-        return StepOutput(loss_sum, int(learned.sum()), None, int(correct)), output.cache if use_cache else None
+        logits, targets, _, output = target_logits(model, batch, use_cache)  # (N, V), (N,)
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        return StepOutput(loss_sum, len(targets), None, int(correct)), output.cache if use_cache else None
 
     def generate_after_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                             continuations: dict[str, torch.Tensor],
@@ -167,16 +167,33 @@ class CompletionTask(Task):
 
 
 def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  use_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """The model's pass over a collated batch (`CompletionTask.collate`) with the LM head on the target columns only:
-    (logits (B, K, V) in fp32, targets (B, K), the model's output). The target columns are the last K of every row
-    (`collate_rows` puts them there), K counted from the first column where any row has a target."""
+                  use_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """The model's pass over a collated batch (`CompletionTask.collate`) with the LM head on the positions that have
+    a target only: (their logits (N, V) in fp32, in row-major order; their targets (N,); `where` (B, K): which of each
+    row's last K columns they are; the pass's output, for its cache). The target columns are the last K of every
+    row (`collate_rows` puts them there), K counted from the first column where any row has a target. GPT-2 and
+    Llama (`plain_output_head`) run their body, then the head on those N hidden states, so neither padding nor a
+    short row's prompt columns reach the head or the softmax; other models run whole on the last K columns."""
     targets = batch["targets"]  # (B, T): the token each column predicts, IGNORE where none
     target_columns = (targets != IGNORE).any(0).nonzero()  # (columns with a target in some row, 1)
-    kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # K: the LM head runs on these
-    output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=kept,
-                   attention_mask=model_attention_mask(model, batch["attention_mask"]), use_cache=use_cache)
-    return output.logits.float(), targets[:, -kept:], output  # (B, K, V), (B, K)
+    kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # K
+    targets = targets[:, -kept:]
+    where = targets != IGNORE  # (B, K)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": use_cache,
+              "attention_mask": model_attention_mask(model, batch["attention_mask"])}
+    head = plain_output_head(model)
+    if head is None:
+        output = model(**inputs, logits_to_keep=kept)
+        logits = output.logits[where]
+    else:
+        output = model.base_model(**inputs)
+        logits = head(output.last_hidden_state[:, -kept:][where])
+    return logits.float(), targets[where], where, output
+
+
+def at_targets(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, K): `values` (N,), one per True of `where` in row-major order, in their places; 0 elsewhere."""
+    return torch.zeros(where.shape, dtype=values.dtype, device=values.device).masked_scatter(where, values)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -192,12 +209,12 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
     Returns a (examples,) fp32 tensor in the order of the examples given to `collate`.
     """
-    logits, targets, _ = target_logits(model, batch)  # (B, K, V), (B, K)
-    token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")  # (B, K)
+    logits, targets, where, _ = target_logits(model, batch)  # (N, V), (N,), (B, K)
+    token_logprobs = at_targets(where, -F.cross_entropy(logits, targets, reduction="none"))  # (B, K)
     if "continue_examples" not in batch:
         return token_logprobs.sum(-1)  # (B,): row b is example b
     rows = batch["continue_rows"]  # (S,): the row of each suffix (one per example), in packing order
-    segments = batch["segments"][rows, -targets.shape[1]:]  # (S, K): which suffix each target column belongs to
+    segments = batch["segments"][rows, -where.shape[1]:]  # (S, K): which suffix each target column belongs to
     own = segments == batch["continue_segments"][:, None]  # (S, K)
     per_suffix = torch.where(own, token_logprobs[rows], 0.0).sum(-1)  # (S,)
     return torch.zeros_like(per_suffix).index_copy(0, batch["continue_examples"], per_suffix)  # (examples,)

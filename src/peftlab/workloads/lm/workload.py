@@ -15,9 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from peftlab.shared_prefix import IGNORE
 from peftlab.tasks import Encoded, StepOutput
-from peftlab.tasks.completion import Completion, CompletionTask, target_logits
+from peftlab.tasks.completion import Completion, CompletionTask, at_targets, target_logits
 from peftlab.workloads.base import Workload
 
 
@@ -37,13 +36,13 @@ class LanguageModelTask(CompletionTask):
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         """Summed next-token cross-entropy over every learned token; each example's summed loss, tokens and tokens
         predicted right (argmax) are its prediction, so an evaluation's metrics need no second pass."""
-        logits, targets, _ = target_logits(model, batch)  # (B, K, V), (B, K)
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")  # (B, K)
-        learned = targets != IGNORE
-        correct = (logits.argmax(-1) == targets) & learned
-        per_example = zip(token_loss.sum(-1).tolist(), learned.sum(-1).tolist(), correct.sum(-1).tolist())
+        logits, targets, learned, _ = target_logits(model, batch)  # (N, V), (N,), (B, K)
+        token_loss = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+        correct = logits.argmax(-1) == targets  # (N,)
+        per_example = zip(at_targets(learned, token_loss.detach()).sum(-1).tolist(), learned.sum(-1).tolist(),
+                          at_targets(learned, correct).sum(-1).tolist())
         predictions = [{"loss_sum": loss, "tokens": count, "correct": right} for loss, count, right in per_example]
-        return StepOutput(token_loss.sum(), int(learned.sum()), predictions, int(correct.sum()))
+        return StepOutput(token_loss.sum(), len(targets), predictions, int(correct.sum()))
 
     def metrics(self, predictions: list[dict], examples: Sequence[Encoded]) -> dict:
         tokens = sum(prediction["tokens"] for prediction in predictions)
