@@ -32,7 +32,7 @@ Parity: per step, peftlab's steps.jsonl against TRL's log history: loss, rewards
 rewards/margins, rewards/accuracies (target: max abs difference <= 1e-4), and logps/chosen, logps/rejected and the
 gradient norm beside them. The log-probs are not held to 1e-4: each is a sum over ~25 tokens whose fp32 rounding
 depends on the shapes of the model call (on SmolLM2, one unpadded sequence with the LM head on 28 instead of 27
-columns moves its 27-token sum by 3.5e-3; peftlab runs the head on the target columns only); policy and reference
+columns moves its 27-token sum by 3.5e-3; peftlab runs the head on the target positions only); policy and reference
 share each side's rounding, so it cancels in the rewards. The pairs' tokens are compared too (TRL tokenises the
 prompt + completion + EOS text together and cuts at the common prefix; peftlab tokenises them separately).
 

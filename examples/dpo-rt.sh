@@ -25,3 +25,14 @@ peftlab frontier --reward runs/dpo/reward --runs runs/dpo/sweep --prompts 32 --s
 #     --output-dir runs/dpo/more-pairs/beta$beta; done
 #   PEFTLAB_DATA=../shared/data peftlab frontier --reward runs/dpo/reward --runs runs/dpo/more-pairs \
 #     --prompts 32 --samples 4 --max-new-tokens 24 --output-dir runs/dpo/frontier-more
+# Truncation marks (results: README, "DPO (W7)"): the same 256 prompts' pairs, now with chosen_truncated /
+# rejected_truncated (the preferences command above writes them), so no EOS is trained after a cut completion;
+# clear pairs, beta 0.5 and 1, then their frontier:
+#   peftlab preferences --policy runs/dpo/sft --reward runs/dpo/reward --prompts 256 --samples 4 \
+#     --max-new-tokens 24 --output runs/dpo/pairs-ends.jsonl
+#   for beta in 0.5 1.0; do peftlab train --objective dpo --preferences runs/dpo/pairs-ends.jsonl \
+#     --min-score-gap 0.3 --init-from runs/dpo/sft --method lora --targets all-linear --rank 16 --alpha 32 \
+#     --lora-dropout 0 --lr 2e-4 --batch-size 16 --warmup-ratio 0.1 --epochs 1 --beta $beta \
+#     --output-dir runs/dpo/ends/beta$beta; done
+#   PEFTLAB_DATA=../shared/data peftlab frontier --reward runs/dpo/reward --runs runs/dpo/ends \
+#     --prompts 32 --samples 4 --max-new-tokens 24 --output-dir runs/dpo/frontier-ends
