@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from peftlab.decode_step import blocked_product, blocks_pay, decode_step, projection_parts, weight_blocks
+from peftlab.decode_step import (blocked_product, blocks_pay, decode_step, projection_parts, weight_blocks,
+                                 without_hooks)
 from peftlab.errors import PeftlabError
 from peftlab.kv_cache import in_place_cache
 from peftlab.sampling import Sampling
@@ -184,7 +185,7 @@ def text_stops(tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, 
 def plain_output_head(model) -> torch.nn.Module | None:
     """The output projection of a model whose forward is its body (`model.base_model`), then that projection and
     nothing else (GPT-2, Llama, no hook on the model), so a caller may run the two itself; None for any other."""
-    if not isinstance(model, PLAIN_HEAD_MODELS) or model._forward_hooks or model._forward_pre_hooks:
+    if not isinstance(model, PLAIN_HEAD_MODELS) or not without_hooks(model):
         return None
     return model.get_output_embeddings()
 
@@ -196,7 +197,7 @@ def logits_function(model) -> Callable[..., torch.Tensor]:
     `F.linear` bit for bit; a packed one (`--weights`, `weights.PackedLinear`) is called as it is, and one-token
     steps read the packed weights (`weights.packed_steps`). Any other model runs whole."""
     head = plain_output_head(model)
-    ours = type(head) in (torch.nn.Linear, PackedLinear) and not head._forward_hooks and not head._forward_pre_hooks
+    ours = type(head) in (torch.nn.Linear, PackedLinear) and without_hooks(head)
     if not ours or (type(head) is torch.nn.Linear and head.bias is not None):
         return lambda **inputs: model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
     output_projection = head if type(head) is PackedLinear else lambda hidden: project(hidden, head.weight)

@@ -159,15 +159,14 @@ def sample_pairs(model, tokenizer, reward: LoadedRun, prompts: list[str], sampli
             # One seed per chunk of prompts: the same seed and batch size give the same file.
             completions = complete(model, tokenizer, chunk, dataclasses.replace(sampling, seed=sampling.seed + start),
                                    samples)
-            reviews = [prompt + sample.text for prompt, own in zip(chunk, completions) for sample in own]
+            reviews = [prompt + sample.text for prompt, drawn in zip(chunk, completions) for sample in drawn]
             scores = reward_scores(reward, reviews, samples * len(chunk))
-            for number, (prompt, own_samples) in enumerate(zip(chunk, completions)):
+            for number, (prompt, drawn) in enumerate(zip(chunk, completions)):
                 own = scores[number * samples : (number + 1) * samples]
-                kept = [index for index, sample in enumerate(own_samples) if sample.text.strip()]  # empty: no review
-                pairs += preference_pairs(prompt, [own_samples[index] for index in kept],
-                                          [own[index] for index in kept])
+                kept = [index for index, sample in enumerate(drawn) if sample.text.strip()]  # an empty one: no review
+                pairs += preference_pairs(prompt, [drawn[index] for index in kept], [own[index] for index in kept])
                 rewards += own
-                empty += len(own_samples) - len(kept)
+                empty += len(drawn) - len(kept)
             bar.update(len(chunk))
     return pairs, rewards, empty
 

@@ -125,9 +125,8 @@ def parse_pair(line: str, origin: str) -> PreferencePair:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise PeftlabError(f"{origin}: \"{key}\" must be a number, found {type(value).__name__}")
         scores[key] = None if value is None else float(value)
-    for key in ("chosen_truncated", "rejected_truncated"):
-        if not isinstance(record.get(key, False), bool):
-            raise PeftlabError(f"{origin}: \"{key}\" must be true or false, found {json.dumps(record[key])}")
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], origin, **scores,
-                          chosen_truncated=record.get("chosen_truncated", False),
-                          rejected_truncated=record.get("rejected_truncated", False))
+    marks = {key: record.get(key, False) for key in ("chosen_truncated", "rejected_truncated")}
+    for key, value in marks.items():
+        if not isinstance(value, bool):
+            raise PeftlabError(f"{origin}: \"{key}\" must be true or false, found {json.dumps(value)}")
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], origin, **scores, **marks)

@@ -175,10 +175,10 @@ def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     Llama (`plain_output_head`) run their body, then the head on those N hidden states, so neither padding nor a
     short row's prompt columns reach the head or the softmax; other models run whole on the last K columns."""
     targets = batch["targets"]  # (B, T): the token each column predicts, IGNORE where none
-    target_columns = (targets != IGNORE).any(0).nonzero()  # (columns with a target in some row, 1)
+    has_target = targets != IGNORE  # (B, T)
+    target_columns = has_target.any(0).nonzero()  # (columns with a target in some row, 1)
     kept = targets.shape[1] - int(target_columns[0]) if len(target_columns) else 1  # K
-    targets = targets[:, -kept:]
-    where = targets != IGNORE  # (B, K)
+    where = has_target[:, -kept:]  # (B, K)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": use_cache,
               "attention_mask": model_attention_mask(model, batch["attention_mask"])}
     head = plain_output_head(model)
@@ -188,7 +188,7 @@ def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     else:
         output = model.base_model(**inputs)
         logits = head(output.last_hidden_state[:, -kept:][where])
-    return logits.float(), targets[where], where, output
+    return logits.float(), targets[:, -kept:][where], where, output
 
 
 def at_targets(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
